@@ -1,0 +1,1 @@
+"""Container entrypoints, one per stage (``python -m jobs.<stage>``), plus ``recipes/``."""
