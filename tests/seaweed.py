@@ -55,7 +55,7 @@ class SeaweedServer:
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="lopd-weed-"))
         names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
                  "s3", "s3_grpc", "admin", "admin_grpc", "metrics"]
-        self.ports = dict(zip(names, _free_ports(len(names))))
+        self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir / "weed.log"
 

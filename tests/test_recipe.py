@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from lopd.recipe import RecipeError, Recipe, apply_set, load_recipe, parse_set, validate_recipe
+from lopd.recipe import Recipe, RecipeError, apply_set, load_recipe, parse_set, validate_recipe
 from tests.conftest import REPO, lopd_cli
 
 TINY = REPO / "jobs" / "recipes" / "tiny.yaml"

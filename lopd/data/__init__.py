@@ -1,0 +1,1 @@
+"""Prompt datasets, chat formatting, parquet schemas and synthetic tasks."""

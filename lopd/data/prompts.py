@@ -1,0 +1,107 @@
+"""Load prompt datasets (JSONL or parquet; a path or a store URI) into :class:`Prompt` rows.
+
+Rows carry ``prompt_id``, either ``messages`` (a list of ``{role, content}``) or ``prompt``
+(a string, becoming one user message), and an optional ``answer``. Errors name the file,
+the row and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lopd import LopdError
+
+
+class PromptDataError(LopdError):
+    """A prompt file that cannot be used; the message names the file, row and field."""
+
+
+@dataclass
+class Prompt:
+    prompt_id: str
+    messages: list[dict[str, str]]
+    answer: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        with open(path) as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise PromptDataError(f"{path}: line {i + 1}: not valid JSON ({e.msg})") from None
+        return rows
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise PromptDataError(f"{path}: unsupported prompt file type (use .jsonl or .parquet)")
+
+
+def _local(uri: str) -> Path:
+    from lopd.store import is_store_uri, open_store
+
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if is_store_uri(uri):
+        parent, _, name = uri.rpartition("/")
+        tmp = Path(tempfile.mkdtemp(prefix="lopd-prompts-")) / name
+        open_store(parent).get_file(name, tmp)
+        return tmp
+    return Path(uri)
+
+
+def load_prompts(uri: str, answer_field: str = "answer") -> list[Prompt]:
+    """Read and validate a prompt dataset; duplicate or empty ids and empty prompts are errors."""
+    path = _local(uri)
+    if not path.is_file():
+        raise PromptDataError(f"prompt file not found: {uri}")
+    out: list[Prompt] = []
+    seen: set[str] = set()
+    for i, row in enumerate(_rows(path)):
+        where = f"{uri}: row {i}"
+        if not isinstance(row, dict):
+            raise PromptDataError(f"{where}: expected an object")
+        pid = row.get("prompt_id")
+        if pid is None or str(pid) == "":
+            raise PromptDataError(f"{where}: missing column 'prompt_id'")
+        pid = str(pid)
+        if pid in seen:
+            raise PromptDataError(f"{where}: duplicate prompt_id {pid!r}")
+        seen.add(pid)
+        if row.get("messages") is not None:
+            msgs = row["messages"]
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                    for m in msgs):
+                raise PromptDataError(f"{where}: 'messages' must be a list of {{role, content}}")
+            msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
+        elif row.get("prompt") is not None:
+            msgs = [{"role": "user", "content": str(row["prompt"])}]
+        else:
+            raise PromptDataError(f"{where}: missing column 'messages' (or 'prompt')")
+        if not msgs or not any(m["content"].strip() for m in msgs):
+            raise PromptDataError(f"{where}: empty prompt")
+        ans = row.get(answer_field)
+        extra = {k: v for k, v in row.items() if k not in ("prompt_id", "messages", "prompt", answer_field)}
+        out.append(Prompt(pid, msgs, None if ans is None else str(ans), extra))
+    if not out:
+        raise PromptDataError(f"{uri}: no prompts")
+    return out
+
+
+def shard_of(items: list, index: int, count: int) -> list:
+    """Contiguous shard ``index`` of ``count`` (stable: the same input always splits the same)."""
+    if count < 1 or not 0 <= index < count:
+        raise LopdError(f"shard index {index} out of range for {count} shards (0..{count - 1})")
+    n = len(items)
+    lo, hi = n * index // count, n * (index + 1) // count
+    return items[lo:hi]

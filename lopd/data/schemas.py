@@ -1,0 +1,54 @@
+"""Parquet schemas of the data contracts in DESIGN.md (written with zstd compression).
+
+Every stage writes with these schemas and every reader checks them, so a column that is
+missing or of the wrong type is an error naming the file and the column.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+PROMPTS = pa.schema([
+    ("prompt_id", pa.string()),
+    ("messages", pa.list_(MESSAGE)),
+    ("answer", pa.string()),  # nullable
+])
+
+SFT_DATA = pa.schema([
+    ("prompt_id", pa.string()),
+    ("messages", pa.list_(MESSAGE)),  # the prompt turns plus the teacher's assistant turn
+    ("num_tokens", pa.int32()),  # response tokens
+    ("finish_reason", pa.string()),  # "stop" | "length"
+])
+
+PRECOMPUTE = pa.schema([
+    ("prompt_id", pa.string()),
+    ("sample_index", pa.int32()),
+    ("prompt_token_ids", pa.list_(pa.int32())),
+    ("response_token_ids", pa.list_(pa.int32())),
+    ("teacher_logprobs", pa.list_(pa.float32())),
+    ("rollout_logprobs", pa.list_(pa.float32())),  # the SFT student's own, when sampling
+    ("finish_reason", pa.string()),
+    ("answer", pa.string()),  # nullable
+])
+
+EVAL = pa.schema([
+    ("benchmark", pa.string()),
+    ("problem_id", pa.string()),
+    ("sample_index", pa.int32()),
+    ("response", pa.string()),
+    ("extracted", pa.string()),  # nullable: nothing extracted
+    ("correct", pa.bool_()),
+    ("num_tokens", pa.int32()),
+])
+
+PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 3}
+
+
+def write_table(table: pa.Table, path, schema: pa.Schema) -> None:
+    """Write ``table`` cast to ``schema`` with the project's parquet options."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(table.select(schema.names).cast(schema), str(path), **PARQUET_OPTIONS)

@@ -1,0 +1,1 @@
+"""Generation and scoring backends: vLLM (production) and transformers (reference)."""

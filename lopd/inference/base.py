@@ -1,0 +1,43 @@
+"""The one small interface every inference backend implements.
+
+(a) ``generate``: sample completions for already-tokenised chat prompts, returning token
+ids exactly as sampled (never decoded and re-encoded), the text, the finish reason and the
+sampler's own log-prob of every sampled token. (b) ``score``: the log-prob of every given
+response token under the model, given prompt and response token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from lopd.recipe import SamplingConfig
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    """Sampled response tokens; ends with the end-of-turn token when generation stopped on it."""
+    text: str
+    """Decoded text (for humans and graders; never re-tokenised)."""
+    finish_reason: str
+    """"stop" (end-of-turn / EOS) or "length" (max_tokens reached)."""
+    logprobs: list[float]
+    """The sampler's log-prob of each sampled token (same length as token_ids)."""
+
+
+class Backend(Protocol):
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig,
+                 seeds: list[int] | None = None) -> list[list[Completion]]:
+        """``sampling.n`` completions per prompt; ``seeds[i]`` seeds prompt i (reproducible shards)."""
+        ...
+
+    def score(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[np.ndarray]:
+        """float32 log p(response_t | prompt, response_<t) per response token, one array per pair."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine (memory, worker processes)."""
+        ...
