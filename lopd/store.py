@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from typing import IO, Any
 from lopd import LopdError
 
 CHUNK = 1 << 20
+log = logging.getLogger(__name__)
 
 
 class StoreError(LopdError):
@@ -288,23 +291,35 @@ class S3Store(Store):
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         return StoreError(f"{op} {self.url(key)} failed: {msg}")
 
+    def _transfer(self, op: str, key: str, fn) -> None:
+        """Run a whole transfer; botocore retries each request, and when those retries are
+        exhausted by a connection-level fault (endpoint restarting) the transfer is retried
+        from scratch a few times (``LOPD_S3_TRANSFER_RETRIES``, default 3) before failing."""
+        attempts = int(os.environ.get("LOPD_S3_TRANSFER_RETRIES", "3")) + 1
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except Exception as e:  # S3UploadFailedError, ClientError, EndpointConnectionError, ...
+                if attempt + 1 < attempts and _is_transient(e):
+                    log.warning("%s %s: transient failure (%s); retrying the transfer", op, self.url(key), e)
+                    time.sleep(2.0 * (attempt + 1))
+                    continue
+                raise self._err(op, key, e) from e
+
     def put_file(self, local: str | Path, key: str) -> None:
         if not Path(local).is_file():
             raise StoreError(f"upload to {self.url(key)}: local file not found: {local}")
-        try:
-            self.client.upload_file(str(local), self.bucket, self._key(key), Config=transfer_config())
-        except Exception as e:  # boto3 raises S3UploadFailedError, ClientError, EndpointConnectionError
-            raise self._err("upload to", key, e) from e
+        self._transfer("upload to", key, lambda: self.client.upload_file(
+            str(local), self.bucket, self._key(key), Config=transfer_config()))
 
     def get_file(self, key: str, local: str | Path) -> None:
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.part")
         try:
-            self.client.download_file(self.bucket, self._key(key), str(tmp), Config=transfer_config())
+            self._transfer("download of", key, lambda: self.client.download_file(
+                self.bucket, self._key(key), str(tmp), Config=transfer_config()))
             os.replace(tmp, local)
-        except Exception as e:
-            raise self._err("download of", key, e) from e
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -359,6 +374,19 @@ class S3Store(Store):
             )
 
 
+def _is_transient(e: Exception) -> bool:
+    """Connection-level failures worth retrying a whole transfer for (never 4xx answers)."""
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
+
+    transient = (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, ConnectionError)
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, transient) or "Could not connect" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class _BodyStream(io.RawIOBase):
     """A file-like wrapper over a botocore StreamingBody (readinto for io.BufferedReader users)."""
 
@@ -385,7 +413,7 @@ def s3_client():
     """A boto3 S3 client from the standard AWS environment, with botocore's retries.
 
     Retry mode and attempts follow ``AWS_RETRY_MODE`` / ``AWS_MAX_ATTEMPTS`` when set
-    (defaults: standard, 8 attempts).
+    (defaults: standard, 10 attempts).
     """
     import boto3
     from botocore.config import Config
@@ -393,7 +421,7 @@ def s3_client():
     cfg = Config(
         retries={
             "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-            "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8")),
+            "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "10")),
         },
         connect_timeout=10,
         read_timeout=120,

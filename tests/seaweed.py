@@ -53,6 +53,7 @@ class SeaweedServer:
 
     def __init__(self, data_dir: str | Path | None = None):
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="lopd-weed-"))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
                  "s3", "s3_grpc", "admin", "admin_grpc", "metrics"]
         self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
