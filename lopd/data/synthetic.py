@@ -1,0 +1,126 @@
+"""A synthetic, verifiable reasoning task for the embedded default (tiny models on a CPU).
+
+Multi-step addition with running results: the question ``Compute 23+45+17.`` has the
+solution chain ``23+45=68; 68+17=85. The answer is \\boxed{85}.`` Every step depends on the
+previous running result, so a small student that slips once compounds the mistake on its
+own rollouts — the regime where on-policy distillation helps. The answer sits in the
+final ``\\boxed{}`` and is graded by math-verify like any math benchmark.
+
+Two solution *styles* exist so the inconsistent-teacher ablation can train teacher B on
+differently written chains than teacher A. Everything derives from a seed; the SFT, OPD
+and held-out splits never share a question.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+STYLES = ("chain", "words")
+
+
+@dataclass(frozen=True)
+class Problem:
+    terms: tuple[int, ...]
+
+    @property
+    def question(self) -> str:
+        return f"Compute {'+'.join(map(str, self.terms))}."
+
+    @property
+    def answer(self) -> int:
+        return sum(self.terms)
+
+    def solution(self, style: str = "chain") -> str:
+        """The worked solution ending in ``\\boxed{answer}``, in one of :data:`STYLES`."""
+        acc, steps = self.terms[0], []
+        for x in self.terms[1:]:
+            if style == "chain":
+                steps.append(f"{acc}+{x}={acc + x}")
+            elif style == "words":
+                steps.append(f"add {x} to {acc} to get {acc + x}")
+            else:
+                raise ValueError(f"unknown solution style {style!r} (choose from {', '.join(STYLES)})")
+            acc += x
+        if style == "chain":
+            return f"{'; '.join(steps)}. The answer is \\boxed{{{acc}}}."
+        return f"First {', then '.join(steps)}. So \\boxed{{{acc}}}."
+
+
+def sample_problem(rng: random.Random, min_terms: int = 3, max_terms: int = 4, max_value: int = 99) -> Problem:
+    n = rng.randint(min_terms, max_terms)
+    return Problem(tuple(rng.randint(1, max_value) for _ in range(n)))
+
+
+def make_splits(seed: int, sizes: dict[str, int], **kw) -> dict[str, list[Problem]]:
+    """Disjoint splits (e.g. ``{"sft": 4000, "opd": 1000, "eval": 300}``) of distinct problems."""
+    rng = random.Random(seed)
+    seen: set[tuple[int, ...]] = set()
+    out: dict[str, list[Problem]] = {}
+    for name, n in sizes.items():
+        probs: list[Problem] = []
+        while len(probs) < n:
+            p = sample_problem(rng, **kw)
+            if p.terms not in seen:
+                seen.add(p.terms)
+                probs.append(p)
+        out[name] = probs
+    return out
+
+
+def prompt_row(split: str, i: int, p: Problem) -> dict:
+    """A prompts-contract row (DESIGN.md): prompt_id, messages, answer."""
+    return {"prompt_id": f"{split}-{i:06d}", "messages": [{"role": "user", "content": p.question}],
+            "answer": str(p.answer)}
+
+
+def sft_row(split: str, i: int, p: Problem, style: str) -> dict:
+    """A ground-truth chat example (prompt + worked solution), e.g. to train a teacher."""
+    row = prompt_row(split, i, p)
+    row["messages"] = row["messages"] + [{"role": "assistant", "content": p.solution(style)}]
+    return row
+
+
+def benchmark_row(i: int, p: Problem) -> dict:
+    """A math-benchmark row: problem_id, problem, answer."""
+    return {"problem_id": f"arith-{i:05d}", "problem": p.question, "answer": str(p.answer)}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def write_task(out_dir: str | Path, seed: int = 0, n_teacher: int = 4000, n_sft: int = 2000,
+               n_opd: int = 1000, n_eval: int = 300, **kw) -> dict[str, Path]:
+    """Write every file the tiny pipeline needs; returns name -> path.
+
+    - ``teacher_chain.jsonl`` / ``teacher_words.jsonl``: ground-truth chats (two styles) to
+      train teachers A and B; ``corpus.txt``: text to train the shared tokenizer on;
+    - ``sft_prompts.jsonl`` and ``opd_prompts.jsonl``: prompts for sft-data and precompute;
+    - ``arith.jsonl``: the held-out benchmark.
+    """
+    out = Path(out_dir)
+    splits = make_splits(seed, {"teacher": n_teacher, "sft": n_sft, "opd": n_opd, "eval": n_eval}, **kw)
+    paths = {
+        f"teacher_{style}": write_jsonl(out / f"teacher_{style}.jsonl",
+                                        [sft_row("teacher", i, p, style) for i, p in enumerate(splits["teacher"])])
+        for style in STYLES
+    }
+    paths["sft_prompts"] = write_jsonl(out / "sft_prompts.jsonl",
+                                       [prompt_row("sft", i, p) for i, p in enumerate(splits["sft"])])
+    paths["opd_prompts"] = write_jsonl(out / "opd_prompts.jsonl",
+                                       [prompt_row("opd", i, p) for i, p in enumerate(splits["opd"])])
+    paths["benchmark"] = write_jsonl(out / "arith.jsonl", [benchmark_row(i, p) for i, p in enumerate(splits["eval"])])
+    corpus = out / "corpus.txt"
+    with open(corpus, "w") as f:
+        for p in splits["teacher"]:
+            for style in STYLES:
+                f.write(f"user\n{p.question}\nassistant\n{p.solution(style)}\n")
+    paths["corpus"] = corpus
+    return paths
