@@ -133,12 +133,13 @@ SHARD = textwrap.dedent(
     from pathlib import Path
     from lopd.store import open_store
     from lopd.lineage import publish, finalize_shards, shard_prefix
-    store = open_store(sys.argv[1]); i = int(sys.argv[2]); out = Path(sys.argv[3]); go = float(sys.argv[4])
+    store = open_store(sys.argv[1]); i = int(sys.argv[2]); out = Path(sys.argv[3]); barrier = Path(sys.argv[4])
     out.mkdir(parents=True, exist_ok=True); (out / "data.parquet").write_bytes(bytes([i]) * 1000)
     publish(store, shard_prefix("runs/r/sft-data", i, 2), out, stage="sft-data", run_id="r",
             shard={"index": i, "count": 2}, lineage={"teacher_fingerprint": "t" * 64}, metrics={"rows": 10 + i},
             created_at=f"2026-01-01T00:00:0{i}Z")
-    while time.time() < go:
+    (barrier / f"ready-{i}").touch()  # both shards published: finalise at the same moment
+    while len(list(barrier.glob("ready-*"))) < 2:
         time.sleep(0.001)
     m = finalize_shards(store, "runs/r/sft-data", 2)
     print("FINAL" if m else "NONE", flush=True)
@@ -147,8 +148,9 @@ SHARD = textwrap.dedent(
 
 
 def test_two_shards_finishing_at_once_give_one_valid_manifest(store_uri, tmp_path):
-    go = time.time() + 4.0
-    procs = [subprocess.Popen([sys.executable, "-c", SHARD, store_uri, str(i), str(tmp_path / f"s{i}"), str(go)],
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", SHARD, store_uri, str(i), str(tmp_path / f"s{i}"), str(barrier)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                               env=os.environ.copy()) for i in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
