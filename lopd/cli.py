@@ -219,12 +219,41 @@ def _pending(name: str, what: str):
     return cmd
 
 
-_pending("pipeline", "run all stages in order, skipping those already published")
-_pending("render", "render a stage's Helm values from the recipe")
-_pending("deploy", "install a stage's Helm release on the cluster")
-_pending("status", "show a run's stages: Kubernetes state and shard manifests")
-_pending("logs", "show a stage's pod logs")
-_pending("report", "render the eval report of a run from the store")
+# render, deploy, status, logs, pipeline: lopd/k8s/commands.py (kubernetes/helm imported lazily there)
+from lopd.k8s.commands import COMMANDS as _K8S_COMMANDS  # noqa: E402
+
+for _cmd in _K8S_COMMANDS:
+    main.add_command(_cmd)
+
+@main.command("report")
+@click.option("--recipe", "-r", type=click.Path(dir_okay=False), default=None,
+              help="Recipe YAML: its store and run_id locate the eval stage.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
+@click.option("--store", "store_uri", default=None, help="Store root (instead of --recipe).")
+@click.option("--run-id", default=None, help="Run id (instead of --recipe).")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Also write the report files here (default: a temp dir).")
+@click.option("--publish/--no-publish", default=True, show_default=True,
+              help="Write the report to <store>/runs/<run>/eval/report/ with its manifest.")
+def report_cmd(recipe: str | None, overrides: tuple[str, ...], store_uri: str | None, run_id: str | None,
+               out: str | None, publish: bool) -> None:
+    """Render a run's eval report (summary.json, report.md, accuracy.png) from the store."""
+    from lopd.eval.report import report_from_store
+    from lopd.lineage import stage_prefix
+    from lopd.store import open_store
+
+    if recipe:
+        from lopd.recipe import load_recipe
+
+        r = load_recipe(recipe, overrides)
+        store_uri, run_id = store_uri or r.store, run_id or r.run_id
+    if not store_uri or not run_id:
+        raise LopdError("lopd report: give --recipe, or both --store and --run-id")
+    summary, local = report_from_store(open_store(store_uri), stage_prefix(run_id, "eval"), out, publish, run_id)
+    for c, res in summary["results"].items():
+        avgs = ", ".join(f"{b} {100 * m['avg']:.1f}%" for b, m in res["benchmarks"].items())
+        click.echo(f"{c}: {avgs}")
+    click.echo(f"report: {local / 'report.md'}")
 
 
 if __name__ == "__main__":

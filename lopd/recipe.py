@@ -228,6 +228,11 @@ class OpdConfig(Section):
 
     mode: Literal["offline", "online"] = "offline"
     """offline = Lightning OPD on the precomputed rollouts; online = standard OPD."""
+    student: str | None = None
+    """The SFT checkpoint to train (store URI or directory); None = the model that sampled the
+    precomputed rollouts (offline) or this run's ``sft`` stage output (online)."""
+    logprob_chunk_tokens: int = Field(1024, ge=1)
+    """Positions per LM-head chunk when computing log-probs (bounds the fp32 [T, vocab] logits)."""
     optim: OptimConfig = OptimConfig()
     """Optimizer (paper: lr 2e-6 constant, betas (0.9, 0.98), wd 0.1, clip 1.0)."""
     train: TrainConfig = TrainConfig()
@@ -253,6 +258,9 @@ class PrecomputeConfig(Section):
 
     prompts: str = Field(min_length=1)
     """OPD prompts (JSONL or parquet; path or store URI)."""
+    student: str | None = None
+    """The SFT checkpoint that samples the rollouts (store URI or directory with a manifest whose
+    lineage has ``teacher_fingerprint``); None = this run's ``sft`` stage output."""
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=4096)
     """Student sampling (one rollout per prompt in the paper)."""
     inference: InferenceConfig = InferenceConfig()
@@ -265,15 +273,41 @@ class PrecomputeConfig(Section):
     """Pod resources."""
 
 
+class EvalDatasetConfig(Section):
+    """A benchmark read from a local file or store object instead of the hub (see lopd/eval/benchmarks.py)."""
+
+    path: str = Field(min_length=1)
+    """JSONL or parquet file: a path or a store URI (s3://…, file://…)."""
+    kind: Literal["math", "code"] | None = None
+    """math (graded with math-verify) or code (executed tests); None = the registry benchmark's kind."""
+    fields: dict[str, str] = {}
+    """Field mapping, schema name -> name in the file, e.g. ``{problem: question, answer: final}``.
+    Math schema: ``id``, ``problem``, ``answer``. Code schema (LiveCodeBench): ``question_id``,
+    ``question_content``, ``starter_code``, ``public_test_cases``, ``private_test_cases``, ``metadata``."""
+    prompt_template: str | None = None
+    """Python format string for the user turn (``{problem}``; code also ``{starter_code}``);
+    None = the registry's default prompt for the kind."""
+
+
 class EvalConfig(Section):
     """Stage ``eval``: avg@k on math and code benchmarks."""
 
     benchmarks: list[str] = ["aime24", "aime25", "hmmt25", "lcb_v5", "lcb_v6"]
     """Benchmark names from the registry (or local datasets declared in ``datasets``)."""
-    datasets: dict[str, dict[str, Any]] = {}
-    """Extra benchmarks by name: path, kind (math|code) and field mapping."""
+    datasets: dict[str, EvalDatasetConfig] = {}
+    """Benchmarks from local / store files by name: a registry name (aime24, …) reads that file
+    in the registry's schema instead of the hub; any other name declares a new benchmark (``kind`` required)."""
     checkpoints: list[str] = []
-    """Checkpoints to evaluate (store URIs or paths); empty = this run's sft and opd outputs."""
+    """Checkpoints to evaluate (store URIs or paths, each with a MANIFEST.json; ``label=uri`` names the
+    column in the report); empty = this run's sft and opd outputs."""
+    code_timeout_s: float = Field(6.0, gt=0.0)
+    """Wall-clock and CPU-time limit per program run on one test (LiveCodeBench uses ~6 s)."""
+    code_memory_mb: int = Field(1024, ge=64)
+    """Address-space limit of a program under test."""
+    grader_workers: int = Field(0, ge=0)
+    """Parallel processes grading code; 0 = one per CPU core."""
+    part_size: int = Field(64, ge=1)
+    """Problems per resumable part within a shard (each part: generate k samples, grade, save)."""
     k: int = Field(16, ge=1)
     """Samples per problem (avg@k)."""
     sampling: SamplingConfig = SamplingConfig(temperature=0.6, top_p=0.95, max_tokens=32768)
@@ -284,6 +318,96 @@ class EvalConfig(Section):
     """Indexed-Job completions."""
     resources: ResourcesConfig = ResourcesConfig()
     """Pod resources."""
+
+
+IMAGE_RE = re.compile(r"^[a-z0-9]+([._/:-][a-zA-Z0-9]+)*(:[\w][\w.-]{0,127})?(@sha256:[0-9a-f]{64})?$")
+DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class Toleration(Section):
+    """A Kubernetes pod toleration (core/v1 Toleration)."""
+
+    key: str | None = None
+    """Taint key to tolerate; None with operator Exists tolerates every taint."""
+    operator: Literal["Exists", "Equal"] = "Exists"
+    """Exists (any value) or Equal (``value`` must match)."""
+    value: str | None = None
+    """Taint value when operator is Equal."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to tolerate; None tolerates all effects."""
+    toleration_seconds: int | None = Field(None, ge=0)
+    """NoExecute only: how long the pod stays bound after the taint appears."""
+
+
+class TeacherServerConfig(Section):
+    """The vLLM teacher Deployment + Service that online (standard) OPD scores against."""
+
+    enabled: bool = True
+    """Deploy the teacher server with the ``opd`` stage when ``opd.mode`` is online (and
+    ``opd.online.teacher_url`` is unset); the CLI points ``teacher_url`` at its Service."""
+    gpus: int = Field(8, ge=0)
+    """``nvidia.com/gpu`` of the teacher pod (also its tensor parallel size when > 0)."""
+    cpu: str = "32"
+    """CPU request of the teacher pod."""
+    memory: str = "400Gi"
+    """Memory request of the teacher pod."""
+    port: int = Field(8000, ge=1, le=65535)
+    """HTTP port of the OpenAI-compatible server."""
+
+
+class KubernetesConfig(Section):
+    """Where and how the stages run on a cluster (defaults: an 8×H100 node pool)."""
+
+    namespace: str = "lopd"
+    """Namespace of every release (see manifests/namespace.yaml)."""
+    image: str = "ghcr.io/lopd/lopd:0.1.0"
+    """Container image of all stages (``repository:tag`` or ``repository@sha256:…``); built by ``make image``."""
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    """Kubernetes imagePullPolicy."""
+    image_pull_secrets: list[str] = []
+    """Names of Secrets for a private registry."""
+    service_account: str | None = None
+    """Existing ServiceAccount for the pods; None makes the chart create one per release
+    (annotated with ``irsa_role_arn`` when set)."""
+    irsa_role_arn: str | None = None
+    """EKS IAM role for service accounts (``eks.amazonaws.com/role-arn``): S3 access without keys."""
+    storage_secret: str | None = "lopd-storage"
+    """Secret whose keys become the pods' environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, …;
+    see manifests/storage-secret.example.yaml); None when the ServiceAccount (IRSA) suffices."""
+    node_selector: dict[str, str] = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    """Node labels the pods require (the GPU pool)."""
+    tolerations: list[Toleration] = [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
+    """Tolerations for the GPU pool's taints."""
+    queue: str | None = None
+    """Kueue LocalQueue name (``kueue.x-k8s.io/queue-name`` label); None submits without Kueue."""
+    priority_class: str | None = None
+    """PriorityClass of the pods; None uses the cluster default."""
+    ttl_seconds_after_finished: int | None = Field(86400, ge=0)
+    """Delete finished Jobs (and their pods) after this many seconds; None keeps them."""
+    backoff_limit: int = Field(3, ge=0)
+    """Pod failures before the Job fails (preemptions and evictions do not count)."""
+    run_as_user: int = Field(1000, ge=1)
+    """Non-root UID of the containers (the image's ``lopd`` user)."""
+    cache_size: str = "200Gi"
+    """Size limit of the model/HF cache volume (an emptyDir unless ``cache_pvc`` is set)."""
+    cache_pvc: str | None = None
+    """Existing PersistentVolumeClaim for HF_HOME and the lopd cache (shared across stages)."""
+    teacher_server: TeacherServerConfig = TeacherServerConfig()
+    """Online OPD only: the live teacher."""
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        if not IMAGE_RE.match(v):
+            raise ValueError(f"{v!r} is not an image reference (registry/repository:tag)")
+        return v
+
+    @field_validator("namespace", "service_account", "storage_secret", "queue", "priority_class", "cache_pvc")
+    @classmethod
+    def _dns_label(cls, v: str | None) -> str | None:
+        if v is not None and not DNS_LABEL_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid Kubernetes name (lowercase letters, digits, '-', <= 63 chars)")
+        return v
 
 
 class Recipe(Section):
@@ -308,8 +432,8 @@ class Recipe(Section):
     """Stage opd."""
     eval: EvalConfig = EvalConfig()
     """Stage eval."""
-    kubernetes: dict[str, Any] = {}
-    """Cluster settings passed to the Helm values (image, namespace, node pool); see helm/lopd."""
+    kubernetes: KubernetesConfig = KubernetesConfig()
+    """Cluster settings the CLI turns into Helm values (image, namespace, node pool); see helm/lopd."""
 
     @field_validator("run_id")
     @classmethod

@@ -1,0 +1,39 @@
+"""Kubernetes: Helm values from a recipe, render/lint/deploy through Helm's engine, status and logs.
+
+The only package of lopd that imports ``kubernetes`` (lazily, in :mod:`lopd.k8s.cluster`), so
+the library and the stages run without it. Module map:
+
+- :mod:`lopd.k8s.values`    recipe -> the chart's values for one stage; release names
+- :mod:`lopd.k8s.helm`      render / lint (helm-python-sdk, offline) and ``helm upgrade --install``
+- :mod:`lopd.k8s.validate`  rendered objects against the Kubernetes and PyTorchJob CRD schemas
+- :mod:`lopd.k8s.cluster`   the kubernetes client: workloads and pods of a run, pod logs
+- :mod:`lopd.k8s.status`    a run's stages: workload state, pods, shard manifests in the store
+- :mod:`lopd.k8s.pipeline`  deploy the stages in order, each once its inputs are published
+- :mod:`lopd.k8s.teacher`   container entrypoint of the online-OPD teacher server (vLLM)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lopd import LopdError
+
+CHART_DIR = Path(os.environ.get("LOPD_CHART", Path(__file__).resolve().parents[2] / "helm" / "lopd"))
+
+# stage -> module under jobs/ (the container command is python -m jobs.<module>)
+STAGE_MODULES: dict[str, str] = {
+    "sft-data": "sft_data",
+    "sft": "sft",
+    "precompute": "precompute",
+    "opd": "opd",
+    "eval": "evaluate",
+}
+TRAINING_STAGES = ("sft", "opd")
+
+
+class K8sError(LopdError):
+    """A Kubernetes-side problem (render, deploy, cluster access), reported as one line."""
+
+
+__all__ = ["CHART_DIR", "STAGE_MODULES", "TRAINING_STAGES", "K8sError"]
