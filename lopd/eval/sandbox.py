@@ -1,0 +1,308 @@
+"""Run one untrusted program in a contained child process.
+
+Every run gets:
+
+- **a fresh working directory** (``mkdtemp``, mode 0700, owned by the sandbox uid), removed
+  afterwards together with anything the program's uid left in the world-writable
+  directories (``/tmp``, ``/var/tmp``, ``/dev/shm``);
+- **an empty environment** (no credentials, no proxies, no ``AWS_*``);
+- **its own session / process group**, killed as a whole on timeout;
+- **resource limits**: CPU seconds (``RLIMIT_CPU``), address space (``RLIMIT_AS``),
+  processes (``RLIMIT_NPROC``), file size (``RLIMIT_FSIZE``, which also caps stdout and
+  stderr: they go to files), open files, no core dumps; plus a wall-clock limit;
+- **its own unprivileged uid** when the grader runs as root: ``setuid`` to
+  ``UID_BASE + pid`` — a uid nothing else uses. ``RLIMIT_NPROC`` is only enforced for
+  non-root users and counts per uid, so a private uid makes the process limit real and
+  per-run (a fork bomb in one run cannot starve a parallel one); it also means the program
+  cannot signal the grader, read root-only files or write outside world-writable places. After
+  every run a reaper with that uid sends ``kill(-1, SIGKILL)`` until nothing is left, so
+  processes that escaped the process group (``setsid``, double fork) die too;
+- **no network**: a new network namespace (``unshare(CLONE_NEWNET)``: only a down loopback).
+
+Fallbacks, where the kernel or container forbids a step (all recorded in the result's
+``isolation`` field, and :func:`capabilities` reports them up front):
+
+- not root: no uid switch; the program runs as the grader's user. ``RLIMIT_NPROC`` then
+  counts the grader's own processes too, so it is set to (current count + ``max_procs``);
+  processes that left the process group are found because grader workers are child
+  subreapers (:func:`enable_subreaper`): whatever is still a child of the worker after a run
+  is killed. Files the program wrote to world-writable places are not cleaned up, and the
+  program could signal the grader's other processes of the same uid: run eval pods'
+  grader as root inside the pod (it drops to a private uid per program) when you can.
+- ``unshare(CLONE_NEWNET)`` refused (no CAP_SYS_ADMIN): a user namespace plus network
+  namespace (``CLONE_NEWUSER | CLONE_NEWNET``) is tried; if that is refused too (seccomp
+  default profiles, ``kernel.unprivileged_userns_clone=0``) the program runs **with** the
+  host network and ``isolation.network`` is ``"none"``. On Kubernetes, give eval pods a
+  NetworkPolicy that denies egress; ``SandboxLimits.require_network_isolation=True`` turns
+  the fallback into an error instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lopd import LopdError
+from lopd.eval import reaper
+from lopd.eval.reaper import enable_subreaper  # noqa: F401  (re-exported for grader workers)
+
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+UID_BASE = 1_500_000
+WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+class SandboxError(LopdError):
+    """The sandbox itself cannot run (not a verdict on the program)."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    wall_s: float = 10.0
+    """Wall-clock limit; the process group is killed when it passes."""
+    cpu_s: int = 10
+    """CPU seconds (RLIMIT_CPU)."""
+    memory_mb: int = 1024
+    """Address space in MiB (RLIMIT_AS)."""
+    max_procs: int = 32
+    """Processes / threads the program may have at once (RLIMIT_NPROC)."""
+    output_bytes: int = 4 << 20
+    """Largest stdout, stderr or any written file (RLIMIT_FSIZE)."""
+    max_files: int = 64
+    """Open file descriptors (RLIMIT_NOFILE)."""
+    require_network_isolation: bool = False
+    """Raise instead of running with the host network when no namespace can be made."""
+
+
+@dataclass
+class RunResult:
+    status: str
+    """ok (exit 0) | exit (non-zero exit) | signal | timeout | cpu_limit | memory_limit | output_limit."""
+    returncode: int | None
+    stdout: bytes
+    stderr: bytes
+    wall_s: float
+    cpu_s: float
+    isolation: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- child setup
+
+_libc = reaper.libc
+
+
+def _unshare(flags: int) -> bool:
+    return _libc.unshare(ctypes.c_int(flags)) == 0
+
+
+def _setrlimits(lim: SandboxLimits, nproc: int) -> None:
+    mem = lim.memory_mb << 20
+    for res, val in ((resource.RLIMIT_CPU, (lim.cpu_s, lim.cpu_s + 1)), (resource.RLIMIT_AS, (mem, mem)),
+                     (resource.RLIMIT_FSIZE, (lim.output_bytes, lim.output_bytes)),
+                     (resource.RLIMIT_NOFILE, (lim.max_files, lim.max_files)), (resource.RLIMIT_CORE, (0, 0)),
+                     (resource.RLIMIT_NPROC, (nproc, nproc))):
+        resource.setrlimit(res, val)
+
+
+def _count_my_processes() -> int:
+    uid = os.getuid()
+    n = 0
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if os.stat(f"/proc/{d}").st_uid == uid:
+                    n += 1
+            except OSError:
+                pass
+    return n
+
+
+def _make_preexec(lim: SandboxLimits, workdir: str, as_root: bool, net_flags: int, status_w: int):
+    """The function run in the forked child before exec (as root when the grader is root)."""
+
+    def setup() -> None:  # runs in the child: keep to plain syscalls
+        code = b"n"
+        if net_flags and _unshare(net_flags):
+            code = b"u" if net_flags & CLONE_NEWUSER else b"s"
+        os.write(status_w, code)
+        os.close(status_w)
+        if as_root:
+            uid = UID_BASE + os.getpid()
+            os.chown(workdir, uid, uid)
+            _setrlimits(lim, lim.max_procs)
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+        else:
+            _setrlimits(lim, _count_my_processes() + lim.max_procs)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+    return setup
+
+
+# --------------------------------------------------------------------------- capabilities
+
+_CAPS: dict | None = None
+
+
+def capabilities() -> dict:
+    """What this machine allows: ``{"root": bool, "network": "netns"|"userns"|"none"}`` (probed once)."""
+    global _CAPS
+    if _CAPS is None:
+        root = os.geteuid() == 0
+        network = "none"
+        for flags, name in ((CLONE_NEWNET, "netns"), (CLONE_NEWUSER | CLONE_NEWNET, "userns")):
+            if name == "userns" and root:
+                continue
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if _unshare(flags) else 1)
+            _, st = os.waitpid(pid, 0)
+            if os.waitstatus_to_exitcode(st) == 0:
+                network = name
+                break
+        _CAPS = {"root": root, "network": network}
+    return _CAPS
+
+
+def _read_capped(path: Path, cap: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(cap)
+    except OSError:
+        return b""
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_program(argv: list[str], stdin: bytes = b"", limits: SandboxLimits = SandboxLimits(),
+                files: dict[str, bytes] | None = None) -> RunResult:
+    """Run ``argv`` (e.g. ``[sys.executable, "-I", "main.py"]``) in the sandbox.
+
+    ``files`` are written into the fresh working directory first (``main.py`` …); ``stdin``
+    is fed from a file. Never raises for anything the program does; :class:`SandboxError`
+    only when network isolation is required but unavailable.
+    """
+    caps = capabilities()
+    if limits.require_network_isolation and caps["network"] == "none":
+        raise SandboxError("sandbox: no network namespace can be created here and isolation is required")
+    net_flags = {"netns": CLONE_NEWNET, "userns": CLONE_NEWUSER | CLONE_NEWNET}.get(caps["network"], 0)
+    base = os.environ.get("LOPD_SANDBOX_DIR") or None
+    workdir = tempfile.mkdtemp(prefix="lopd-sbx-", dir=base)
+    io_dir = tempfile.mkdtemp(prefix="lopd-sbx-io-", dir=base)  # grader-only: stdin/stdout/stderr files
+    try:
+        for name, data in (files or {}).items():
+            p = Path(workdir) / name
+            p.write_bytes(data)
+            p.chmod(0o644)
+        Path(io_dir, "stdin").write_bytes(stdin)
+        r_status, w_status = os.pipe()
+        t0 = time.monotonic()
+        with open(Path(io_dir, "stdin"), "rb") as fin, open(Path(io_dir, "stdout"), "wb") as fout, \
+                open(Path(io_dir, "stderr"), "wb") as ferr:
+            proc = subprocess.Popen(
+                argv, cwd=workdir, env={}, stdin=fin, stdout=fout, stderr=ferr, close_fds=True,
+                pass_fds=(w_status,), start_new_session=True,
+                preexec_fn=_make_preexec(limits, workdir, caps["root"], net_flags, w_status))
+        os.close(w_status)
+        net_code = os.read(r_status, 1)
+        os.close(r_status)
+        timed_out = threading.Event()
+
+        def on_timeout() -> None:
+            timed_out.set()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+        timer = threading.Timer(limits.wall_s, on_timeout)
+        timer.start()
+        try:
+            _, wstatus, ru = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        wall = time.monotonic() - t0
+        proc.returncode = os.waitstatus_to_exitcode(wstatus)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the group
+        except OSError:
+            pass
+        uid = UID_BASE + proc.pid
+        if caps["root"]:
+            reaper.reap_uid(uid)
+            reaper.reap_zombies(uid)
+            reaper.remove_owned(uid, WORLD_WRITABLE)
+        elif reaper.is_subreaper():
+            reaper.kill_my_children()
+        cpu = ru.ru_utime + ru.ru_stime
+        out_full = Path(io_dir, "stdout").stat().st_size >= limits.output_bytes
+        stdout = _read_capped(Path(io_dir, "stdout"), limits.output_bytes)
+        stderr = _read_capped(Path(io_dir, "stderr"), 65536)
+        rc = proc.returncode
+        if timed_out.is_set():
+            status = "timeout"
+        elif rc == 0 and out_full:
+            status = "output_limit"
+        elif rc == 0:
+            status = "ok"
+        elif rc == -signal.SIGXCPU or (rc == -signal.SIGKILL and cpu >= 0.9 * limits.cpu_s):
+            status = "cpu_limit"
+        elif rc == -signal.SIGXFSZ or (rc != 0 and (out_full or b"File too large" in stderr[-4096:])):
+            status = "output_limit"
+        elif any(m in stderr[-4096:] for m in (b"MemoryError", b"Cannot allocate memory", b"bad_alloc")):
+            status = "memory_limit"
+        elif rc < 0:
+            status = "signal"
+        else:
+            status = "exit"
+        isolation = {"uid": uid if caps["root"] else os.getuid(),
+                     "network": {b"s": "netns", b"u": "userns"}.get(net_code, "none")}
+        return RunResult(status, rc, stdout, stderr, wall, cpu, isolation)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(io_dir, ignore_errors=True)
+
+
+def _world_executable(path: str) -> bool:
+    """True when any uid may execute ``path``: o+x on every directory above it and o+rx on it."""
+    real = Path(os.path.realpath(path))
+    try:
+        if real.stat().st_mode & 0o005 != 0o005:
+            return False
+        return all(p.stat().st_mode & 0o001 for p in real.parents)
+    except OSError:
+        return False
+
+
+def sandbox_python() -> str:
+    """A Python interpreter the sandbox uid can run.
+
+    ``LOPD_SANDBOX_PYTHON`` if set, else this interpreter when it is world-executable, else the
+    system ``python3`` (e.g. when the venv lives under a 0700 ``/root``). Programs under test
+    need only the standard library.
+    """
+    env = os.environ.get("LOPD_SANDBOX_PYTHON")
+    if env:
+        return env
+    for cand in (sys.executable, shutil.which("python3"), "/usr/bin/python3", "/usr/local/bin/python3"):
+        if cand and os.path.exists(cand) and (not capabilities()["root"] or _world_executable(cand)):
+            return cand
+    raise SandboxError("sandbox: no Python interpreter that an unprivileged uid can execute "
+                       "(set LOPD_SANDBOX_PYTHON)")
+
+
+def python_argv(script: str = "main.py") -> list[str]:
+    """Interpreter command for a Python program: isolated mode (no env, no user site)."""
+    return [sandbox_python(), "-I", script]

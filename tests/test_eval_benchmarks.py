@@ -1,0 +1,135 @@
+"""Benchmark registry and loaders: local files in the hub schemas, field mapping, LiveCodeBench
+encodings, the date windows, bad input. Fixture problems are written here (never real ones)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+import zlib
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lopd.eval.benchmarks import REGISTRY, BenchmarkError, benchmark_kind, decode_tests, load_benchmark
+
+MATH_ROWS = [
+    {"id": "m1", "problem": "What is $3 + 4$?", "answer": "7"},
+    {"id": "m2", "problem": "What is half of $1$?", "answer": "\\frac{1}{2}"},
+    {"id": "m3", "problem": "What is $2^5$?", "answer": "32"},
+]
+
+
+def lcb_encode(obj) -> str:
+    """LiveCodeBench's private-test encoding: base64(zlib(pickle(json string)))."""
+    return base64.b64encode(zlib.compress(pickle.dumps(json.dumps(obj)))).decode()
+
+
+CODE_ROWS = [
+    {"question_id": "c1", "question_title": "Double", "contest_date": "2024-09-01T00:00:00",
+     "question_content": "Read an integer n and print 2n.", "starter_code": "",
+     "public_test_cases": json.dumps([{"input": "3\n", "output": "6\n", "testtype": "stdin"}]),
+     "private_test_cases": lcb_encode([{"input": "21\n", "output": "42\n", "testtype": "stdin"}]),
+     "metadata": "{}"},
+    {"question_id": "c2", "question_title": "Add", "contest_date": "2025-03-01T00:00:00",
+     "question_content": "Return a + b.", "starter_code": "class Solution:\n    def add(self, a, b):\n        ",
+     "public_test_cases": json.dumps([{"input": "1\n2", "output": "3", "testtype": "functional"}]),
+     "private_test_cases": json.dumps([{"input": "-5\n5", "output": "0", "testtype": "functional"}]),
+     "metadata": json.dumps({"func_name": "add"})},
+]
+
+CORRECT = {
+    "m1": "<think>3+4 is 7</think>The answer is $\\boxed{7}$.",
+    "m2": "So it is \\boxed{0.5}.",
+    "m3": "\\boxed{32}",
+    "c1": "<think>easy</think>```python\nprint(2 * int(input()))\n```",
+    "c2": "```python\nclass Solution:\n    def add(self, a, b):\n        return a + b\n```",
+}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_math_fixture(d: Path) -> Path:
+    return write_jsonl(d / "tiny_math.jsonl", MATH_ROWS)
+
+
+def write_code_fixture(d: Path) -> Path:
+    return write_jsonl(d / "tiny_code.jsonl", CODE_ROWS)
+
+
+def test_registry_names():
+    assert set(REGISTRY) == {"aime24", "aime25", "hmmt25", "lcb_v5", "lcb_v6"}
+    assert benchmark_kind("aime24") == "math" and benchmark_kind("lcb_v6") == "code"
+
+
+def test_local_math_and_code(tmp_path):
+    probs = load_benchmark("tmath", {"tmath": {"path": str(write_math_fixture(tmp_path)), "kind": "math"}})
+    assert [p.problem_id for p in probs] == ["m1", "m2", "m3"]
+    assert probs[1].answer == "\\frac{1}{2}" and "\\boxed{}" in probs[1].messages[0]["content"]
+    code = load_benchmark("tcode", {"tcode": {"path": str(write_code_fixture(tmp_path)), "kind": "code"}})
+    c1, c2 = code
+    assert [(t.input, t.output, t.testtype) for t in c1.tests] == [("3\n", "6\n", "stdin"), ("21\n", "42\n", "stdin")]
+    assert c2.func_name == "add" and len(c2.tests) == 2 and "class Solution" in c2.messages[0]["content"]
+
+
+def test_registry_name_reads_local_file_in_hub_schema(tmp_path):
+    """aime24 pointed at a local parquet in the hub schema; lcb_v5 at a JSONL (no date window locally)."""
+    pq.write_table(pa.Table.from_pylist(MATH_ROWS), tmp_path / "aime.parquet")
+    probs = load_benchmark("aime24", {"aime24": {"path": f"file://{tmp_path / 'aime.parquet'}"}})
+    assert len(probs) == 3 and probs[0].kind == "math"
+    assert len(load_benchmark("lcb_v5", {"lcb_v5": {"path": str(write_code_fixture(tmp_path))}})) == 2
+
+
+def test_hub_rows_date_windows():
+    """The hub path filters LiveCodeBench by contest date (rows given in place of the download)."""
+    v5 = load_benchmark("lcb_v5", hub=lambda spec: CODE_ROWS)
+    v6 = load_benchmark("lcb_v6", hub=lambda spec: CODE_ROWS)
+    assert [p.problem_id for p in v5] == ["c1"] and [p.problem_id for p in v6] == ["c2"]
+
+
+def test_field_mapping(tmp_path):
+    rows = [{"qid": 7, "question": "1+1?", "final": "2"}]
+    probs = load_benchmark("mine", {"mine": {"path": str(write_jsonl(tmp_path / "m.jsonl", rows)), "kind": "math",
+                                              "fields": {"id": "qid", "problem": "question", "answer": "final"},
+                                              "prompt_template": "Q: {problem}"}})
+    assert probs[0].problem_id == "7" and probs[0].answer == "2" and probs[0].messages[0]["content"] == "Q: 1+1?"
+
+
+def test_lcb_decoding_refuses_classes():
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    raw = base64.b64encode(zlib.compress(pickle.dumps(Evil()))).decode()
+    with pytest.raises(BenchmarkError, match="neither JSON nor LiveCodeBench"):
+        decode_tests(raw, "x")
+    assert decode_tests(lcb_encode([{"input": "1", "output": "2"}]), "x")[0].output == "2"
+
+
+@pytest.mark.parametrize("rows,kind,match", [
+    ([{"id": "a", "problem": "1+1?"}], "math", r"row 0: missing field 'answer'"),
+    ([{"id": "a", "answer": "2"}], "math", r"row 0: missing field 'problem'"),
+    ([{"id": "a", "problem": "p", "answer": "1"}, {"id": "a", "problem": "q", "answer": "2"}], "math",
+     "row 1: duplicate problem id"),
+    ([{"question_id": "x", "question_content": "q"}], "code", "row 0: no test cases"),
+    ([{"question_id": "x", "question_content": "q", "public_test_cases": "[{\"input\": \"1\"}]"}], "code",
+     "test 0 needs 'input' and 'output'"),
+    ([{"question_id": "x", "question_content": "q",
+       "public_test_cases": json.dumps([{"input": "1", "output": "2", "testtype": "functional"}])}], "code",
+     "functional tests need metadata.func_name"),
+])
+def test_bad_rows(tmp_path, rows, kind, match):
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(BenchmarkError, match=match) as e:
+        load_benchmark("bad", {"bad": {"path": str(path), "kind": kind}})
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_unknown_benchmark():
+    with pytest.raises(BenchmarkError, match="unknown benchmark 'aime99'"):
+        load_benchmark("aime99", {})

@@ -1,0 +1,204 @@
+"""The code sandbox: hostile programs are contained and graded as failures; a correct one passes.
+
+Every program "solves" the task *read n, print 2n*. Each case runs once through the
+sandbox directly (to check containment: no process of its uid left alive, nothing written
+outside, no secret leaked, no connection made) and all of them once more through the
+parallel grader (to check the verdicts and that the grader survives).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import uuid
+
+import pytest
+
+from lopd.eval.code_grader import CodeJob, CodeTest, extract_code, grade_code_batch, stdout_matches
+from lopd.eval.reaper import live_pids
+from lopd.eval.sandbox import SandboxLimits, capabilities, python_argv, run_program
+
+LIMITS = SandboxLimits(wall_s=2.0, cpu_s=1, memory_mb=256, max_procs=16, output_bytes=1 << 20)
+SECRET = "lopd-test-secret-" + uuid.uuid4().hex
+ESCAPE = f"/tmp/lopd-escape-{uuid.uuid4().hex}"
+
+PROGRAMS = {
+    "correct": ("print(int(input()) * 2)\n", "correct"),
+    "fork_bomb": ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+                  {"timeout", "cpu_limit"}),
+    "memory_bomb": ("x = []\nwhile True:\n    x.append(bytearray(1 << 26))\n", "memory_limit"),
+    "infinite_loop": ("while True:\n    pass\n", {"cpu_limit", "timeout"}),
+    "huge_output": ("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n", "output_limit"),
+    "read_env": ("import os, glob\nseen = dict(os.environ)\n"
+                 "for p in ['/proc/%d/environ' % os.getppid(), '/proc/1/environ']:\n"
+                 "    try:\n        seen[p] = open(p, 'rb').read().decode(errors='replace')\n"
+                 "    except OSError as e:\n        seen[p] = 'denied'\n"
+                 "print(seen)\n", "wrong_answer"),
+    "write_outside": ("import os\nfor p in [os.environ.get('X', '{target}'), '{escape}']:\n"
+                      "    try:\n        open(p, 'w').write('pwned')\n    except OSError:\n        pass\n"
+                      "open('{target}', 'w').write('pwned')\n", "exit"),
+    "network": ("import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+                "s.sendall(b'leak')\nprint(int(input()) * 2)\n", "exit"),
+    "kill_parent": ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nprint(int(input()) * 2)\n", "exit"),
+    "sleep": ("import time\ntime.sleep(60)\nprint(int(input()) * 2)\n", "timeout"),
+    "setsid_escape": ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
+                      "    os._exit(0)\nprint(int(input()) * 2)\n", "correct"),
+}
+
+
+@pytest.fixture(scope="module")
+def listener():
+    """A TCP server on loopback that records any connection."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(0.2)
+    got: list[bytes] = []
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                continue
+            got.append(c.recv(100) or b"<connected>")
+            c.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield srv.getsockname()[1], got
+    stop.set()
+    t.join()
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def programs(listener, tmp_path_factory):
+    port, _ = listener
+    target = tmp_path_factory.mktemp("grader-owned") / "outside.txt"
+    out = {name: (src.replace("{port}", str(port)).replace("{target}", str(target)).replace("{escape}", ESCAPE),
+                  want) for name, (src, want) in PROGRAMS.items()}
+    return out, target
+
+
+@pytest.fixture(autouse=True)
+def _secret_env(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+
+
+def fenced(src: str) -> str:
+    return f"<think>plan</think>Here is my program:\n```python\n{src}```\n"
+
+
+def test_ten_cases_at_least():
+    assert len(PROGRAMS) >= 10
+
+
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_contained(name, programs, listener, tmp_path):
+    progs, target = programs
+    src, want = progs[name]
+    r = run_program(python_argv(), stdin=b"21\n", limits=LIMITS, files={"main.py": src.encode()})
+    wants = want if isinstance(want, set) else {want}
+    if want == "correct":
+        assert r.status == "ok" and r.stdout.strip() == b"42", r
+    elif want == "wrong_answer":
+        assert r.status == "ok" and r.stdout.strip() != b"42"
+    else:
+        assert r.status in wants | {"exit"} if want == "exit" else r.status in wants, r
+    assert r.wall_s < LIMITS.wall_s + 1.5, r.wall_s
+    if capabilities()["root"]:
+        assert not live_pids(r.isolation["uid"]), f"{name}: processes of the sandbox uid survived"
+        assert r.isolation["uid"] != 0
+    assert SECRET.encode() not in r.stdout + r.stderr
+    assert not target.exists() and not os.path.exists(ESCAPE)
+    if name == "read_env":
+        seen = eval(r.stdout.decode())  # our own test program's repr of a dict of str
+        assert not any(k.startswith(("AWS_", "PATH", "HOME")) for k in seen), seen
+    if name == "network":
+        assert listener[1] == [], "the sandboxed program reached the host's loopback"
+        if capabilities()["network"] != "none":
+            assert r.isolation["network"] in ("netns", "userns")
+    subprocess.run(["true"], check=True)  # the machine can still start processes
+
+
+def test_graded_in_parallel(programs, listener):
+    progs, target = programs
+    names = list(progs)
+    jobs = [CodeJob(fenced(progs[n][0]), [CodeTest("21\n", "42\n"), CodeTest("5\n", "10\n")], limits=LIMITS)
+            for n in names]
+    verdicts = grade_code_batch(jobs, workers=2)
+    got = dict(zip(names, verdicts, strict=True))
+    for n, (_, want) in progs.items():
+        v = got[n]
+        if want == "correct":
+            assert v.correct and v.verdict == "correct" and v.passed == 2, (n, v)
+        else:
+            assert not v.correct, (n, v)
+            wants = want if isinstance(want, set) else {want}
+            assert v.verdict in wants | ({"exit"} if want == "exit" else set()), (n, v)
+    assert listener[1] == [] and not target.exists()
+
+
+def test_functional_and_no_code():
+    src = "class Solution:\n    def twoSum(self, nums, target):\n        seen = {}\n" \
+          "        for i, x in enumerate(nums):\n            if target - x in seen:\n" \
+          "                return [seen[target - x], i]\n            seen[x] = i\n"
+    tests = [CodeTest("[2, 7, 11, 15]\n9", "[0, 1]", "functional"), CodeTest("[3, 3]\n6", "[0, 1]", "functional")]
+    wrong = src.replace("return [seen[target - x], i]", "return [i, seen[target - x]]")
+    v_ok, v_bad, v_none = grade_code_batch([CodeJob(fenced(src), tests, "twoSum", LIMITS),
+                                            CodeJob(fenced(wrong), tests, "twoSum", LIMITS),
+                                            CodeJob("I don't know.", tests, "twoSum", LIMITS)], workers=2)
+    assert v_ok.correct and v_ok.passed == 2
+    assert (v_bad.correct, v_bad.verdict) == (False, "wrong_answer")
+    assert (v_none.correct, v_none.verdict, v_none.extracted) == (False, "no_code", None)
+
+
+def test_output_comparison_and_extraction():
+    assert stdout_matches("1 2\n3\n", "1 2   \n3")
+    assert stdout_matches("0.3333333", "0.33333331")
+    assert not stdout_matches("1 2", "1 3")
+    assert extract_code("```\nprint(1)\n```\n```python\nprint(2)\n```") == "print(2)\n"
+    assert extract_code("<think>```python\nprint(1)\n```") is None
+
+
+NONROOT_SCRIPT = """
+import os, sys
+sys.path.insert(0, {repo!r})
+from lopd.eval.sandbox import SandboxLimits, capabilities, enable_subreaper, python_argv, run_program
+enable_subreaper()
+lim = SandboxLimits(wall_s=2, cpu_s=1, memory_mb=256, max_procs=16)
+out = {{"caps": capabilities()}}
+for name, src in [("ok", "print(int(input()) * 2)"),
+                  ("setsid", "import os, time\\nif os.fork() == 0:\\n    os.setsid(); time.sleep(30)\\nprint(42)"),
+                  ("env", "import os; print(sorted(os.environ))"),
+                  ("net", "import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)")]:
+    r = run_program(python_argv(), stdin=b"21\\n", limits=lim, files={{"main.py": src.encode()}})
+    out[name] = [r.status, r.stdout.decode(), r.isolation["network"]]
+out["children_left"] = [d for d in os.listdir("/proc") if d.isdigit() and os.path.exists(f"/proc/{{d}}/stat")
+                        and int(open(f"/proc/{{d}}/stat").read().rsplit(")", 1)[1].split()[1]) == os.getpid()]
+print(repr(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"), reason="needs root to drop to nobody")
+def test_non_root_fallback(listener):
+    """The grader itself unprivileged (as in a non-root pod): no uid switch, a user+network namespace
+    where allowed, leftovers killed through the subreaper, still no environment."""
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[1])
+    script = NONROOT_SCRIPT.format(repo=repo, port=listener[0])
+    proc = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3",
+                           "-c", script], capture_output=True, text=True, timeout=60, cwd="/tmp",
+                          env={"AWS_SECRET_ACCESS_KEY": SECRET})
+    assert proc.returncode == 0, proc.stderr
+    out = eval(proc.stdout)  # our own script's repr of plain data
+    assert out["ok"][:2] == ["ok", "42\n"] and out["setsid"][0] == "ok"
+    assert "AWS_SECRET_ACCESS_KEY" not in out["env"][1]
+    assert out["children_left"] == []
+    if out["caps"]["network"] != "none":
+        assert out["net"][0] == "exit" and listener[1] == []
