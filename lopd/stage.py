@@ -1,0 +1,405 @@
+"""The harness every stage entrypoint (``jobs/*.py``) uses: arguments, models, resumable parts, publish.
+
+A stage's ``main()`` reads like the algorithm box::
+
+    ctx = stage.start("sft-data", argv, section=lambda r: r.sft_data)   # parse; None = already done
+    teacher = ctx.resolve_model(ctx.recipe.models.teacher, "models.teacher.uri")
+    prompts = ctx.shard_items(load_prompts(cfg.prompts))
+    parts = ctx.run_parts(prompts, cfg.part_size, work, key=lambda p: p.prompt_id, schema=SFT_DATA)
+    ctx.publish(parts, inputs=..., lineage=..., metrics=...)           # shard manifest, then stage manifest
+
+and is wrapped by ``stage.entrypoint(main)`` which turns a :class:`lopd.LopdError` into one
+line on stderr and exit code 2.
+
+Arguments (the same for every stage, container and local runner alike): ``--recipe``,
+``--set key=value`` (repeatable), ``--shard-index`` (default ``$JOB_COMPLETION_INDEX``, else
+0), ``--num-shards`` (default the recipe section's ``shards``), ``--force``.
+
+Store layout: ``<store>/runs/<run_id>/<stage>/shards/<i>-of-<n>/`` holds the shard's
+``part-NNNNN.parquet`` files, a ``parts/part-NNNNN.json`` marker per finished part (written
+after its parquet, so a part exists iff its marker does) and, last, the shard's
+``MANIFEST.json``, which lists the part files. When all ``n`` shard manifests exist the
+stage manifest is written (:func:`lopd.lineage.finalize_shards`). A killed shard resumes
+from its last complete part; a part's marker records the recipe hash and the hash of its
+item keys, so a part made under another recipe or input is redone, not reused.
+
+Re-running a stage whose manifest exists is a no-op unless ``--force`` (which removes the
+stage manifest and this shard's outputs first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lopd import LopdError
+from lopd.lineage import (
+    MANIFEST,
+    FileEntry,
+    InputRef,
+    Manifest,
+    ManifestError,
+    ShardInfo,
+    fetch,
+    finalize_shards,
+    fingerprint_hub,
+    fingerprint_local,
+    fingerprint_manifest,
+    has_manifest,
+    manifest_bytes,
+    now,
+    read_manifest,
+    shard_prefix,
+    stage_prefix,
+)
+from lopd.recipe import ModelSpec, Recipe, load_recipe
+from lopd.store import Store, cache_dir, is_store_uri, open_store, sha256_file
+
+
+class StageError(LopdError):
+    """A stage cannot run as asked (bad shard, missing input, unknown model...)."""
+
+
+class ModelNotFoundError(StageError):
+    """A model reference that is neither a published artifact, a directory nor a hub id."""
+
+
+def log(event: str, **fields: Any) -> None:
+    """One structured progress line on stderr (``{"event": ..., ...}``)."""
+    print(json.dumps({"t": round(time.time(), 3), "event": event, **fields}, default=str), file=sys.stderr,
+          flush=True)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class ResolvedModel:
+    """A model made local: ``path`` is an HF directory that transformers and vLLM load."""
+
+    ref: str
+    path: Path
+    fingerprint: str
+    manifest: Manifest | None = None
+    manifest_sha256: str | None = None
+
+    @property
+    def lineage(self) -> dict[str, Any]:
+        """The model's own manifest lineage (empty for a bare directory or hub id)."""
+        return dict(self.manifest.lineage) if self.manifest else {}
+
+    def input_ref(self) -> InputRef:
+        return InputRef(uri=self.ref, manifest_sha256=self.manifest_sha256)
+
+
+def resolve_model(ref: str | ModelSpec, field_name: str = "model") -> ResolvedModel:
+    """Make a model local and fingerprint it.
+
+    - ``s3://…`` of a published artifact: its manifest is read, its files are fetched
+      (verified, via the sha256 cache) into ``$LOPD_CACHE/models/<sha>``;
+    - a local directory (a path or ``file://…``) with ``config.json``: used in place,
+      fingerprinted from its files (or its MANIFEST.json hashes when they match the sizes),
+      its MANIFEST.json lineage (e.g. an SFT checkpoint's teacher) carried along;
+    - a hub id ``org/name``: ``huggingface_hub.snapshot_download`` at the spec's revision.
+
+    Errors name ``field_name`` (e.g. ``models.teacher.uri``) and the reference.
+    """
+    revision = None
+    if isinstance(ref, ModelSpec):
+        ref, revision = ref.uri, ref.revision
+    from lopd.lineage import HUB_ID_RE
+
+    if is_store_uri(ref) and not ref.startswith("file://"):  # a file:// artifact is read in place below
+        store = open_store(ref)
+        try:
+            m, sha = read_manifest(store)
+        except ManifestError as e:
+            raise ModelNotFoundError(f"{field_name}: model {ref!r} not found ({e})") from None
+        if not any(f.path == "config.json" for f in m.files):
+            raise ModelNotFoundError(f"{field_name}: {ref!r} is an artifact but not a model (no config.json)")
+        dest = fetch(store, "", cache_dir() / "models" / sha[:32], m)
+        return ResolvedModel(ref, dest, fingerprint_manifest(m), m, sha)
+    path = Path(ref[7:] if ref.startswith("file://") else ref)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{field_name}: {ref!r} is a directory but not a model (no config.json)")
+        m = sha = None
+        if (path / MANIFEST).is_file():
+            raw = (path / MANIFEST).read_bytes()
+            try:
+                m, sha = Manifest.model_validate_json(raw), hashlib.sha256(raw).hexdigest()
+            except ValueError:
+                m = sha = None
+        return ResolvedModel(ref, path, fingerprint_local(path), m, sha)
+    if HUB_ID_RE.match(ref) and not path.exists() and not ref.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            fp, commit = fingerprint_hub(ref, revision)
+            local = snapshot_download(ref, revision=commit)
+        except LopdError as e:
+            raise ModelNotFoundError(f"{field_name}: {e}") from None
+        except Exception as e:  # hub errors: offline, gated, missing
+            raise ModelNotFoundError(f"{field_name}: hub model {ref!r} unavailable ({str(e).splitlines()[0]})") \
+                from None
+        return ResolvedModel(ref, Path(local), fp)
+    raise ModelNotFoundError(f"{field_name}: model {ref!r} not found (not a published store URI, "
+                             "a model directory, or a hub id)")
+
+
+# --------------------------------------------------------------------------- parts
+
+
+@dataclass
+class Part:
+    """A finished part of a shard: its data file (relative to the shard prefix) and metrics."""
+
+    index: int
+    file: FileEntry
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Lazy:
+    """Builds a value (e.g. an inference engine) on first use, so a resumed shard whose parts
+    are all done never starts an engine; ``close()`` releases it if it was built."""
+
+    def __init__(self, factory: Callable[[], Any]):
+        self._factory, self._value = factory, None
+
+    def get(self) -> Any:
+        if self._value is None:
+            self._value = self._factory()
+        return self._value
+
+    def close(self) -> None:
+        if self._value is not None and hasattr(self._value, "close"):
+            self._value.close()
+        self._value = None
+
+
+def keys_sha256(keys: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
+def prompt_seed(base_seed: int, prompt_id: str) -> int:
+    """A per-prompt sampling seed from the recipe seed and the prompt id: the same prompt gets the
+    same samples whichever shard, part or batch it lands in (and after a resume)."""
+    return int.from_bytes(hashlib.sha256(f"{base_seed}:{prompt_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+# --------------------------------------------------------------------------- context
+
+
+@dataclass
+class StageContext:
+    """Everything a stage entrypoint needs; made by :func:`start`."""
+
+    stage: str
+    recipe: Recipe
+    section: Any
+    store: Store
+    shard_index: int
+    num_shards: int
+    force: bool
+    workdir: Path
+
+    @property
+    def prefix(self) -> str:
+        """``runs/<run_id>/<stage>``"""
+        return stage_prefix(self.recipe.run_id, self.stage)
+
+    @property
+    def shard(self) -> str:
+        """``runs/<run_id>/<stage>/shards/<i>-of-<n>``"""
+        return shard_prefix(self.prefix, self.shard_index, self.num_shards)
+
+    def resolve_model(self, ref: str | ModelSpec, field_name: str = "model") -> ResolvedModel:
+        return resolve_model(ref, field_name)
+
+    def shard_items(self, items: list) -> list:
+        """This shard's contiguous slice of ``items`` (see :func:`lopd.data.prompts.shard_of`)."""
+        from lopd.data.prompts import shard_of
+
+        return shard_of(items, self.shard_index, self.num_shards)
+
+    # -- parts
+
+    def _part_names(self, name: str, i: int) -> tuple[str, str]:
+        return f"{name}-{i:05d}.parquet", f"{self.shard}/parts/{name}-{i:05d}.json"
+
+    def run_parts(self, items: list, part_size: int, work: Callable[[list, int], tuple[Any, dict[str, Any]]],
+                  key: Callable[[Any], str], schema: Any, name: str = "part") -> list[Part]:
+        """Process ``items`` in parts of ``part_size``; skip parts already finished; return all parts.
+
+        ``work(part_items, part_index)`` returns ``(pyarrow.Table, metrics)``; the table is
+        written with ``schema`` (zstd parquet) to ``<shard>/<name>-NNNNN.parquet``, then the
+        marker ``<shard>/parts/<name>-NNNNN.json`` (file entry, metrics, recipe and item-key
+        hashes). A part whose marker matches this recipe and these items is not redone.
+        """
+        from lopd.data.schemas import write_table
+
+        n_parts = (len(items) + part_size - 1) // part_size
+        parts: list[Part] = []
+        recipe_sha = self.recipe.sha256()
+        bar = _progress(n_parts, f"{self.stage} {name}")
+        for i in range(n_parts):
+            chunk = items[i * part_size:(i + 1) * part_size]
+            items_sha = keys_sha256([key(x) for x in chunk])
+            fname, marker = self._part_names(name, i)
+            done = self._read_marker(marker)
+            if done and done.get("recipe_sha256") == recipe_sha and done.get("items_sha256") == items_sha:
+                parts.append(Part(i, FileEntry(**done["file"]), done.get("metrics", {})))
+                bar.update(1, resumed=True, part=i)
+                continue
+            table, metrics = work(chunk, i)
+            local = self.workdir / fname
+            write_table(table, local, schema)
+            entry = FileEntry(path=fname, bytes=local.stat().st_size, sha256=sha256_file(local))
+            self.store.put_file(local, f"{self.shard}/{fname}")
+            self.store.write_json(marker, {"file": entry.model_dump(), "metrics": metrics, "items": len(chunk),
+                                           "recipe_sha256": recipe_sha, "items_sha256": items_sha})
+            local.unlink()
+            parts.append(Part(i, entry, metrics))
+            bar.update(1, resumed=False, part=i, **{k: v for k, v in metrics.items() if isinstance(v, int)})
+        bar.close()
+        return parts
+
+    def _read_marker(self, key: str) -> dict | None:
+        if not self.store.exists(key):
+            return None
+        try:
+            return self.store.read_json(key)
+        except LopdError:
+            return None
+
+    def read_part(self, part: Part):
+        """The pyarrow Table of a finished part (downloaded via the verified sha256 cache)."""
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.store.fetch(f"{self.shard}/{part.file.path}", part.file.sha256, part.file.bytes))
+
+    # -- publish
+
+    def publish(self, parts: list[Part], inputs: dict[str, InputRef], lineage: dict[str, Any],
+                metrics: dict[str, Any] | None = None) -> Manifest | None:
+        """Write this shard's manifest (listing the part files; metrics = summed part metrics plus
+        ``metrics``), then the stage manifest if every shard is done. Returns the stage manifest
+        or None when other shards are still missing."""
+        from lopd.lineage import merge_metrics
+
+        total = merge_metrics([p.metrics for p in parts] + [metrics or {}])
+        total["parts"] = len(parts)
+        m = Manifest(stage=self.stage, run_id=self.recipe.run_id, created_at=now(),
+                     recipe_sha256=self.recipe.sha256(), inputs=inputs, files=[p.file for p in parts],
+                     lineage=lineage, metrics=total, shard=ShardInfo(index=self.shard_index, count=self.num_shards))
+        self.store.write_bytes(f"{self.shard}/{MANIFEST}", manifest_bytes(m))
+        log("shard_published", stage=self.stage, shard=self.shard, **{k: v for k, v in total.items()
+                                                                      if isinstance(v, int | float)})
+        return self.finalize()
+
+    def finalize(self) -> Manifest | None:
+        out = finalize_shards(self.store, self.prefix, self.num_shards)
+        if out is not None:
+            log("stage_published", stage=self.stage, uri=self.store.url(self.prefix))
+        return out
+
+
+class _progress:
+    """tqdm in a terminal, structured log lines otherwise."""
+
+    def __init__(self, total: int, desc: str):
+        self.tqdm = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.tqdm = tqdm(total=total, desc=desc)
+        self.desc, self.total, self.n = desc, total, 0
+
+    def update(self, k: int, **fields: Any) -> None:
+        self.n += k
+        if self.tqdm is not None:
+            self.tqdm.update(k)
+        else:
+            log("part_done", what=self.desc, done=self.n, total=self.total, **fields)
+
+    def close(self) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()
+
+
+# --------------------------------------------------------------------------- start / entrypoint
+
+
+def parser(stage: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"jobs {stage}", description=f"lopd stage {stage}")
+    p.add_argument("--recipe", "-r", required=True, help="recipe YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value (repeatable)")
+    p.add_argument("--shard-index", type=int, default=None, help="default: $JOB_COMPLETION_INDEX, else 0")
+    p.add_argument("--num-shards", type=int, default=None, help="default: the recipe section's shards")
+    p.add_argument("--force", action="store_true", help="re-run even if the output manifest exists")
+    return p
+
+
+def start(stage: str, argv: Sequence[str] | None = None, section: Callable[[Recipe], Any] | None = None
+          ) -> StageContext | None:
+    """Parse arguments, load the recipe, pick the shard; None when the stage (or this shard) is
+    already published and ``--force`` was not given (the caller then just returns).
+
+    ``section(recipe)`` returns the stage's recipe section (None is an error naming it); its
+    ``shards`` field, when present, is the default shard count.
+    """
+    args = parser(stage).parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    sec = section(recipe) if section else None
+    if section and sec is None:
+        raise StageError(f"recipe has no '{stage.replace('-', '_')}' section: stage {stage} cannot run")
+    num = args.num_shards if args.num_shards is not None else getattr(sec, "shards", 1)
+    idx = args.shard_index
+    if idx is None:
+        env = os.environ.get("JOB_COMPLETION_INDEX", "")
+        if env and not env.isdigit():
+            raise StageError(f"JOB_COMPLETION_INDEX={env!r} is not a shard index")
+        idx = int(env) if env else 0
+    if num < 1 or not 0 <= idx < num:
+        raise StageError(f"--shard-index {idx} out of range for --num-shards {num} (0..{num - 1})")
+    store = open_store(recipe.store)
+    workdir = Path(tempfile.mkdtemp(prefix=f"lopd-{stage}-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    ctx = StageContext(stage, recipe, sec, store, idx, num, args.force, workdir)
+    if args.force:
+        store.delete(f"{ctx.prefix}/{MANIFEST}")
+        store.delete(ctx.shard)
+        log("forced", stage=stage, removed=store.url(ctx.shard))
+    elif has_manifest(store, ctx.prefix):
+        log("skip", stage=stage, reason="already published (use --force to redo)", uri=store.url(ctx.prefix))
+        return None
+    elif has_manifest(store, ctx.shard):
+        log("skip", stage=stage, reason="shard already published", uri=store.url(ctx.shard))
+        ctx.finalize()
+        return None
+    log("start", stage=stage, run_id=recipe.run_id, shard=ctx.shard, store=store.url())
+    return ctx
+
+
+def entrypoint(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
+    """Run ``main(argv)``; a :class:`LopdError` becomes ``error: <message>`` on stderr and exit 2
+    (``LOPD_DEBUG=1`` shows the traceback instead)."""
+    try:
+        main(argv)
+    except LopdError as e:
+        if os.environ.get("LOPD_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
