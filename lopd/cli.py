@@ -206,19 +206,6 @@ def fingerprint_cmd(model: str, revision: str | None) -> None:
     click.echo(fingerprint(model, revision))
 
 
-# --------------------------------------------------------------------------- later issues
-
-
-def _pending(name: str, what: str):
-    @main.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    @click.pass_context
-    def cmd(ctx: click.Context) -> None:
-        raise LopdError(f"'lopd {name}' is not implemented yet: {what}")
-
-    cmd.help = f"{what[0].upper()}{what[1:]} (not implemented yet)."
-    return cmd
-
-
 # render, deploy, status, logs, pipeline: lopd/k8s/commands.py (kubernetes/helm imported lazily there)
 from lopd.k8s.commands import COMMANDS as _K8S_COMMANDS  # noqa: E402
 

@@ -82,10 +82,15 @@ def test_malformed_manifest(store_uri):
 
 WRITER = textwrap.dedent(
     """
-    import sys, time
+    import shutil, sys, time
     from pathlib import Path
     from lopd.store import open_store
     from lopd.lineage import publish
+    def slow_copy(src, dst, length=0, _copy=shutil.copyfileobj):  # a local copy slow enough to be hit
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+            time.sleep(0.01)
+    shutil.copyfileobj = slow_copy
     store = open_store(sys.argv[1])
     real_put = store.put_file
     def put(local, key):
@@ -110,6 +115,7 @@ def test_writer_killed_mid_upload_leaves_no_manifest(store_uri, tmp_path):
         if line.startswith("PUT") and "zz-big" in line:
             time.sleep(0.4)  # well inside the big upload
             break
+    assert proc.poll() is None, "the writer finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     s = open_store(store_uri)
