@@ -1,0 +1,55 @@
+"""Stage ``sft``: full fine-tuning of the student base on the teacher's SFT data, on DeepSpeed.
+
+    parse → resolve inputs (the sft-data manifest and its teacher fingerprint, the student base)
+    → build the engine (resuming from the latest checkpoint) → for each step: the global batch's
+    conversations, packed without cross-sequence attention, loss on the assistant tokens only,
+    cosine schedule with warm-up → publish the HF checkpoint with the teacher fingerprint in
+    its lineage (what precompute's teacher-consistency check reads).
+
+    python -m jobs.sft --recipe R [--force]
+    python -m torch.distributed.run --standalone --nproc-per-node=2 -m jobs.sft --recipe R
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lopd import stage
+from lopd.lineage import InputRef, stage_prefix
+from lopd.train.data import TrainDataError, global_batch_indices, load_sft_seqs, rank_share
+from lopd.train.sft import PLOT_KEYS, sft_step
+from lopd.train.trainer import TrainRun
+
+STAGE = "sft"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run = TrainRun.start(STAGE, argv, lambda r: r.sft)
+    if run is None:
+        return
+    cfg, recipe = run.section, run.recipe
+    student = stage.resolve_model(recipe.models.student, "models.student.uri")
+    from transformers import AutoTokenizer
+
+    prefix = stage_prefix(recipe.run_id, "sft-data")
+    seqs, m, sha = load_sft_seqs(run.store, prefix, AutoTokenizer.from_pretrained(student.path),
+                                 cfg.train.max_seq_len)
+    teacher_fp = m.lineage.get("teacher_fingerprint")
+    if not teacher_fp:
+        raise TrainDataError(f"{run.store.url(prefix)}/MANIFEST.json: lineage.teacher_fingerprint is missing")
+    stage.log("data", stage=STAGE, conversations=len(seqs), uri=run.store.url(prefix))
+    run.build(student.path)
+
+    def batch(step: int):
+        idx = global_batch_indices(len(seqs), step, cfg.train.global_batch, cfg.train.seed)
+        return rank_share([seqs[i] for i in idx], run.rank, run.world)
+
+    run.loop(lambda step, lr: sft_step(run.engine, batch(step), cfg, lr, run.world))
+    run.publish({"student_base": student.input_ref(),
+                 "sft_data": InputRef(uri=run.store.url(prefix), manifest_sha256=sha)},
+                {"teacher_fingerprint": teacher_fp, "student_base_fingerprint": student.fingerprint},
+                PLOT_KEYS, {"conversations": len(seqs)})
+
+
+if __name__ == "__main__":
+    stage.entrypoint(main)

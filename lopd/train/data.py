@@ -1,0 +1,218 @@
+"""Training inputs: the precompute parquet (OPD) and the SFT data, read via their manifests.
+
+Everything is validated while it streams in (``pyarrow`` record batches per file); a bad row
+is a :class:`TrainDataError` naming the file, the row, the prompt and the column. The
+precompute manifest's lineage must record a consistent teacher unless the recipe allows the
+ablation (``allow_inconsistent_teacher``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lopd import LopdError
+from lopd.data.schemas import PRECOMPUTE, SFT_DATA
+from lopd.lineage import Manifest, ManifestError, read_manifest
+from lopd.store import Store
+from lopd.train.packing import Seq
+
+LOGPROB_COLUMNS = ("teacher_logprobs", "rollout_logprobs")
+POSITIVE_TOL = 1e-4  # log-probs above this are not log-probs
+
+
+class TrainDataError(LopdError):
+    """Unusable training data; the message names the file, row and column."""
+
+
+@dataclass
+class OpdSample:
+    """One rollout with its per-token log-probs (all float32 arrays of the response's length)."""
+
+    prompt_id: str
+    sample_index: int
+    prompt_ids: np.ndarray
+    response_ids: np.ndarray
+    teacher_logprobs: np.ndarray
+    rollout_logprobs: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+    def to_seq(self, index: int) -> Seq:
+        tokens = np.concatenate([self.prompt_ids, self.response_ids]).astype(np.int64)
+        labels = np.zeros(len(tokens), bool)
+        labels[len(self.prompt_ids):] = True
+        return Seq(tokens, labels, index, {"teacher_logprobs": self.teacher_logprobs,
+                                           "rollout_logprobs": self.rollout_logprobs})
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def data_files(m: Manifest) -> list[str]:
+    return sorted(f.path for f in m.files if f.path.endswith(".parquet"))
+
+
+def open_precompute(store: Store, prefix: str, allow_inconsistent_teacher: bool) -> tuple[Manifest, str]:
+    """Read the precompute manifest and enforce the teacher-consistency record in its lineage."""
+    try:
+        m, sha = read_manifest(store, prefix)
+    except ManifestError as e:
+        raise TrainDataError(f"precompute data: {e}") from None
+    lin = m.lineage
+    where = store.url(f"{prefix}/MANIFEST.json")
+    if "teacher_consistent" not in lin:
+        raise TrainDataError(f"{where}: lineage.teacher_consistent is missing (cannot check the teacher)")
+    if not lin["teacher_consistent"] and not allow_inconsistent_teacher:
+        raise TrainDataError(
+            f"{where}: lineage.teacher_consistent is false (scored by teacher {lin.get('teacher_fingerprint')}, "
+            f"SFT data from {lin.get('sft_teacher_fingerprint')}); refusing to train on it "
+            "(set allow_inconsistent_teacher: true only for the ablation)")
+    if not data_files(m):
+        raise TrainDataError(f"{where}: lists no parquet files")
+    return m, sha
+
+
+def _check_schema(schema: pa.Schema, want: pa.Schema, where: str) -> None:
+    for f in want:
+        if f.name not in schema.names:
+            raise TrainDataError(f"{where}: column {f.name!r} is missing")
+        got = schema.field(f.name).type
+        if not (got == f.type or (pa.types.is_list(got) and pa.types.is_list(f.type)
+                                  and pa.types.is_integer(got.value_type) == pa.types.is_integer(f.type.value_type))):
+            raise TrainDataError(f"{where}: column {f.name!r} has type {got}, expected {f.type}")
+
+
+def _batches(store: Store, prefix: str, m: Manifest, schema: pa.Schema, columns: list[str]
+             ) -> Iterator[tuple[str, int, dict[str, list]]]:
+    for path in data_files(m):
+        where = store.url(f"{prefix}/{path}")
+        with store.open(f"{prefix}/{path}") as fh:
+            pf = pq.ParquetFile(fh)
+            _check_schema(pf.schema_arrow, schema, where)
+            row0 = 0
+            for rb in pf.iter_batches(batch_size=1024, columns=columns):
+                yield where, row0, rb.to_pydict()
+                row0 += rb.num_rows
+
+
+def validate_opd_row(row: dict[str, Any], where: str, vocab_size: int | None = None) -> OpdSample:
+    """Check one precompute row; raise :class:`TrainDataError` naming the column."""
+    pid = row.get("prompt_id")
+    ctx = f"{where} (prompt_id={pid!r})"
+    for col in ("prompt_token_ids", "response_token_ids", *LOGPROB_COLUMNS):
+        if row.get(col) is None:
+            raise TrainDataError(f"{ctx}: column {col}: is null")
+    resp = np.asarray(row["response_token_ids"], np.int64)
+    prompt = np.asarray(row["prompt_token_ids"], np.int64)
+    if len(resp) == 0:
+        raise TrainDataError(f"{ctx}: column response_token_ids: empty response")
+    if len(prompt) == 0:
+        raise TrainDataError(f"{ctx}: column prompt_token_ids: empty prompt")
+    for col, ids in (("prompt_token_ids", prompt), ("response_token_ids", resp)):
+        if vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise TrainDataError(f"{ctx}: column {col}: token id out of range [0, {vocab_size})")
+    lps = {}
+    for col in LOGPROB_COLUMNS:
+        lp = np.asarray(row[col], np.float32)
+        if len(lp) != len(resp):
+            raise TrainDataError(f"{ctx}: column {col}: length {len(lp)} != response_token_ids length {len(resp)}")
+        bad = ~np.isfinite(lp)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise TrainDataError(f"{ctx}: column {col}: non-finite value {lp[i]} at token {i}")
+        if (lp > POSITIVE_TOL).any():
+            i = int(np.argmax(lp > POSITIVE_TOL))
+            raise TrainDataError(f"{ctx}: column {col}: positive log-prob {lp[i]:.4g} at token {i}")
+        lps[col] = lp
+    return OpdSample(str(pid), int(row.get("sample_index") or 0), prompt, resp,
+                     lps["teacher_logprobs"], lps["rollout_logprobs"])
+
+
+def load_opd_samples(store: Store, prefix: str, m: Manifest, max_seq_len: int,
+                     vocab_size: int | None = None) -> tuple[list[OpdSample], int]:
+    """Stream and validate every precompute row; returns (samples, number skipped as too long)."""
+    cols = ["prompt_id", "sample_index", "prompt_token_ids", "response_token_ids", *LOGPROB_COLUMNS]
+    out, skipped = [], 0
+    for where, row0, batch in _batches(store, prefix, m, PRECOMPUTE, cols):
+        n = len(batch["prompt_id"])
+        for i in range(n):
+            s = validate_opd_row({c: batch[c][i] for c in cols}, f"{where}: row {row0 + i}", vocab_size)
+            if len(s) > max_seq_len:
+                skipped += 1
+                continue
+            out.append(s)
+    if not out:
+        raise TrainDataError(f"{store.url(prefix)}: no usable rows (all {skipped} longer than max_seq_len)")
+    out.sort(key=lambda s: (s.prompt_id, s.sample_index))  # independent of shard / file order
+    return out, skipped
+
+
+# --------------------------------------------------------------------------- SFT data
+
+
+def encode_sft_row(tokenizer, messages: list[dict], max_seq_len: int, where: str) -> Seq:
+    """Chat-template a conversation; targets = the assistant tokens (``{% generation %}`` mask)."""
+    if not messages or not any(msg.get("role") == "assistant" for msg in messages):
+        raise TrainDataError(f"{where}: column messages: no assistant turn")
+    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    ids = np.asarray(enc["input_ids"], np.int64)[:max_seq_len]
+    mask = np.asarray(enc["assistant_masks"], bool)[:max_seq_len]
+    mask[0] = False
+    if not mask.any():
+        raise TrainDataError(f"{where}: column messages: no assistant tokens within max_seq_len={max_seq_len}")
+    return Seq(ids, mask)
+
+
+def load_sft_seqs(store: Store, prefix: str, tokenizer, max_seq_len: int) -> tuple[list[Seq], Manifest, str]:
+    """Read the sft-data stage (via its manifest) into tokenised sequences, sorted by prompt id."""
+    try:
+        m, sha = read_manifest(store, prefix)
+    except ManifestError as e:
+        raise TrainDataError(f"SFT data: {e}") from None
+    if not data_files(m):
+        raise TrainDataError(f"{store.url(prefix)}: the SFT data manifest lists no parquet files")
+    rows = []
+    for where, row0, batch in _batches(store, prefix, m, SFT_DATA, ["prompt_id", "messages"]):
+        for i, (pid, msgs) in enumerate(zip(batch["prompt_id"], batch["messages"], strict=True)):
+            rows.append((str(pid), encode_sft_row(tokenizer, msgs or [], max_seq_len,
+                                                  f"{where}: row {row0 + i} (prompt_id={pid!r})")))
+    rows.sort(key=lambda r: r[0])
+    return [s for _, s in rows], m, sha
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
+    """The permutation of ``n`` items used in ``epoch`` (deterministic in seed and epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def global_batch_indices(n: int, step: int, global_batch: int, seed: int) -> list[int]:
+    """Dataset indices of optimizer step ``step``: consecutive slices of per-epoch permutations
+    (a batch may straddle two epochs). Pure in (n, step, batch, seed): resumes reproduce it."""
+    start = step * global_batch
+    out: list[int] = []
+    while len(out) < global_batch:
+        epoch, off = divmod(start + len(out), n)
+        perm = epoch_order(n, epoch, seed)
+        out.extend(perm[off:off + global_batch - len(out)].tolist())
+    return out
+
+
+def rank_share(items: list, rank: int, world: int) -> list:
+    """This rank's part of a global batch: every ``world``-th item."""
+    return items[rank::world]
+
+
+def steps_per_epoch(n: int, global_batch: int) -> float:
+    return n / global_batch if global_batch else math.inf

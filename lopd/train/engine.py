@@ -1,0 +1,169 @@
+"""DeepSpeed setup from the recipe, and the micro-batch accumulation step shared by SFT and OPD.
+
+- ZeRO stage 0-3 from ``train.zero_stage``; bf16 on GPU, fp32 on CPU; NCCL on GPU, gloo on CPU.
+- The optimizer is torch's AdamW (the recipe's betas / eps / weight decay) handed to DeepSpeed;
+  the learning rate is set by :func:`lr_at` before every optimizer step (so a resumed run
+  continues the schedule exactly), gradient clipping is DeepSpeed's ``gradient_clipping``.
+- Gradient accumulation is caller-driven: each rank runs the same number of micro-batches per
+  step (padding with empty ones), the accumulation boundary is set explicitly, and losses
+  arrive already normalised by *global* counts times the world size (DeepSpeed averages
+  gradients over ranks), so 1 rank and N ranks compute the same step for the same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from lopd.recipe import OptimConfig, TrainConfig
+from lopd.train.losses import model_logprobs
+from lopd.train.packing import MicroBatch, dummy_micro_batch
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed (env:// from torchrun, or a 1-rank group
+    when launched as a plain process); returns (rank, world size)."""
+    if not on_gpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", verbose=False)
+    if on_gpu():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if on_gpu() else torch.device("cpu")
+
+
+def train_dtype() -> torch.dtype:
+    return torch.bfloat16 if on_gpu() else torch.float32
+
+
+def ds_config(train: TrainConfig, optim: OptimConfig) -> dict:
+    """The DeepSpeed config dict for this recipe section."""
+    zero: dict = {"stage": train.zero_stage}
+    if train.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=0)
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,  # we set the boundary ourselves (variable micro-batch count)
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": on_gpu()},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class LogprobModel(torch.nn.Module):
+    """The module DeepSpeed wraps: a causal LM (``.lm``) whose forward returns per-target
+    log-probs and entropies (chunked LM head, :func:`lopd.train.losses.model_logprobs`).
+    Going through ``engine(...)`` keeps DeepSpeed's per-forward bookkeeping (ZeRO-3 needs it
+    to accumulate gradients across micro-batches)."""
+
+    def __init__(self, lm: torch.nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.lm, self.chunk_size = lm, chunk_size
+
+    def forward(self, input_ids, position_ids, targets, select, attention_mask=None):
+        return model_logprobs(self.lm, input_ids, position_ids, targets, select, attention_mask, self.chunk_size)
+
+
+def forward_logprobs(engine, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p ``[N]``, entropy ``[N]``) of a micro-batch's targets through the engine."""
+    return engine(mb.input_ids, mb.position_ids, mb.targets, mb.select, mb.attention_mask)
+
+
+def build_engine(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig, chunk_size: int = 1024):
+    """Wrap ``model`` (an HF causal LM) in a DeepSpeed engine with AdamW; returns the engine
+    (``engine.module.lm`` is the HF model)."""
+    import deepspeed
+
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                            weight_decay=optim.weight_decay)
+    engine, *_ = deepspeed.initialize(model=LogprobModel(model, chunk_size), optimizer=opt,
+                                      config=ds_config(train, optim))
+    return engine
+
+
+def lr_at(step: int, total_steps: int, optim: OptimConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up over
+    ``ceil(warmup_ratio * total)`` steps from lr/warmup, then constant or cosine to ``min_lr_ratio * lr``."""
+    warm = math.ceil(optim.warmup_ratio * total_steps)
+    if step < warm:
+        return optim.lr * (step + 1) / warm
+    if optim.schedule == "constant":
+        return optim.lr
+    progress = (step - warm) / max(1, total_steps - warm)
+    floor = optim.min_lr_ratio
+    return optim.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def set_lr(engine, lr: float) -> None:
+    for g in engine.optimizer.param_groups:
+        g["lr"] = lr
+
+
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """All-reduce a few scalars (float64) across ranks."""
+    t = torch.tensor(values, dtype=torch.float64, device=device() if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return t.tolist()
+
+
+LossFn = Callable[[object, MicroBatch], tuple[torch.Tensor, dict[str, float]]]
+
+
+def accumulate_and_step(engine, micro_batches: list[MicroBatch], loss_fn: LossFn, lr: float) -> dict[str, float]:
+    """Forward/backward every micro-batch (the same count on every rank), then one optimizer step.
+
+    ``loss_fn(engine, mb)`` returns (loss already scaled for global averaging, summable stats).
+    Returns the stats summed over this rank's micro-batches plus ``grad_norm``.
+    """
+    n = int(all_reduce([len(micro_batches)], "max")[0])
+    stats: dict[str, float] = {}
+    dev = device()
+    for i in range(n):
+        mb = micro_batches[i] if i < len(micro_batches) else dummy_micro_batch()
+        engine.set_gradient_accumulation_boundary(i == n - 1)
+        loss, s = loss_fn(engine, mb.to(dev))
+        engine.backward(loss, scale_wrt_gas=False)
+        for k, v in s.items():
+            stats[k] = stats.get(k, 0.0) + v
+    set_lr(engine, lr)
+    pre = _local_grad_norm(engine) if engine.zero_optimization_stage() == 0 else None
+    engine.step()
+    norm = pre if pre is not None else engine.get_global_grad_norm()
+    stats["grad_norm"] = float(norm) if norm is not None else float("nan")
+    return stats
+
+
+def _local_grad_norm(engine) -> float:
+    """Global L2 norm of the (already all-reduced) gradients under ZeRO-0, before clipping."""
+    sq = sum(float(p.grad.float().pow(2).sum()) for p in engine.module.parameters() if p.grad is not None)
+    return sq ** 0.5

@@ -1,0 +1,103 @@
+"""One OPD optimizer step (offline and online share it) and the per-step metrics.
+
+Algorithm (per step, Lightning OPD, arXiv 2604.13010):
+
+1. take this rank's share of the global batch of rollouts (with teacher log-probs);
+2. pack it into micro-batches under ``micro_batch_tokens``;
+3. without grad, compute ``log p_old`` of every response token (the policy at batch start);
+4. for each micro-batch: ``A_t = log p_teacher - log p_old``, PPO-clip loss, normalised by the
+   global token (or sequence) count, backward; then one clipped AdamW step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lopd.recipe import OpdConfig
+from lopd.train import losses as L
+from lopd.train.data import OpdSample, rank_share
+from lopd.train.engine import accumulate_and_step, all_reduce, device, forward_logprobs
+from lopd.train.packing import MicroBatch, make_micro_batches
+
+SUM_KEYS = ("loss", "adv_sum", "kl_sum", "clip_sum", "ent_sum", "tokens", "targets", "seqs")
+
+
+@dataclass
+class Counts:
+    """Global (all ranks) counts of one batch, for the normalisation of every micro-batch."""
+
+    targets: float
+    seqs: float
+    world: int
+
+
+def batch_seqs(samples: list[OpdSample], first_index: int) -> list:
+    return [s.to_seq(first_index + i) for i, s in enumerate(samples)]
+
+
+@torch.no_grad()
+def attach_old_logprobs(engine, mbs: list[MicroBatch]) -> None:
+    """``log p_old`` (current weights, no grad) of every target, stored as ``extras['old_logprobs']``."""
+    dev = device()
+    for mb in mbs:
+        lp, _ = forward_logprobs(engine, mb.to(dev))
+        mb.extras["old_logprobs"] = lp.float().cpu()
+
+
+def opd_micro_loss(engine, mb: MicroBatch, cfg: OpdConfig, counts: Counts) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one micro-batch, scaled so that the sum over micro-batches and the mean over
+    ranks (DeepSpeed's gradient averaging) is the global-batch loss; plus summable stats."""
+    lp, ent = forward_logprobs(engine, mb)
+    zero = torch.zeros(lp.shape[0], device=lp.device)
+    ex = {k: mb.extras.get(k, zero) for k in ("teacher_logprobs", "rollout_logprobs", "old_logprobs")}
+    iw = cfg.importance_weights
+    per_tok, st = L.opd_loss_per_token(lp, ex["old_logprobs"], ex["teacher_logprobs"], ex["rollout_logprobs"],
+                                       clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                       iw_cap=iw.cap if iw.enabled else None, kl_coef=cfg.kl_coef)
+    w = L.token_weights(torch.ones_like(lp), mb.seq_index, cfg.loss_agg, counts.targets, counts.seqs)
+    loss = L.aggregate(per_tok, w)
+    stats = {"loss": loss.item(), "adv_sum": st["advantage"].sum().item(), "kl_sum": st["kl_ref"].sum().item(),
+             "clip_sum": st["clipped"].sum().item(), "ent_sum": ent.detach().sum().item(),
+             "tokens": float(mb.real_tokens), "targets": float(lp.shape[0]), "seqs": float(mb.num_seqs)}
+    return loss * counts.world, stats
+
+
+def opd_step(engine, minis: list[list[OpdSample]], cfg: OpdConfig, lr: float, world: int) -> dict[str, float]:
+    """One global batch on this rank: ``minis[j]`` is this rank's part of PPO mini-batch ``j``.
+
+    ``log p_old`` of every mini-batch is computed first (the policy at the start of the batch),
+    then one optimizer update per mini-batch. Returns global metrics (identical on every rank):
+    loss, advantage mean (≈ −reverse KL to the teacher per token), reverse_kl_est, kl_to_sft (k3
+    estimate of KL(sampler || current) on the rollouts: the SFT policy offline; online the sampler
+    is the current policy, so it checks that the sampler got the weights and stays ~0),
+    clip_frac, entropy, grad_norm (of the last update), tokens_per_s.
+    """
+    t0 = time.perf_counter()
+    batches = [make_micro_batches(batch_seqs(m, 0), cfg.train.micro_batch_tokens, packing=True) for m in minis]
+    for mbs in batches:
+        attach_old_logprobs(engine, mbs)
+    sums = dict.fromkeys(SUM_KEYS, 0.0)
+    for mini, mbs in zip(minis, batches, strict=True):
+        targets, seqs = all_reduce([sum(mb.num_targets for mb in mbs), len(mini)])
+        counts = Counts(targets, seqs, world)
+        local = accumulate_and_step(engine, mbs, lambda e, mb, c=counts: opd_micro_loss(e, mb, cfg, c), lr)
+        for k, v in zip(SUM_KEYS, all_reduce([local.get(k, 0.0) for k in SUM_KEYS]), strict=True):
+            sums[k] += v
+    dt = time.perf_counter() - t0
+    n = max(sums["targets"], 1.0)
+    return {"loss": sums["loss"] / len(minis), "adv_mean": sums["adv_sum"] / n,
+            "reverse_kl_est": -sums["adv_sum"] / n, "kl_to_sft": sums["kl_sum"] / n, "clip_frac": sums["clip_sum"] / n,
+            "entropy": sums["ent_sum"] / n, "grad_norm": local["grad_norm"], "tokens_per_s": sums["tokens"] / dt,
+            "response_tokens": sums["targets"], "step_time_s": dt, "lr": lr}
+
+
+def split_minis(global_batch: list, mini_batches: int, rank: int, world: int) -> list[list]:
+    """This rank's part of each PPO mini-batch of a global batch (mini ``j`` = items ``j::M``,
+    then every ``world``-th item of it), so 1 rank and N ranks see the same mini-batches."""
+    return [rank_share(global_batch[j::mini_batches], rank, world) for j in range(mini_batches)]
+
+
+PLOT_KEYS = ["loss", "reverse_kl_est", "kl_to_sft", "clip_frac", "entropy", "grad_norm", "tokens_per_s", "lr"]

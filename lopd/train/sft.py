@@ -1,0 +1,44 @@
+"""One SFT optimizer step: cross-entropy on the assistant tokens, packed micro-batches.
+
+Per step: this rank's share of the global batch → micro-batches under the token budget
+(packed rows with per-sequence positions, or padded rows) → per micro-batch
+``sum_t -log p(y_t) / N_global`` (token mean over the global batch's assistant tokens),
+backward → one clipped AdamW step at the schedule's learning rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from lopd.recipe import SftConfig
+from lopd.train import losses as L
+from lopd.train.engine import accumulate_and_step, all_reduce, forward_logprobs
+from lopd.train.packing import MicroBatch, Seq, make_micro_batches
+
+PLOT_KEYS = ["loss", "grad_norm", "lr", "tokens_per_s"]
+
+
+def sft_micro_loss(engine, mb: MicroBatch, num_targets: float, world: int) -> tuple[torch.Tensor, dict[str, float]]:
+    lp, _ = forward_logprobs(engine, mb)
+    w = L.token_weights(torch.ones_like(lp), mb.seq_index, "token-mean", num_tokens=num_targets)
+    loss = L.aggregate(L.sft_loss_per_token(lp), w)
+    return loss * world, {"loss": loss.item(), "tokens": float(mb.real_tokens), "padded": float(mb.input_ids.numel()),
+                          "targets": float(lp.shape[0])}
+
+
+def sft_step(engine, seqs: list[Seq], cfg: SftConfig, lr: float, world: int) -> dict[str, float]:
+    """One optimizer step on this rank's sequences; returns global metrics."""
+    t0 = time.perf_counter()
+    seqs = [dataclasses.replace(s, index=i) for i, s in enumerate(seqs)]
+    mbs = make_micro_batches(seqs, cfg.train.micro_batch_tokens, packing=cfg.packing)
+    (num_targets,) = all_reduce([sum(mb.num_targets for mb in mbs)])
+    local = accumulate_and_step(engine, mbs, lambda e, mb: sft_micro_loss(e, mb, num_targets, world), lr)
+    keys = ("loss", "tokens", "padded", "targets")
+    sums = dict(zip(keys, all_reduce([local.get(k, 0.0) for k in keys]), strict=True))
+    dt = time.perf_counter() - t0
+    return {"loss": sums["loss"], "grad_norm": local["grad_norm"], "lr": lr, "tokens_per_s": sums["tokens"] / dt,
+            "target_tokens": sums["targets"], "pad_fraction": 1.0 - sums["tokens"] / max(sums["padded"], 1.0),
+            "step_time_s": dt}

@@ -1,0 +1,133 @@
+"""The harness both training stages share: arguments, resume, the step loop, checkpoints, publish.
+
+A training job's ``main()``::
+
+    run = TrainRun.start("opd", argv, lambda r: r.opd)          # None: already published
+    run.build(model_dir)                                           # resume from the latest checkpoint
+    run.loop(lambda step: opd_step(...))                          # log, checkpoint every K steps
+    run.publish(inputs=..., lineage=..., plot_keys=...)            # HF checkpoint + metrics, manifest last
+
+Checkpoints go to ``runs/<run_id>/<stage>/checkpoints/step-NNNNNN`` (see
+:mod:`lopd.train.checkpoint`); the stage output (manifest last) is the final Hugging Face
+checkpoint plus ``metrics.jsonl``, ``curves.png`` and TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from lopd.lineage import InputRef, has_manifest, publish, stage_prefix
+from lopd.recipe import Recipe, load_recipe
+from lopd.stage import log, parser
+from lopd.store import open_store
+from lopd.train import checkpoint as ckpt
+from lopd.train.engine import build_engine, init_distributed, lr_at, train_dtype
+from lopd.train.metrics import MetricsLog
+
+FAULT_ENV = "LOPD_FAULT_KILL_AFTER_STEP"  # fault injection for the resume tests: SIGKILL after step N
+
+
+class TrainRun:
+    def __init__(self, stage: str, recipe: Recipe, section: Any, force: bool, argv: list[str]):
+        self.stage, self.recipe, self.section, self.argv = stage, recipe, section, argv
+        self.store = open_store(recipe.store)
+        self.prefix = stage_prefix(recipe.run_id, stage)
+        self.rank, self.world = init_distributed()
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"lopd-{stage}-r{self.rank}-"))
+        self.total = section.train.steps
+        self.start_step = 0
+        self.engine = self.model = self.tokenizer = self.metrics = None
+        self.trainer_state: dict[str, Any] = {}
+        self.resumed_from: str | None = None
+
+    @classmethod
+    def start(cls, stage: str, argv: Sequence[str] | None, section: Callable[[Recipe], Any]) -> TrainRun | None:
+        """Parse arguments and load the recipe; None when the stage output already exists."""
+        args = parser(stage).parse_args(argv)
+        recipe = load_recipe(args.recipe, args.overrides)
+        store = open_store(recipe.store)
+        prefix = stage_prefix(recipe.run_id, stage)
+        if args.force and int(os.environ.get("RANK", "0")) == 0:
+            store.delete(prefix)
+        elif not args.force and has_manifest(store, prefix):
+            log("skip", stage=stage, reason="already published (use --force to redo)", uri=store.url(prefix))
+            return None
+        return cls(stage, recipe, section(recipe), args.force, list(argv or []))
+
+    # ------------------------------------------------------------------ setup
+
+    def build(self, model_dir: Path) -> None:
+        """Load the model (from the latest checkpoint when one exists), wrap it in DeepSpeed,
+        restore the optimizer state."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if self.world > 1:
+            dist.barrier()  # rank 0 may have just deleted the prefix (--force)
+        latest = ckpt.latest_checkpoint(self.store, self.prefix)
+        if latest is not None:
+            model_dir = ckpt.fetch_checkpoint(self.store, latest, self.workdir / "resume")
+            self.resumed_from = self.store.url(latest)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=train_dtype())
+        chunk = getattr(self.section, "logprob_chunk_tokens", 1024)
+        self.engine = build_engine(model, self.section.train, self.section.optim, chunk)
+        self.model = self.engine.module.lm
+        if latest is not None:
+            state = ckpt.restore_optimizer(self.engine, model_dir)
+            self.start_step, self.trainer_state = state["step"], state["trainer"]
+            log("resume", stage=self.stage, step=self.start_step, checkpoint=self.resumed_from)
+        self.metrics = MetricsLog(self.workdir / "final", self.total, self.trainer_state.get("history"),
+                                  enabled=self.rank == 0, desc=self.stage)
+
+    # ------------------------------------------------------------------ loop
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.total, self.section.optim)
+
+    def loop(self, step_fn: Callable[[int, float], dict[str, float]]) -> None:
+        """Run steps ``start_step .. steps-1``; ``step_fn(step, lr)`` returns the step's metrics."""
+        for step in range(self.start_step, self.total):
+            rec = {"step": step + 1, **step_fn(step, self.lr(step))}
+            self.metrics.log(rec)
+            self._after_step(step + 1)
+
+    def _after_step(self, done: int) -> None:
+        if done % self.section.train.checkpoint_every == 0 and done < self.total:
+            self.save_checkpoint(done)
+        if os.environ.get(FAULT_ENV) == str(done):
+            log("fault-injection", stage=self.stage, step=done, signal="SIGKILL")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def save_checkpoint(self, done: int) -> None:
+        where = ckpt.save_checkpoint(self.engine, self.tokenizer, self.store, self.prefix, done,
+                                     {"history": self.metrics.history}, self.workdir,
+                                     stage=f"{self.stage}-checkpoint", run_id=self.recipe.run_id,
+                                     recipe_sha256=self.recipe.sha256(), metrics={"step": done})
+        if where:
+            log("checkpoint", stage=self.stage, step=done, uri=self.store.url(where))
+
+    # ------------------------------------------------------------------ output
+
+    def publish(self, inputs: dict[str, InputRef], lineage: dict[str, Any], plot_keys: list[str],
+                summary: dict[str, Any] | None = None) -> None:
+        """Write the final HF checkpoint + metrics and publish them (manifest last) from rank 0."""
+        final = self.workdir / "final"
+        weights, _ = ckpt.gather_state(self.engine)
+        if self.rank == 0:
+            ckpt.save_hf(self.engine, self.tokenizer, final, weights, dtype=train_dtype())
+            self.metrics.close(plot_keys)
+            last = self.metrics.history[-1] if self.metrics.history else {}
+            publish(self.store, self.prefix, final, stage=self.stage, run_id=self.recipe.run_id,
+                    recipe_sha256=self.recipe.sha256(), inputs=inputs,
+                    lineage={**lineage, "resumed_from": self.resumed_from},
+                    metrics={"steps": self.total, **{k: v for k, v in last.items() if k != "step"},
+                             **(summary or {})})
+            log("published", stage=self.stage, uri=self.store.url(self.prefix))
+        dist.barrier()

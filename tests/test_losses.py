@@ -1,0 +1,198 @@
+"""Math identities of the OPD/SFT losses (lopd.train.losses) on random tensors and a tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lopd.train import losses as L
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():  # init-model weights are tiny: make the policy non-uniform
+        for p in m.parameters():
+            p.mul_(8.0)
+    return m
+
+
+def _batch(vocab: int, lens=(7, 5, 9), seed: int = 0):
+    """One packed row of three sequences; the last 4 tokens of each are the 'response'."""
+    g = torch.Generator().manual_seed(seed)
+    ids, pos, sel, seq = [], [], [], []
+    for i, n in enumerate(lens):
+        ids += torch.randint(3, vocab, (n,), generator=g).tolist()
+        pos += list(range(n))
+        sel += [False] * (n - 5) + [True] * 4 + [False]  # position t predicts token t+1
+        seq += [i] * n
+    ids_t = torch.tensor([ids])
+    targets = torch.cat([ids_t[:, 1:], torch.zeros(1, 1, dtype=torch.long)], dim=1)
+    return ids_t, torch.tensor([pos]), targets, torch.tensor([sel]), torch.tensor([seq])
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)
+                      for p in model.parameters()])
+
+
+def test_chunked_equals_unchunked_values_and_grads():
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(101, 16, requires_grad=True)
+    t = torch.randint(0, 101, (37,))
+    ref = L.gather_logprobs(h @ w.t(), t)
+    ref_ent = -(torch.softmax(h @ w.t(), -1) * torch.log_softmax(h @ w.t(), -1)).sum(-1)
+    g_ref = torch.autograd.grad(ref.sum(), (h, w))
+    for chunk in (1, 5, 16, 37, 1000):
+        lp, ent = L.chunked_logprobs(h, w, t, chunk_size=chunk)
+        torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+        g = torch.autograd.grad(lp.sum(), (h, w))
+        for a, b in zip(g, g_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_model_logprobs_chunked_matches_full_logits(model):
+    ids, pos, tgt, sel, _ = _batch(model.config.vocab_size)
+    lp, _ = L.model_logprobs(model, ids, pos, tgt, sel, chunk_size=3)
+    with torch.no_grad():
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(lp.detach(), L.gather_logprobs(logits[sel], tgt[sel]), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_rows_do_not_attend_across_sequences(model):
+    ids, pos, tgt, sel, seq = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        packed, _ = L.model_logprobs(model, ids, pos, tgt, sel)
+        alone = []
+        for s in range(3):
+            k = seq[0] == s
+            lp, _ = L.model_logprobs(model, ids[:, k], pos[:, k], tgt[:, k], sel[:, k])
+            alone.append(lp)
+    torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_equals_student_gives_zero_advantage_and_zero_gradient(model):
+    ids, pos, tgt, sel, seq = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        old, _ = L.model_logprobs(model, ids, pos, tgt, sel)
+    teacher = old.clone()  # the teacher is the student
+    model.zero_grad()
+    lp, _ = L.model_logprobs(model, ids, pos, tgt, sel)
+    per_tok, stats = L.opd_loss_per_token(lp, old, teacher, clip_low=0.2, clip_high=0.2)
+    loss = L.aggregate(per_tok, L.token_weights(torch.ones_like(lp), seq[sel]))
+    loss.backward()
+    assert torch.equal(stats["advantage"], torch.zeros_like(old))
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(_grads(model)) == 0
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "sample-mean"])
+def test_all_masked_gives_zero_not_nan(mode):
+    lp = torch.tensor([-1.0, -50.0, -3.0], requires_grad=True)
+    per_tok, _ = L.opd_loss_per_token(lp, lp.detach() + 1.0, torch.tensor([0.0, 1.0, 2.0]))
+    w = L.token_weights(torch.zeros(3), torch.tensor([0, 0, 1]), mode)
+    loss = L.aggregate(per_tok, w)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(lp.grad, torch.zeros(3))
+    # masked positions may hold inf / NaN (e.g. padding): the value is still 0
+    bad = L.aggregate(torch.tensor([math.inf, float("nan"), 1.0]), w)
+    assert bad.item() == 0.0
+    assert L.masked_mean(torch.tensor([float("nan")]), torch.zeros(1)).item() == 0.0
+    empty = torch.zeros(0)
+    assert L.aggregate(empty, L.token_weights(empty, empty.long(), mode)).item() == 0.0
+
+
+def test_sample_mean_and_token_mean_weights():
+    mask = torch.tensor([1, 1, 1, 0, 1.0])
+    seq = torch.tensor([0, 0, 0, 1, 1])
+    x = torch.tensor([1.0, 2.0, 3.0, 100.0, 10.0])
+    assert L.aggregate(x, L.token_weights(mask, seq, "token-mean")).item() == pytest.approx(16 / 4)
+    assert L.aggregate(x, L.token_weights(mask, seq, "sample-mean")).item() == pytest.approx((2 + 10) / 2)
+    # global normalisation: two halves with global counts sum to the whole
+    w_all = L.token_weights(mask, seq, "token-mean")
+    parts = sum(L.aggregate(x[s], L.token_weights(mask[s], seq[s], "token-mean", num_tokens=4))
+                for s in (slice(0, 2), slice(2, 5)))
+    assert parts.item() == pytest.approx(L.aggregate(x, w_all).item())
+
+
+def test_autograd_equals_hand_reinforce(model):
+    """grad of the (first-update) OPD loss == -sum_t w_t A_t grad log p(y_t), assembled token by token."""
+    import copy
+
+    model = copy.deepcopy(model).double()  # float64 (RMSNorm still computes in fp32 inside)
+    ids, pos, tgt, sel, seq = _batch(model.config.vocab_size, seed=3)
+    with torch.no_grad():
+        old, _ = L.model_logprobs(model, ids, pos, tgt, sel)
+    teacher = old + torch.randn(old.shape, dtype=old.dtype)  # some other teacher
+    w = L.token_weights(torch.ones_like(old), seq[sel], "sample-mean")
+
+    model.zero_grad()
+    lp, _ = L.model_logprobs(model, ids, pos, tgt, sel)
+    per_tok, stats = L.opd_loss_per_token(lp, old, teacher)
+    L.aggregate(per_tok, w).backward()
+    autograd = _grads(model).clone()
+
+    adv = stats["advantage"]
+    hand = torch.zeros_like(autograd)
+    assert autograd.dtype == torch.float64
+    for t in range(lp.numel()):
+        model.zero_grad()
+        lp_t, _ = L.model_logprobs(model, ids, pos, tgt, sel)
+        lp_t[t].backward()
+        hand -= w[t] * adv[t] * _grads(model)
+    assert (autograd - hand).abs().max() <= 1e-6 * hand.abs().max()
+    assert autograd.norm() > 0
+
+
+def test_ppo_clip_limits_ratio_and_reports_clipping():
+    old = torch.zeros(4)
+    lp = torch.tensor([0.5, -0.5, 0.5, -0.5], requires_grad=True)  # ratios e^.5 > 1.2, e^-.5 < .8
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    loss, clipped = L.ppo_clip_per_token(lp, old, adv, 0.2, 0.2)
+    loss.sum().backward()
+    # A>0 & r>1+eps and A<0 & r<1-eps: clipped, no gradient; the other two keep the gradient
+    assert clipped.tolist() == [True, True, False, False]
+    assert lp.grad[:2].tolist() == [0.0, 0.0] and (lp.grad[2:] != 0).all()
+    torch.testing.assert_close(loss[:2], torch.tensor([-1.2, 0.8]))
+
+
+def test_importance_weights_and_kl():
+    lp = torch.tensor([0.0, -1.0, -3.0])
+    w = L.truncated_importance_weights(lp, torch.tensor([0.0, -2.0, -1.0]), cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([1.0, 2.0, math.exp(-2.0)]))
+    kl = L.kl_k3_per_token(lp, lp)
+    assert torch.equal(kl, torch.zeros(3))
+    assert (L.kl_k3_per_token(lp, lp + 0.3) > 0).all()
+
+
+def test_tabular_offline_opd_converges_to_teacher_on_support():
+    """Categorical policy per context; fixed rollouts from an SFT policy; offline OPD -> teacher."""
+    g = torch.Generator().manual_seed(0)
+    contexts, actions, samples = 4, 6, 4000
+    teacher = torch.softmax(torch.randn(contexts, actions, generator=g) * 1.5, -1)
+    sft = torch.softmax(torch.randn(contexts, actions, generator=g), -1)
+    ys = torch.multinomial(sft, samples, replacement=True, generator=g)  # [C, S] fixed rollouts
+    ctx = torch.arange(contexts).unsqueeze(1).expand_as(ys).flatten()
+    ys = ys.flatten()
+    teacher_lp = teacher.log()[ctx, ys]  # precomputed once
+    theta = sft.log().clone().requires_grad_(True)  # start from the SFT policy
+    opt = torch.optim.Adam([theta], lr=0.05)
+    for _ in range(400):
+        logp_all = torch.log_softmax(theta, -1)
+        lp = logp_all[ctx, ys]
+        per_tok, _ = L.opd_loss_per_token(lp, lp.detach(), teacher_lp)
+        loss = L.aggregate(per_tok, L.token_weights(torch.ones_like(lp), ctx))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    learned = torch.softmax(theta.detach(), -1)
+    start_err = (sft - teacher).abs().max().item()
+    err = (learned - teacher).abs().max().item()
+    assert err < 0.01 < start_err, (err, start_err)

@@ -1,0 +1,146 @@
+"""Bad precomputed data: each case is a one-line TrainDataError naming the row and column."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lopd.data.schemas import PRECOMPUTE
+from lopd.lineage import stage_prefix
+from lopd.store import open_store
+from lopd.train.data import (
+    TrainDataError,
+    global_batch_indices,
+    load_opd_samples,
+    open_precompute,
+)
+from lopd.train.packing import Seq, pack, pad
+from tests.test_train_opd import RUN, make_run, opd_models, publish_precompute, run_job, teacher_model  # noqa: F401
+
+GOOD = {"teacher_fingerprint": "t" * 64, "sft_teacher_fingerprint": "t" * 64, "teacher_consistent": True,
+        "allow_inconsistent_teacher": False}
+
+
+def _rows(n: int = 6) -> dict[str, list]:
+    rng = np.random.default_rng(0)
+    resp = [rng.integers(3, 300, 4).tolist() for _ in range(n)]
+    return {"prompt_id": [f"p{i}" for i in range(n)], "sample_index": [0] * n,
+            "prompt_token_ids": [[5, 6, 7]] * n, "response_token_ids": resp,
+            "teacher_logprobs": [(-rng.random(4)).astype(np.float32).tolist() for _ in range(n)],
+            "rollout_logprobs": [(-rng.random(4)).astype(np.float32).tolist() for _ in range(n)],
+            "finish_reason": ["stop"] * n, "answer": [None] * n}
+
+
+def _load(store_uri: str, allow: bool = False):
+    store = open_store(store_uri)
+    prefix = stage_prefix(RUN, "precompute")
+    m, _ = open_precompute(store, prefix, allow)
+    return load_opd_samples(store, prefix, m, max_seq_len=64, vocab_size=384)
+
+
+def _bad(tmp_path, mutate, lineage=GOOD, shards=1, schema=PRECOMPUTE) -> str:
+    rows = copy.deepcopy(_rows())
+    mutate(rows)
+    uri = f"file://{tmp_path / 'store'}"
+    publish_precompute(uri, rows, tmp_path, lineage, shards=shards, schema=schema)
+    with pytest.raises(TrainDataError) as e:
+        _load(uri)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_good_data_loads_in_a_shard_independent_order(tmp_path):
+    uri = f"file://{tmp_path / 'store'}"
+    publish_precompute(uri, _rows(), tmp_path, GOOD, shards=3)
+    samples, skipped = _load(uri)
+    assert [s.prompt_id for s in samples] == [f"p{i}" for i in range(6)] and skipped == 0
+    assert samples[0].teacher_logprobs.dtype == np.float32
+
+
+def test_length_mismatch_names_row_and_column(tmp_path):
+    msg = _bad(tmp_path, lambda r: r["teacher_logprobs"].__setitem__(3, [-0.1, -0.2]))
+    assert "row 3" in msg and "prompt_id='p3'" in msg and "teacher_logprobs" in msg and "length 2 != " in msg
+    assert "part-00000.parquet" in msg
+
+
+@pytest.mark.parametrize("value,what", [(float("nan"), "non-finite"), (float("inf"), "non-finite"),
+                                        (-float("inf"), "non-finite"), (0.5, "positive log-prob")])
+def test_nan_inf_and_positive_logprobs(tmp_path, value, what):
+    def mutate(r):
+        r["rollout_logprobs"][2][1] = value
+    msg = _bad(tmp_path, mutate)
+    assert "row 2" in msg and "column rollout_logprobs" in msg and what in msg and "token 1" in msg
+
+
+def test_empty_response(tmp_path):
+    def mutate(r):
+        r["response_token_ids"][4] = []
+        r["teacher_logprobs"][4] = []
+        r["rollout_logprobs"][4] = []
+    msg = _bad(tmp_path, mutate)
+    assert "row 4" in msg and "column response_token_ids: empty response" in msg
+
+
+def test_token_out_of_vocabulary(tmp_path):
+    msg = _bad(tmp_path, lambda r: r["response_token_ids"][1].__setitem__(0, 99999))
+    assert "row 1" in msg and "response_token_ids" in msg and "out of range" in msg
+
+
+def test_missing_column(tmp_path):
+    schema = pa.schema([f for f in PRECOMPUTE if f.name != "rollout_logprobs"])
+    msg = _bad(tmp_path, lambda r: r.pop("rollout_logprobs"), schema=schema)
+    assert "column 'rollout_logprobs' is missing" in msg
+
+
+def test_missing_manifest(tmp_path):
+    uri = f"file://{tmp_path / 'store'}"
+    publish_precompute(uri, _rows(), tmp_path, GOOD)
+    open_store(uri).delete(f"{stage_prefix(RUN, 'precompute')}/MANIFEST.json")
+    with pytest.raises(TrainDataError, match=r"precompute data: no manifest at .*runs/t/precompute/MANIFEST.json"):
+        _load(uri)
+
+
+def test_inconsistent_teacher_refused_unless_allowed(tmp_path):
+    bad = {**GOOD, "teacher_consistent": False, "teacher_fingerprint": "a" * 64, "sft_teacher_fingerprint": "b" * 64}
+    msg = _bad(tmp_path, lambda r: None, lineage=bad)
+    assert "teacher_consistent is false" in msg and "a" * 64 in msg and "b" * 64 in msg
+    assert "allow_inconsistent_teacher" in msg
+    samples, _ = _load(f"file://{tmp_path / 'store'}", allow=True)
+    assert len(samples) == 6
+
+
+def test_cli_reports_one_line_and_publishes_nothing(tmp_path, request):
+    """Through the real entrypoint: exit 2, one line on stderr, no opd output."""
+    models = request.getfixturevalue("opd_models")
+    rows = _rows()
+    rows["teacher_logprobs"][5] = [-0.1, float("nan"), -0.2, -0.3]
+    recipe, uri = make_run(tmp_path, models, rows, lineage=GOOD)
+    proc = run_job("jobs.opd", recipe, check=False)
+    assert proc.returncode == 2
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "row 2" in err[0] and "teacher_logprobs" in err[0], proc.stderr[-2000:]
+    assert open_store(uri).list(stage_prefix(RUN, "opd")) == []
+
+
+def test_batches_are_deterministic_and_cover_epochs():
+    a = global_batch_indices(10, 3, 4, seed=1)
+    assert a == global_batch_indices(10, 3, 4, seed=1) and len(a) == 4
+    first_epoch = sum((global_batch_indices(10, s, 5, seed=1) for s in range(2)), [])
+    assert sorted(first_epoch) == list(range(10))
+
+
+def test_pack_and_pad_respect_the_budget_and_keep_targets():
+    seqs = [Seq(np.arange(n) + 3, np.r_[np.zeros(2, bool), np.ones(n - 2, bool)], i) for i, n in
+            enumerate([5, 9, 3, 7, 4])]
+    for mbs in (pack(seqs, 12), pad(seqs, 12)):
+        assert sum(mb.num_targets for mb in mbs) == sum(s.num_targets for s in seqs)
+        assert sum(mb.num_seqs for mb in mbs) == 5
+        for mb in mbs:
+            assert mb.input_ids.numel() <= 12 or mb.num_seqs == 1
+    packed = pack(seqs, 12)
+    assert packed[0].position_ids.tolist() == [[0, 1, 2, 3, 4]] and packed[0].attention_mask is None
+    assert pad(seqs, 12)[0].attention_mask is not None

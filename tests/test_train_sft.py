@@ -1,0 +1,134 @@
+"""SFT through jobs/sft.py: assistant-only loss, packing == padding, schedule, lineage, resume."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import yaml
+
+from lopd.data.schemas import SFT_DATA, write_table
+from lopd.lineage import publish, read_manifest, stage_prefix
+from lopd.store import open_store
+from lopd.train.data import encode_sft_row
+from lopd.train.engine import lr_at
+from lopd.train.packing import pack, pad
+from tests.test_train_opd import RUN, final_weights, read_metrics, run_job
+
+TEACHER_FP = "f" * 64
+
+
+def conversations(n: int, seed: int = 0) -> list[list[dict]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b, c = (rng.randint(1, 99) for _ in range(3))
+        steps = " ".join(f"{a}+{b}={a + b};" for _ in range(rng.randint(1, 4)))  # a spread of lengths
+        out.append([{"role": "user", "content": f"Compute {a}+{b}+{c}."},
+                    {"role": "assistant", "content": f"{steps} {a + b}+{c}={a + b + c}. The answer is "
+                                                     f"\\boxed{{{a + b + c}}}."}])
+    return out
+
+
+def publish_sft_data(store_uri: str, tmp: Path, n: int = 32) -> None:
+    local = tmp / "sft-data-out"
+    (local / "shards" / "0-of-1").mkdir(parents=True)
+    convs = conversations(n)
+    table = pa.table({"prompt_id": [f"s{i:03d}" for i in range(n)], "messages": convs,
+                      "num_tokens": [len(c[1]["content"]) for c in convs], "finish_reason": ["stop"] * n})
+    write_table(table, local / "shards" / "0-of-1" / "part-00000.parquet", SFT_DATA)
+    publish(open_store(store_uri), stage_prefix(RUN, "sft-data"), local, stage="sft-data", run_id=RUN,
+            lineage={"teacher_fingerprint": TEACHER_FP})
+
+
+def sft_recipe(tmp: Path, model: Path, **train) -> tuple[Path, str]:
+    store_uri = f"file://{tmp / 'store'}"
+    publish_sft_data(store_uri, tmp)
+    t = {"steps": 8, "global_batch": 8, "micro_batch_tokens": 160, "max_seq_len": 128, "zero_stage": 0,
+         "gradient_checkpointing": False, "checkpoint_every": 4, **train}
+    recipe = {"run_id": RUN, "store": store_uri,
+              "models": {"teacher": {"uri": str(model)}, "student": {"uri": str(model)}},
+              "sft": {"optim": {"lr": 3e-3, "schedule": "cosine", "warmup_ratio": 0.25, "weight_decay": 0.0},
+                      "train": t}}
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return tmp / "recipe.yaml", store_uri
+
+
+def test_assistant_mask_covers_only_the_assistant_turn(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    conv = conversations(1)[0]
+    seq = encode_sft_row(tok, conv, 512, "row 0")
+    target_text = tok.decode(seq.tokens[seq.labels])
+    assert conv[1]["content"] in target_text and "Compute" not in target_text
+
+
+def test_packed_loss_equals_padded_loss(tiny_model):
+    """Same per-token log-probs (hence loss and gradient) packed or padded: no cross-sequence attention."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lopd.train.losses import model_logprobs
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    seqs = [encode_sft_row(tok, c, 512, "r") for c in conversations(6)]
+    for i, s in enumerate(seqs):
+        s.index = i
+
+    def all_lp(mbs):
+        with torch.no_grad():
+            return torch.cat([model_logprobs(model, m.input_ids, m.position_ids, m.targets, m.select,
+                                             m.attention_mask)[0] for m in mbs])
+    packed, padded = pack(seqs, 256), pad(seqs, 256)
+    assert len(packed) >= 1 and len(padded) >= 1
+    torch.testing.assert_close(all_lp(packed), all_lp(padded), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("sft")
+    recipe, store_uri = sft_recipe(tmp, tiny_model)
+    run_job("jobs.sft", recipe)
+    return recipe, store_uri, tmp
+
+
+def test_sft_end_to_end(sft_run, tmp_path):
+    recipe, store_uri, _ = sft_run
+    m, _ = read_manifest(open_store(store_uri), stage_prefix(RUN, "sft"))
+    assert m.lineage["teacher_fingerprint"] == TEACHER_FP  # what precompute's consistency check reads
+    assert m.lineage["student_base_fingerprint"]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "curves.png"} <= {
+        f.path for f in m.files}
+    hist = read_metrics(store_uri, "sft")
+    assert hist[-1]["loss"] < 0.9 * hist[0]["loss"]
+    from lopd.recipe import load_recipe
+
+    optim = load_recipe(recipe).sft.optim
+    assert [h["lr"] for h in hist] == pytest.approx([lr_at(s, 8, optim) for s in range(8)])
+    assert hist[0]["lr"] < hist[1]["lr"] and hist[1]["lr"] == pytest.approx(3e-3) and hist[-1]["lr"] < 3e-3 / 2
+    # the published checkpoint is what precompute / vLLM load: HF format, the stage's own fingerprint
+    from lopd.stage import resolve_model
+
+    resolved = resolve_model(open_store(store_uri).url(stage_prefix(RUN, "sft")))
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(resolved.path)
+    assert resolved.lineage["teacher_fingerprint"] == TEACHER_FP
+
+
+def test_sft_killed_and_resumed_equals_uninterrupted(sft_run, tmp_path, tiny_model):
+    _, base_uri, base_tmp = sft_run
+    recipe, store_uri = sft_recipe(tmp_path, tiny_model)
+    killed = run_job("jobs.sft", recipe, env={"LOPD_FAULT_KILL_AFTER_STEP": "6"}, check=False)
+    assert killed.returncode == -9
+    resumed = run_job("jobs.sft", recipe)
+    assert '"event": "resume"' in resumed.stderr
+    wa, wb = final_weights(base_uri, base_tmp, "sft"), final_weights(store_uri, tmp_path, "sft")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) == 0.0
+    a, b = read_metrics(base_uri, "sft"), read_metrics(store_uri, "sft")
+    assert np.allclose([h["loss"] for h in a], [h["loss"] for h in b], rtol=0, atol=0)
