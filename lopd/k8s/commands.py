@@ -178,12 +178,18 @@ def logs(stage, recipe, overrides, shard, tail, follow, teacher, kubeconfig, con
 @click.option("--dry-run", is_flag=True, help="Print the plan (what is published, what would be deployed).")
 @click.option("--poll", type=float, default=30.0, show_default=True, help="Seconds between store checks.")
 @click.option("--timeout", type=float, default=None, help="Give up waiting for a stage after this many seconds.")
+@click.option("--nproc", type=int, default=1, show_default=True, help="local: training ranks (torchrun).")
 @cluster_opts
-def pipeline(recipe, overrides, backend, dry_run, poll, timeout, kubeconfig, context) -> None:
+def pipeline(recipe, overrides, backend, dry_run, poll, timeout, nproc, kubeconfig, context) -> None:
     """Run all stages in order, each after its inputs are published, skipping published ones."""
     if backend == "local":
-        raise LopdError("'lopd pipeline --backend local' is not implemented yet: use --backend k8s, "
-                        "or `lopd run <stage>` for each stage")
+        if dry_run:
+            raise LopdError("--dry-run applies to --backend k8s; locally, `lopd status -r RECIPE --store-only` "
+                            "shows what is published")
+        from lopd.pipeline import run_local
+
+        run_local(recipe, overrides, nproc=nproc)
+        return
     from lopd.k8s import helm
     from lopd.k8s.pipeline import run_pipeline, workload_status_fn
     from lopd.store import open_store

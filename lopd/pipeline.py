@@ -1,0 +1,113 @@
+"""``lopd pipeline`` with the local backend: every stage as a subprocess on this machine.
+
+    bootstrap (embedded default only: task data, student base, trained teacher)
+    for stage in sft-data, sft, precompute, opd, eval (those the recipe has):
+        skip it if its manifest exists
+        run each shard (inference stages) or the torchrun group (training stages)
+        check that its manifest now exists
+    print the eval table and the path of the report's chart
+
+Each stage's output goes to ``<store>/runs/<run>/logs/<stage>.log``; the terminal shows one
+progress line per stage (rich), and the tail of the log when a stage fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lopd import LopdError
+from lopd.lineage import has_manifest, stage_prefix
+from lopd.recipe import Recipe, load_recipe
+from lopd.store import open_store
+
+ORDER = ["sft-data", "sft", "precompute", "opd", "eval"]
+SECTIONS = {"sft-data": "sft_data", "sft": "sft", "precompute": "precompute", "opd": "opd", "eval": "eval"}
+TRAINING = {"sft", "opd"}
+
+
+class PipelineError(LopdError):
+    pass
+
+
+def stages_of(recipe: Recipe) -> list[str]:
+    return [s for s in ORDER if getattr(recipe, SECTIONS[s]) is not None]
+
+
+def _env() -> dict[str, str]:
+    root = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+
+
+def run_job(stage: str, recipe_file: Path, overrides: tuple[str, ...], log_path: Path, extra: list[str],
+            nproc: int, label: str, console) -> None:
+    """Run one stage process (or torchrun group), its output appended to ``log_path``."""
+    from lopd.cli import stage_command
+
+    cmd = stage_command(stage, str(recipe_file), overrides, extra, nproc)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    with open(log_path, "ab") as log, console.status(f"[bold]{label}[/] running…") as status:
+        log.write(f"\n$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
+        while proc.poll() is None:
+            status.update(f"[bold]{label}[/] running… {time.monotonic() - t0:.0f}s")
+            time.sleep(0.5)
+    if proc.returncode:
+        tail = log_path.read_text(errors="replace").splitlines()[-15:]
+        console.print("\n".join(tail), markup=False, highlight=False)
+        raise PipelineError(f"{label} failed with exit code {proc.returncode} (full log: {log_path})")
+    console.print(f"[green]✓[/] {label} ({time.monotonic() - t0:.0f}s)")
+
+
+def run_local(recipe_path: str, overrides: tuple[str, ...] = (), nproc: int = 1, console=None) -> dict | None:
+    """Run the pipeline; returns the eval summary (or None when the recipe has no eval)."""
+    from rich.console import Console
+
+    from lopd.bootstrap import bootstrap
+
+    console = console or Console(stderr=True)
+    recipe = load_recipe(recipe_path, overrides)
+    store = open_store(recipe.store)
+    logs = Path(recipe.store if "://" not in recipe.store else ".") / "runs" / recipe.run_id / "logs"
+    t_start = time.monotonic()
+
+    def run_stage(stage: str, recipe_file: Path, label: str | None = None) -> None:
+        run_job(stage, recipe_file, (), logs / f"{label or stage}.log", [], nproc if stage in TRAINING else 1,
+                label or stage, console)
+
+    bootstrap(recipe, lambda stage, f: run_stage(stage, f, "bootstrap: teacher sft"), console.print)
+    for stage in stages_of(recipe):
+        if has_manifest(store, stage_prefix(recipe.run_id, stage)):
+            console.print(f"[dim]• {stage}: already published, skipped[/]")
+            continue
+        shards = 1 if stage in TRAINING else getattr(recipe, SECTIONS[stage]).shards
+        for i in range(shards):
+            label = stage if shards == 1 else f"{stage} shard {i + 1}/{shards}"
+            extra = [] if stage in TRAINING else ["--shard-index", str(i), "--num-shards", str(shards)]
+            run_job(stage, Path(recipe_path), overrides, logs / f"{stage}.log", extra,
+                    nproc if stage in TRAINING else 1, label, console)
+        if not has_manifest(store, stage_prefix(recipe.run_id, stage)):
+            raise PipelineError(f"{stage} exited 0 but published no manifest at "
+                                f"{store.url(stage_prefix(recipe.run_id, stage))}")
+    console.print(f"pipeline done in {time.monotonic() - t_start:.0f}s")
+    return print_eval(recipe, console) if "eval" in stages_of(recipe) else None
+
+
+def print_eval(recipe: Recipe, console) -> dict | None:
+    """Print the eval report's table and where its chart is."""
+    store = open_store(recipe.store)
+    prefix = f"{stage_prefix(recipe.run_id, 'eval')}/report"
+    if not store.exists(f"{prefix}/summary.json"):
+        console.print(f"(no eval report at {store.url(prefix)})")
+        return None
+    summary = store.read_json(f"{prefix}/summary.json")
+    table = store.read_bytes(f"{prefix}/report.md").decode()
+    print(table, file=sys.stdout)
+    console.print(f"report: {store.url(prefix)}/report.md, chart: {store.url(prefix)}/accuracy.png")
+    return json.loads(json.dumps(summary))

