@@ -29,8 +29,8 @@ lint: setup  ## ruff
 bench: setup  ## benchmarks (not part of make test); each prints one JSON line
 	@for b in tests/benchmarks/bench_*.py; do echo "== $$b" >&2; $(PY) $$b || exit 1; done
 
-demo: setup  ## the main job: until the stages land, make a tiny model and validate the tiny recipe
-	$(PY) -m jobs.demo
+demo: setup  ## the main job: the whole tiny pipeline on this CPU (bootstrap, 5 stages, eval table)
+	$(VENV)/bin/lopd pipeline -r $(RECIPE)
 
 clean:
 	rm -rf runs .pytest_cache

