@@ -23,10 +23,10 @@ import numpy as np
 import pyarrow as pa
 
 from lopd import LopdError, stage
-from lopd.data.chat import check_same_vocab, encode_prompt
+from lopd.data.chat import check_same_vocab
 from lopd.data.prompts import Prompt, load_prompts
 from lopd.data.schemas import PRECOMPUTE
-from lopd.inference import context_length, load_backend
+from lopd.inference import context_length, load_backend, sample_chats
 from lopd.lineage import InputRef, check_teacher_consistency, stage_prefix
 
 STAGE = "precompute"
@@ -35,24 +35,19 @@ ROLLOUTS = pa.schema([f for f in PRECOMPUTE if f.name != "teacher_logprobs"])
 
 def rollout_part(part: list[Prompt], tokenizer, student: stage.Lazy, cfg, ctx_len: int) -> tuple[pa.Table, dict]:
     """Phase 1 for one part: ``sampling.n`` student rollouts per prompt, token ids kept as sampled."""
-    sp = cfg.sampling
-    encoded = [(p, encode_prompt(tokenizer, p.messages, sp.enable_thinking)) for p in part]
-    keep = [(p, ids) for p, ids in encoded if len(ids) < ctx_len - 1]  # room for >= 1 response token
+    kept, skipped = sample_chats(student.get, tokenizer, part, cfg.sampling, ctx_len)
     rows: dict[str, list] = {k: [] for k in ROLLOUTS.names}
-    metrics = {"prompts": len(part), "skipped_too_long": len(part) - len(keep), "rollouts": 0,
-               "response_tokens": 0, "finished_stop": 0}
-    if keep:
-        outs = student.get().generate([ids for _, ids in keep], sp,
-                                      seeds=[stage.prompt_seed(sp.seed, p.prompt_id) for p, _ in keep])
-        for (p, ids), comps in zip(keep, outs, strict=True):
-            for k, c in enumerate(comps):
-                for name, v in (("prompt_id", p.prompt_id), ("sample_index", k), ("prompt_token_ids", ids),
-                                ("response_token_ids", c.token_ids), ("rollout_logprobs", c.logprobs),
-                                ("finish_reason", c.finish_reason), ("answer", p.answer)):
-                    rows[name].append(v)
-                metrics["rollouts"] += 1
-                metrics["response_tokens"] += len(c.token_ids)
-                metrics["finished_stop"] += c.finish_reason == "stop"
+    metrics = {"prompts": len(part), "skipped_too_long": skipped, "rollouts": 0, "response_tokens": 0,
+               "finished_stop": 0}
+    for p, ids, comps in kept:
+        for k, c in enumerate(comps):
+            for name, v in (("prompt_id", p.prompt_id), ("sample_index", k), ("prompt_token_ids", ids),
+                            ("response_token_ids", c.token_ids), ("rollout_logprobs", c.logprobs),
+                            ("finish_reason", c.finish_reason), ("answer", p.answer)):
+                rows[name].append(v)
+            metrics["rollouts"] += 1
+            metrics["response_tokens"] += len(c.token_ids)
+            metrics["finished_stop"] += c.finish_reason == "stop"
     return pa.table(rows, schema=ROLLOUTS), metrics
 
 

@@ -17,10 +17,9 @@ from collections.abc import Sequence
 import pyarrow as pa
 
 from lopd import stage
-from lopd.data.chat import encode_prompt
 from lopd.data.prompts import Prompt, load_prompts
 from lopd.data.schemas import SFT_DATA
-from lopd.inference import context_length, load_backend
+from lopd.inference import context_length, load_backend, sample_chats
 from lopd.lineage import InputRef
 
 STAGE = "sft-data"
@@ -28,24 +27,19 @@ STAGE = "sft-data"
 
 def answer_part(part: list[Prompt], tokenizer, backend: stage.Lazy, cfg, ctx_len: int) -> tuple[pa.Table, dict]:
     """Teacher answers for one part: one row per (prompt, sample); too-long prompts skipped."""
-    sp = cfg.sampling
-    encoded = [(p, encode_prompt(tokenizer, p.messages, sp.enable_thinking)) for p in part]
-    keep = [(p, ids) for p, ids in encoded if len(ids) < ctx_len - 1]  # room for >= 1 response token
+    kept, skipped = sample_chats(backend.get, tokenizer, part, cfg.sampling, ctx_len)
     rows: dict[str, list] = {k: [] for k in SFT_DATA.names}
-    metrics = {"prompts": len(part), "skipped_too_long": len(part) - len(keep), "samples": 0,
-               "response_tokens": 0, "finished_stop": 0}
-    if keep:
-        outs = backend.get().generate([ids for _, ids in keep], sp,
-                                      seeds=[stage.prompt_seed(sp.seed, p.prompt_id) for p, _ in keep])
-        for (p, _), comps in zip(keep, outs, strict=True):
-            for c in comps:
-                rows["prompt_id"].append(p.prompt_id)
-                rows["messages"].append([*p.messages, {"role": "assistant", "content": c.text}])
-                rows["num_tokens"].append(len(c.token_ids))
-                rows["finish_reason"].append(c.finish_reason)
-                metrics["samples"] += 1
-                metrics["response_tokens"] += len(c.token_ids)
-                metrics["finished_stop"] += c.finish_reason == "stop"
+    metrics = {"prompts": len(part), "skipped_too_long": skipped, "samples": 0, "response_tokens": 0,
+               "finished_stop": 0}
+    for p, _, comps in kept:
+        for c in comps:
+            rows["prompt_id"].append(p.prompt_id)
+            rows["messages"].append([*p.messages, {"role": "assistant", "content": c.text}])
+            rows["num_tokens"].append(len(c.token_ids))
+            rows["finish_reason"].append(c.finish_reason)
+            metrics["samples"] += 1
+            metrics["response_tokens"] += len(c.token_ids)
+            metrics["finished_stop"] += c.finish_reason == "stop"
     return pa.table(rows, schema=SFT_DATA), metrics
 
 

@@ -28,7 +28,9 @@ class Prompt:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path, error: type[LopdError] = PromptDataError, label: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a local JSONL or parquet file; problems raise ``error`` naming ``label`` (default: the path)."""
+    where = label or str(path)
     if path.suffix in (".jsonl", ".json"):
         rows = []
         with open(path) as f:
@@ -38,16 +40,17 @@ def _rows(path: Path) -> list[dict[str, Any]]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise PromptDataError(f"{path}: line {i + 1}: not valid JSON ({e.msg})") from None
+                    raise error(f"{where}: line {i + 1}: not valid JSON ({e.msg})") from None
         return rows
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    raise PromptDataError(f"{path}: unsupported prompt file type (use .jsonl or .parquet)")
+    raise error(f"{where}: unsupported file type (use .jsonl or .parquet)")
 
 
-def _local(uri: str) -> Path:
+def local_path(uri: str) -> Path:
+    """A local path for ``uri``: a path or ``file://`` URI as is; another store URI downloaded to a temp dir."""
     from lopd.store import is_store_uri, open_store
 
     if uri.startswith("file://"):
@@ -62,12 +65,12 @@ def _local(uri: str) -> Path:
 
 def load_prompts(uri: str, answer_field: str = "answer") -> list[Prompt]:
     """Read and validate a prompt dataset; duplicate or empty ids and empty prompts are errors."""
-    path = _local(uri)
+    path = local_path(uri)
     if not path.is_file():
         raise PromptDataError(f"prompt file not found: {uri}")
     out: list[Prompt] = []
     seen: set[str] = set()
-    for i, row in enumerate(_rows(path)):
+    for i, row in enumerate(read_rows(path, label=uri)):
         where = f"{uri}: row {i}"
         if not isinstance(row, dict):
             raise PromptDataError(f"{where}: expected an object")

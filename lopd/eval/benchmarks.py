@@ -100,32 +100,15 @@ MATH_ID_FIELDS = ("id", "problem_id", "problem_idx", "ID")
 # --------------------------------------------------------------------------- reading rows
 
 
-def _local_path(uri: str) -> Path:
-    from lopd.data.prompts import _local
-
-    return _local(uri)
-
-
 def read_rows(uri: str) -> list[dict[str, Any]]:
     """Rows of a JSONL or parquet file given as a path or store URI."""
-    path = _local_path(uri)
+    from lopd.data.prompts import local_path
+    from lopd.data.prompts import read_rows as rows_of
+
+    path = local_path(uri)
     if not path.is_file():
         raise BenchmarkError(f"benchmark file not found: {uri}")
-    if path.suffix in (".jsonl", ".json"):
-        rows = []
-        with open(path) as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise BenchmarkError(f"{uri}: line {i + 1}: not valid JSON ({e.msg})") from None
-        return rows
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    raise BenchmarkError(f"{uri}: unsupported benchmark file type (use .jsonl or .parquet)")
+    return rows_of(path, BenchmarkError, uri)
 
 
 def hub_rows(spec: BenchmarkSpec) -> list[dict[str, Any]]:  # pragma: no cover - needs the network

@@ -15,11 +15,12 @@ Both backends also expose ``tokenizer``, ``eos_ids`` (end-of-turn ids) and ``max
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from lopd import LopdError
 from lopd.inference.base import Backend, Completion
-from lopd.recipe import InferenceConfig
+from lopd.recipe import InferenceConfig, SamplingConfig
 
 
 class BackendError(LopdError):
@@ -56,3 +57,24 @@ def context_length(model_path: str | Path, inference_cfg: InferenceConfig | None
 
 
 __all__ = ["Backend", "BackendError", "Completion", "context_length", "load_backend"]
+
+
+def sample_chats(backend: Callable[[], Backend], tokenizer, prompts: list, sampling: SamplingConfig,
+                 ctx_len: int) -> tuple[list[tuple[object, list[int], list[Completion]]], int]:
+    """Render chat prompts with the template, skip those that leave no room for one response
+    token, and sample the rest with per-prompt seeds (the same sample whatever the shard or batch).
+
+    ``prompts`` are :class:`lopd.data.prompts.Prompt`; ``backend`` is called only when a prompt is
+    left to sample (so a resumed part never starts an engine). Returns
+    ``([(prompt, prompt_token_ids, completions)], number skipped as too long)``.
+    """
+    from lopd.data.chat import encode_prompt
+    from lopd.stage import prompt_seed
+
+    encoded = [(p, encode_prompt(tokenizer, p.messages, sampling.enable_thinking)) for p in prompts]
+    keep = [(p, ids) for p, ids in encoded if len(ids) < ctx_len - 1]
+    if not keep:
+        return [], len(prompts)
+    outs = backend().generate([ids for _, ids in keep], sampling,
+                              seeds=[prompt_seed(sampling.seed, p.prompt_id) for p, _ in keep])
+    return [(p, ids, comps) for (p, ids), comps in zip(keep, outs, strict=True)], len(prompts) - len(keep)
