@@ -21,9 +21,8 @@ libc = ctypes.CDLL(None, use_errno=True)
 _libc = libc
 
 
-def live_pids(uid: int) -> list[int]:
-    """Processes of ``uid`` other than this one that are not zombies (zombies hold nothing)."""
-    out = []
+def _procs_of(uid: int):
+    """(pid, /proc/<pid>/stat fields after the command name) of every process ``uid`` owns."""
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -31,12 +30,16 @@ def live_pids(uid: int) -> list[int]:
             if os.stat(f"/proc/{d}").st_uid != uid:
                 continue
             with open(f"/proc/{d}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
+                fields = f.read().rsplit(b")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if state != b"Z" and int(d) != os.getpid():
-            out.append(int(d))
-    return out
+        if fields:
+            yield int(d), fields
+
+
+def live_pids(uid: int) -> list[int]:
+    """Processes of ``uid`` other than this one that are not zombies (zombies hold nothing)."""
+    return [pid for pid, fields in _procs_of(uid) if fields[0] != b"Z" and pid != os.getpid()]
 
 
 def reap_uid(uid: int) -> None:
@@ -121,16 +124,10 @@ def kill_my_children() -> None:
 def reap_zombies(uid: int) -> None:
     """waitpid() the zombies of ``uid`` that are our children (by pid: never anyone else's)."""
     me = os.getpid()
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
+    for pid, fields in _procs_of(uid):
         try:
-            if os.stat(f"/proc/{d}").st_uid != uid:
-                continue
-            with open(f"/proc/{d}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
             if fields[0] == b"Z" and int(fields[1]) == me:
-                os.waitpid(int(d), os.WNOHANG)
+                os.waitpid(pid, os.WNOHANG)
         except (OSError, IndexError, ValueError):
             continue
 
