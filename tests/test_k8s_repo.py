@@ -83,12 +83,17 @@ def test_deploy_dry_run_and_unreachable_cluster(tmp_path):
 # --------------------------------------------------------------------------- make
 
 
+# the suite itself runs under `make test`: a child make must not inherit its flags or print directories
+MAKE = ["make", "--no-print-directory"]
+MAKE_ENV = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+
+
 def test_make_manifests_is_up_to_date(tmp_path):
     """Regenerate manifests/rendered/ into a temporary directory and diff with the committed one."""
     if not shutil.which("make"):
         pytest.skip("make not installed")
-    subprocess.run(["make", "-s", "manifests", f"PY={sys.executable}", f"MANIFESTS_OUT={tmp_path}"], cwd=REPO,
-                   check=True, capture_output=True, text=True)
+    subprocess.run([*MAKE, "-s", "manifests", f"PY={sys.executable}", f"MANIFESTS_OUT={tmp_path}"], cwd=REPO,
+                   env=MAKE_ENV, check=True, capture_output=True, text=True)
     committed = REPO / "manifests" / "rendered" / "qwen3-8b"
     fresh = sorted(p.name for p in tmp_path.iterdir())
     assert fresh == sorted(p.name for p in committed.iterdir())
@@ -103,13 +108,13 @@ def test_makefile_targets():
     if not shutil.which("make"):
         pytest.skip("make not installed")
     for stage in STAGE_MODULES:
-        out = subprocess.run(["make", "-n", f"deploy-{stage}", "RECIPE=r.yaml", "PY=py"], cwd=REPO,
+        out = subprocess.run([*MAKE, "-n", f"deploy-{stage}", "RECIPE=r.yaml", "PY=py"], cwd=REPO, env=MAKE_ENV,
                              capture_output=True, text=True, check=True).stdout
         assert out.strip() == f"py -m lopd.cli deploy {stage} --recipe r.yaml"
     for target, want in [("status", "py -m lopd.cli status --recipe r.yaml"),
                          ("logs", "py -m lopd.cli logs opd --recipe r.yaml"),
                          ("image", "docker build -t ghcr.io/lopd/lopd:0.1.0 .")]:
-        out = subprocess.run(["make", "-n", target, "RECIPE=r.yaml", "PY=py", "STAGE=opd"], cwd=REPO,
+        out = subprocess.run([*MAKE, "-n", target, "RECIPE=r.yaml", "PY=py", "STAGE=opd"], cwd=REPO, env=MAKE_ENV,
                              capture_output=True, text=True, check=True).stdout
         assert out.strip() == want
 

@@ -297,12 +297,16 @@ def test_pipeline_plan_skips_published(midway_store):
                    "deploy precompute after sft", "deploy opd after precompute", "deploy eval after opd"]
 
 
-def test_pipeline_online_opd_reads_sft_and_local_backend_pending(tmp_path):
+def test_pipeline_online_opd_reads_sft_and_local_backend_errors(tmp_path):
     out = lopd_cli("pipeline", "--backend", "k8s", "--dry-run", "-r", TINY, "--set", "opd.mode=online",
                    "--set", f"store=file://{tmp_path}").stdout
     assert "deploy opd after sft\n" in out
-    local = lopd_cli("pipeline", "-r", TINY, check=False)
-    assert local.returncode == 2 and "--backend local' is not implemented yet" in local.stderr
+    # the local backend (the default) has no dry run, and a bad recipe stops it before any work
+    local = lopd_cli("pipeline", "-r", TINY, "--dry-run", check=False)
+    assert local.returncode == 2 and "--dry-run applies to --backend k8s" in local.stderr
+    bad = lopd_cli("pipeline", "-r", TINY, "--set", "opd.nope=1", "--set", f"store=file://{tmp_path}", check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: recipe error: opd.nope: unknown key"
+    assert not any(tmp_path.iterdir())
 
 
 def test_pipeline_waits_for_inputs_and_stops_on_failure(tmp_path):
