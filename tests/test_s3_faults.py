@@ -34,8 +34,9 @@ def _big_file(path, mib: int):
     return path
 
 
-def _run_with_restart(fn, server: SeaweedServer, after: float, down: float):
-    """Run fn() in a thread; stop the server after `after` s, restart it `down` s later."""
+def _run_with_restart(fn, server: SeaweedServer, after: float, down: float, started=None):
+    """Run fn() in a thread; stop the server once `started()` is true (or after `after` s when
+    no probe is given), restart it `down` s later."""
     result: dict = {}
 
     def target():
@@ -47,7 +48,12 @@ def _run_with_restart(fn, server: SeaweedServer, after: float, down: float):
 
     t = threading.Thread(target=target)
     t.start()
-    time.sleep(after)
+    deadline = time.monotonic() + 30
+    if started is None:
+        time.sleep(after)
+    else:  # inject the fault as soon as the first bytes have moved
+        while not started() and t.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
     assert t.is_alive(), "transfer finished before the fault was injected; make the file larger"
     server.stop()
     time.sleep(down)
@@ -77,7 +83,19 @@ def test_download_survives_restart_or_fails_cleanly(own_server, tmp_path, monkey
     s.put_file(src, "big.bin")
     monkeypatch.setenv("LOPD_S3_CONCURRENCY", "2")
     dest = tmp_path / "dl" / "big.bin"
-    res = _run_with_restart(lambda: s.get_file("big.bin", dest), own_server, after=0.6, down=2.0)
+    dest.parent.mkdir()
+
+    def bytes_landed() -> bool:
+        for p in dest.parent.iterdir():
+            try:
+                if p.stat().st_size > 0:
+                    return True
+            except FileNotFoundError:  # renamed meanwhile
+                pass
+        return False
+
+    res = _run_with_restart(lambda: s.get_file("big.bin", dest), own_server, after=0.0, down=2.0,
+                            started=bytes_landed)
     if res.get("ok"):
         assert sha256_file(dest) == sha256_file(src)
     else:
