@@ -5,7 +5,8 @@
   the learning rate is set by :func:`lr_at` before every optimizer step (so a resumed run
   continues the schedule exactly), gradient clipping is DeepSpeed's ``gradient_clipping``.
 - Gradient accumulation is caller-driven: each rank runs the same number of micro-batches per
-  step (padding with empty ones), the accumulation boundary is set explicitly, and losses
+  step (padding with dummy ones) with the same number of LM-head chunks each (padding with empty
+  chunks; :func:`lockstep_plan`, as ZeRO-3 requires), the accumulation boundary is set explicitly, and losses
   arrive already normalised by *global* counts times the world size (DeepSpeed averages
   gradients over ranks), so 1 rank and N ranks compute the same step for the same global batch.
 """
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from lopd.recipe import OptimConfig, TrainConfig
-from lopd.train.losses import model_logprobs
+from lopd.train.losses import chunk_count, model_logprobs
 from lopd.train.packing import MicroBatch, dummy_micro_batch
 
 
@@ -87,13 +88,40 @@ class LogprobModel(torch.nn.Module):
         super().__init__()
         self.lm, self.chunk_size = lm, chunk_size
 
-    def forward(self, input_ids, position_ids, targets, select, attention_mask=None):
-        return model_logprobs(self.lm, input_ids, position_ids, targets, select, attention_mask, self.chunk_size)
+    def forward(self, input_ids, position_ids, targets, select, attention_mask=None, num_chunks=None):
+        if attention_mask is None and input_ids.shape[0] > 1 and "flash" in str(
+                getattr(self.lm.config, "_attn_implementation", "")):
+            # transformers' FlashAttention path detects packed sequences (varlen) only in one row;
+            # every packed row starts a sequence at position 0, so one flattened row is exact
+            input_ids, position_ids, targets, select = (t.reshape(1, -1) for t in
+                                                        (input_ids, position_ids, targets, select))
+        return model_logprobs(self.lm, input_ids, position_ids, targets, select, attention_mask, self.chunk_size,
+                              num_chunks)
 
 
-def forward_logprobs(engine, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p ``[N]``, entropy ``[N]``) of a micro-batch's targets through the engine."""
-    return engine(mb.input_ids, mb.position_ids, mb.targets, mb.select, mb.attention_mask)
+def forward_logprobs(engine, mb: MicroBatch, num_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p ``[N]``, entropy ``[N]``) of a micro-batch's targets through the engine; ``num_chunks``:
+    at least that many LM-head calls (:func:`lopd.train.losses.chunked_logprobs`)."""
+    return engine(mb.input_ids, mb.position_ids, mb.targets, mb.select, mb.attention_mask, num_chunks=num_chunks)
+
+
+def lockstep_plan(engine, micro_batches: list[MicroBatch]) -> list[int]:
+    """The passes every rank makes over its micro-batches, identical on all ranks (ZeRO-3 all-gathers
+    the parameters of every module call, so ranks must call the same modules the same number of
+    times in the same order, or the job hangs).
+
+    Returns ``plan`` with ``len(plan)`` = the most micro-batches any rank has (a rank with fewer
+    runs :func:`dummy_micro_batch` passes after its own) and ``plan[i]`` = the most LM-head chunks
+    any rank needs for its micro-batch ``i``: pass it as ``num_chunks`` to :func:`forward_logprobs`.
+    Two all-reduces (MAX), the same on every rank.
+    """
+    n = int(all_reduce([len(micro_batches)], "max")[0])
+    if n == 0:
+        return []
+    chunk = engine.module.chunk_size
+    dummy = dummy_micro_batch().num_targets
+    local = [chunk_count(micro_batches[i].num_targets if i < len(micro_batches) else dummy, chunk) for i in range(n)]
+    return [int(c) for c in all_reduce(local, "max")]
 
 
 def build_engine(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig, chunk_size: int = 1024):
@@ -103,6 +131,7 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig,
 
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # from_pretrained gives eval mode, where HF layers skip gradient checkpointing (dropout is 0)
     model.config.use_cache = False
     opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                             weight_decay=optim.weight_decay)
@@ -136,24 +165,27 @@ def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return t.tolist()
 
 
-LossFn = Callable[[object, MicroBatch], tuple[torch.Tensor, dict[str, float]]]
+LossFn = Callable[[object, MicroBatch, int], tuple[torch.Tensor, dict[str, float]]]
 
 
 def accumulate_and_step(engine, micro_batches: list[MicroBatch], loss_fn: LossFn, lr: float) -> dict[str, float]:
     """Forward/backward every micro-batch (the same count on every rank), then one optimizer step.
 
-    ``loss_fn(engine, mb)`` returns (loss already scaled for global averaging, summable stats).
-    Returns the stats summed over this rank's micro-batches plus ``grad_norm``.
+    ``loss_fn(engine, mb, num_chunks)`` returns (loss already scaled for global averaging, summable
+    stats); it passes ``num_chunks`` to :func:`forward_logprobs` (:func:`lockstep_plan`: the same
+    LM-head calls on every rank). Returns the stats summed over this rank's micro-batches plus ``grad_norm``.
     """
-    n = int(all_reduce([len(micro_batches)], "max")[0])
+    plan = lockstep_plan(engine, micro_batches)
+    n = len(plan)
     stats: dict[str, float] = {}
     dev = device()
     for i in range(n):
-        mb = micro_batches[i] if i < len(micro_batches) else dummy_micro_batch()
+        real = i < len(micro_batches)
+        mb = micro_batches[i] if real else dummy_micro_batch()
         engine.set_gradient_accumulation_boundary(i == n - 1)
-        loss, s = loss_fn(engine, mb.to(dev))
-        engine.backward(loss, scale_wrt_gas=False)
-        for k, v in s.items():
+        loss, s = loss_fn(engine, mb.to(dev), plan[i])
+        engine.backward(loss if real else loss * 0.0, scale_wrt_gas=False)  # a dummy adds no gradient
+        for k, v in (s.items() if real else ()):
             stats[k] = stats.get(k, 0.0) + v
     set_lr(engine, lr)
     pre = _local_grad_norm(engine) if engine.zero_optimization_stage() == 0 else None

@@ -52,8 +52,14 @@ def _chunk_stats(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tens
     return torch.stack([logp, entropy], dim=-1)
 
 
+def chunk_count(num_positions: int, chunk_size: int) -> int:
+    """LM-head calls :func:`chunked_logprobs` needs for ``num_positions`` positions: ``ceil(N / chunk)``."""
+    return -(-int(num_positions) // int(chunk_size))
+
+
 def chunked_logprobs(hidden: torch.Tensor, head: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
-                     targets: torch.Tensor, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                     targets: torch.Tensor, chunk_size: int = 1024,
+                     num_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies through the LM head, ``chunk_size`` positions at a time.
 
     Args: hidden ``[N, H]`` final hidden states at the positions that predict ``targets``,
@@ -65,15 +71,25 @@ def chunked_logprobs(hidden: torch.Tensor, head: torch.Tensor | Callable[[torch.
     under autograd, chunks are activation-checkpointed, so the backward recomputes them
     one at a time too. Peak extra memory is O(chunk_size * V) instead of O(N * V).
     The entropy carries gradient but the OPD loss does not use it (it is a metric).
+
+    ``num_chunks`` (optional): call the head exactly ``max(num_chunks, ceil(N / chunk_size), 1)``
+    times, the calls past the real chunks on zero-row slices ``[0, H]`` (checkpointed like the
+    others, so the backward recomputes them too). They add no value and an exactly-zero
+    gradient, so the results equal those without ``num_chunks``. Under ZeRO-3 every head call
+    is a parameter all-gather: the caller passes the maximum over ranks (an all-reduce it does
+    itself; this function stays free of ``torch.distributed``) so every rank makes the same calls.
     """
     fn = (lambda h: h @ head.t()) if isinstance(head, torch.Tensor) else head
-    if hidden.shape[0] == 0:
+    n = hidden.shape[0]
+    if n == 0 and num_chunks is None:
         z = _up(fn(hidden[:0])).sum(-1)  # keeps the graph connected (ZeRO-3 hooks still fire)
         return z, z
-    outs = []
     grad = torch.is_grad_enabled() and (hidden.requires_grad or any(
         p.requires_grad for p in ([head] if isinstance(head, torch.Tensor) else getattr(head, "parameters", list)())))
-    for start in range(0, hidden.shape[0], chunk_size):
+    starts = list(range(0, n, chunk_size))
+    starts += [n] * (max(num_chunks or 0, len(starts), 1) - len(starts))  # padding: empty chunks [n:n]
+    outs = []
+    for start in starts:
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         outs.append(checkpoint(_chunk_stats, h, fn, t, use_reentrant=False) if grad else _chunk_stats(h, fn, t))
     stats = torch.cat(outs, dim=0)
@@ -82,19 +98,20 @@ def chunked_logprobs(hidden: torch.Tensor, head: torch.Tensor | Callable[[torch.
 
 def model_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
                    targets: torch.Tensor, select: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_size: int = 1024, num_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (and entropies) of ``targets`` at the ``select``-ed positions of a causal LM.
 
     Args: input_ids / position_ids / targets / select ``[B, L]`` (select bool: positions whose
     next token is scored; packed rows restart ``position_ids`` at 0 per sequence, which
     transformers turns into a block-diagonal causal mask), optional attention_mask ``[B, L]``
     for padded rows. Returns float32 ``[N]`` each, N = ``select.sum()``, in row-major order.
-    Runs the decoder body, then :func:`chunked_logprobs` on the selected hidden states only.
+    Runs the decoder body, then :func:`chunked_logprobs` on the selected hidden states only
+    (``num_chunks``: at least that many LM-head calls, see there).
     """
     out = model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                       use_cache=False)
     hidden = out.last_hidden_state[select]
-    return chunked_logprobs(hidden, model.get_output_embeddings(), targets[select], chunk_size)
+    return chunked_logprobs(hidden, model.get_output_embeddings(), targets[select], chunk_size, num_chunks)
 
 
 # --------------------------------------------------------------------------- OPD

@@ -19,8 +19,8 @@ import torch
 from lopd.recipe import OpdConfig
 from lopd.train import losses as L
 from lopd.train.data import OpdSample, rank_share
-from lopd.train.engine import accumulate_and_step, all_reduce, device, forward_logprobs
-from lopd.train.packing import MicroBatch, make_micro_batches
+from lopd.train.engine import accumulate_and_step, all_reduce, device, forward_logprobs, lockstep_plan
+from lopd.train.packing import MicroBatch, dummy_micro_batch, make_micro_batches
 
 SUM_KEYS = ("loss", "adv_sum", "kl_sum", "clip_sum", "ent_sum", "tokens", "targets", "seqs")
 
@@ -40,17 +40,24 @@ def batch_seqs(samples: list[OpdSample], first_index: int) -> list:
 
 @torch.no_grad()
 def attach_old_logprobs(engine, mbs: list[MicroBatch]) -> None:
-    """``log p_old`` (current weights, no grad) of every target, stored as ``extras['old_logprobs']``."""
+    """``log p_old`` (current weights, no grad) of every target, stored as ``extras['old_logprobs']``.
+
+    Every rank makes the same forward passes with the same LM-head calls (:func:`lockstep_plan`):
+    a rank with fewer micro-batches runs dummy forwards, as in the training passes (ZeRO-3 would
+    otherwise hang on a parameter all-gather the other ranks never join)."""
     dev = device()
-    for mb in mbs:
-        lp, _ = forward_logprobs(engine, mb.to(dev))
-        mb.extras["old_logprobs"] = lp.float().cpu()
+    for i, chunks in enumerate(lockstep_plan(engine, mbs)):
+        lp, _ = forward_logprobs(engine, (mbs[i] if i < len(mbs) else dummy_micro_batch()).to(dev), chunks)
+        if i < len(mbs):
+            mbs[i].extras["old_logprobs"] = lp.float().cpu()
 
 
-def opd_micro_loss(engine, mb: MicroBatch, cfg: OpdConfig, counts: Counts) -> tuple[torch.Tensor, dict[str, float]]:
+def opd_micro_loss(engine, mb: MicroBatch, cfg: OpdConfig, counts: Counts,
+                   num_chunks: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one micro-batch, scaled so that the sum over micro-batches and the mean over
-    ranks (DeepSpeed's gradient averaging) is the global-batch loss; plus summable stats."""
-    lp, ent = forward_logprobs(engine, mb)
+    ranks (DeepSpeed's gradient averaging) is the global-batch loss; plus summable stats.
+    ``num_chunks``: LM-head calls, the same on every rank (:func:`lockstep_plan`)."""
+    lp, ent = forward_logprobs(engine, mb, num_chunks)
     zero = torch.zeros(lp.shape[0], device=lp.device)
     ex = {k: mb.extras.get(k, zero) for k in ("teacher_logprobs", "rollout_logprobs", "old_logprobs")}
     iw = cfg.importance_weights
@@ -83,7 +90,7 @@ def opd_step(engine, minis: list[list[OpdSample]], cfg: OpdConfig, lr: float, wo
     for mini, mbs in zip(minis, batches, strict=True):
         targets, seqs = all_reduce([sum(mb.num_targets for mb in mbs), len(mini)])
         counts = Counts(targets, seqs, world)
-        local = accumulate_and_step(engine, mbs, lambda e, mb, c=counts: opd_micro_loss(e, mb, cfg, c), lr)
+        local = accumulate_and_step(engine, mbs, lambda e, mb, k, c=counts: opd_micro_loss(e, mb, cfg, c, k), lr)
         for k, v in zip(SUM_KEYS, all_reduce([local.get(k, 0.0) for k in SUM_KEYS]), strict=True):
             sums[k] += v
     dt = time.perf_counter() - t0

@@ -1,14 +1,28 @@
 """Micro-batches under a token budget: packed rows (no cross-sequence attention) or padded rows.
 
 A :class:`Seq` is a token list plus ``labels``: ``labels[t]`` is True when token ``t`` is a
-training target (predicted from position ``t - 1``). A :class:`MicroBatch` holds ``[B, L]``
+training target (predicted from position ``t - 1``). A :class:`MicroBatch` holds ``[B, W]``
 tensors; ``select[b, p]`` marks the positions whose *next* token is a target, in row-major
-order, so per-target extras (teacher log-probs...) concatenated in sequence order line up
-with the selected positions.
+order, and ``seq_index`` / ``extras`` list the targets in that same order (sequence by
+sequence, as the sequences lie in the rows), so per-target values line up with the selected
+positions whatever the layout.
 
-Packing puts several sequences in one row and restarts ``position_ids`` at 0 for each; with
-no 2-D attention mask transformers then builds a block-diagonal causal mask (each sequence
-attends only to itself), so a packed row computes exactly what the sequences would alone.
+Packing puts several sequences side by side in each row and restarts ``position_ids`` at 0
+for each. With no 2-D attention mask, transformers (sdpa / eager) turns the restarts into a
+block-diagonal causal mask per row (each sequence attends only to itself), so a packed row
+computes exactly what its sequences would alone. That mask is dense: attention costs
+``W^2`` per row whatever the sequences in it, so one row of the whole budget (``budget^2``)
+is slower than padding. :func:`pack` therefore packs each micro-batch into several rows of a
+bounded width ``W`` (the micro-batch's longest sequence), ``rows * W <= budget``: the
+quadratic term is ``rows * W^2``, close to ``sum_i L_i^2`` when the lengths are sorted.
+
+A row's slack after its last sequence is filler (token 0, no targets) whose positions
+continue the last sequence's: causal attention never lets a real token see a later one, and
+a micro-batch whose rows each hold one sequence keeps sdpa's mask-free ``is_causal`` path.
+
+FlashAttention-2 in transformers only detects packed sequences in a single row; the
+training engine flattens the rows into one (``lopd.train.engine.LogprobModel``), which is
+exact because every row starts a new sequence at position 0.
 """
 
 from __future__ import annotations
@@ -40,12 +54,12 @@ class Seq:
 
 @dataclass
 class MicroBatch:
-    input_ids: torch.Tensor  # [B, L] int64
-    position_ids: torch.Tensor  # [B, L] int64
-    targets: torch.Tensor  # [B, L] int64: token at p+1 (0 where none)
-    select: torch.Tensor  # [B, L] bool: positions whose next token is a target
+    input_ids: torch.Tensor  # [B, W] int64
+    position_ids: torch.Tensor  # [B, W] int64
+    targets: torch.Tensor  # [B, W] int64: token at p+1 (0 where none)
+    select: torch.Tensor  # [B, W] bool: positions whose next token is a target
     seq_index: torch.Tensor  # [N] int64: global sequence index of each selected position
-    attention_mask: torch.Tensor | None  # [B, L] for padded rows, None for packed rows
+    attention_mask: torch.Tensor | None  # [B, W] for padded rows, None for packed rows
     extras: dict[str, torch.Tensor]  # name -> [N] float32, aligned with selected positions
     num_seqs: int = 0
     real_tokens: int = 0
@@ -59,6 +73,9 @@ class MicroBatch:
         return MicroBatch(mv(self.input_ids), mv(self.position_ids), mv(self.targets), mv(self.select),
                           mv(self.seq_index), mv(self.attention_mask),
                           {k: v.to(device) for k, v in self.extras.items()}, self.num_seqs, self.real_tokens)
+
+
+Layout = list[list[int]]  # one micro-batch: rows -> sequence indices, left to right
 
 
 def group_by_budget(lengths: list[int], budget: int, padded: bool = False) -> list[list[int]]:
@@ -83,13 +100,58 @@ def group_by_budget(lengths: list[int], budget: int, padded: bool = False) -> li
     return groups
 
 
-def _row(seqs: list[Seq]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    ids = np.concatenate([s.tokens for s in seqs])
-    pos = np.concatenate([np.arange(len(s)) for s in seqs])
-    nxt = [np.concatenate([s.tokens[1:], [0]]) for s in seqs]
-    sel = [np.concatenate([s.labels[1:], [False]]) for s in seqs]
-    idx = np.concatenate([np.full(s.num_targets, s.index) for s in seqs])
-    return ids, pos, np.concatenate(nxt), np.concatenate(sel), idx
+def _next_fit(idx: list[int], lengths: list[int], width: int) -> Layout:
+    """Rows of ``width`` filled in order: a new row when the next sequence does not fit."""
+    rows: Layout = []
+    fill = width
+    for i in idx:
+        if fill + lengths[i] > width:
+            rows.append([])
+            fill = 0
+        rows[-1].append(i)
+        fill += lengths[i]
+    return rows
+
+
+def layout_in_order(lengths: list[int], budget: int) -> list[Layout]:
+    """Micro-batches of consecutive sequences, rows filled in order (next fit), ``rows * W <= budget``
+    with ``W`` the micro-batch's longest sequence. Reading the rows row-major gives the input order."""
+    out: list[Layout] = []
+    cur: list[int] = []
+    for i in range(len(lengths)):
+        cand = cur + [i]
+        width = max(lengths[j] for j in cand)
+        if cur and len(_next_fit(cand, lengths, width)) * width > budget:
+            out.append(_next_fit(cur, lengths, max(lengths[j] for j in cur)))
+            cand = [i]
+        cur = cand
+    if cur:
+        out.append(_next_fit(cur, lengths, max(lengths[j] for j in cur)))
+    return out
+
+
+def layout_sorted(lengths: list[int], budget: int) -> list[Layout]:
+    """First-fit decreasing: the longest remaining sequence sets the width ``W`` of a micro-batch
+    of ``max(1, budget // W)`` rows; every remaining sequence, longest first, goes into the first
+    row with room. Lengths within a micro-batch are similar, so ``rows * W^2`` stays close to
+    ``sum L_i^2`` and the filler is small."""
+    remaining = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    out: list[Layout] = []
+    while remaining:
+        width = lengths[remaining[0]]
+        rows: Layout = [[] for _ in range(max(1, budget // width))]
+        free = [width] * len(rows)
+        left = []
+        for i in remaining:
+            r = next((r for r, f in enumerate(free) if f >= lengths[i]), None)
+            if r is None:
+                left.append(i)
+            else:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+        out.append([row for row in rows if row])
+        remaining = left
+    return out
 
 
 def _extras(seqs: list[Seq]) -> dict[str, torch.Tensor]:
@@ -97,16 +159,39 @@ def _extras(seqs: list[Seq]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.concatenate([s.extras[k] for s in seqs]).astype(np.float32)) for k in names}
 
 
-def pack(seqs: list[Seq], budget: int) -> list[MicroBatch]:
-    """One packed row per micro-batch (``B = 1``), at most ``budget`` tokens each."""
-    out = []
-    for g in group_by_budget([len(s) for s in seqs], budget):
-        group = [seqs[i] for i in g]
-        ids, pos, nxt, sel, idx = _row(group)
-        t = lambda a: torch.from_numpy(np.asarray(a)).unsqueeze(0)  # noqa: E731
-        out.append(MicroBatch(t(ids).long(), t(pos).long(), t(nxt).long(), t(sel).bool(),
-                              torch.from_numpy(idx).long(), None, _extras(group), len(group), len(ids)))
-    return out
+def _packed(seqs: list[Seq], layout: Layout) -> MicroBatch:
+    """Tensors of one packed micro-batch; row width = its fullest row."""
+    width = max(sum(len(seqs[i]) for i in row) for row in layout)
+    shape = (len(layout), width)
+    ids, pos, nxt = (np.zeros(shape, np.int64) for _ in range(3))
+    sel = np.zeros(shape, bool)
+    order = [seqs[i] for row in layout for i in row]  # row-major: the order of the targets
+    for r, row in enumerate(layout):
+        o = 0
+        for i in row:
+            s = seqs[i]
+            n = len(s)
+            ids[r, o:o + n], pos[r, o:o + n] = s.tokens, np.arange(n)
+            nxt[r, o:o + n - 1], sel[r, o:o + n - 1] = s.tokens[1:], s.labels[1:]
+            o += n
+        pos[r, o:] = np.arange(pos[r, o - 1] + 1, pos[r, o - 1] + 1 + width - o)  # filler continues the row
+    idx = np.concatenate([np.full(s.num_targets, s.index, np.int64) for s in order])
+    return MicroBatch(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(nxt), torch.from_numpy(sel),
+                      torch.from_numpy(idx), None, _extras(order), len(order), sum(len(s) for s in order))
+
+
+def pack(seqs: list[Seq], budget: int, sort: bool = False) -> list[MicroBatch]:
+    """Packed micro-batches of ``rows x W`` tokens, ``rows * W <= budget`` (a sequence longer than
+    the budget is a micro-batch of its own).
+
+    ``sort=False`` keeps the input order (targets of all micro-batches, concatenated, are in
+    the order of ``seqs``: callers may split them by length); ``sort=True`` packs first-fit
+    decreasing (:func:`layout_sorted`: less filler, smaller widths; the order of the targets
+    is then given by ``seq_index`` and ``extras`` only). Training uses ``sort=True``.
+    """
+    lengths = [len(s) for s in seqs]
+    layouts = layout_sorted(lengths, budget) if sort else layout_in_order(lengths, budget)
+    return [_packed(seqs, lay) for lay in layouts]
 
 
 def pad(seqs: list[Seq], budget: int, pad_id: int = 0) -> list[MicroBatch]:
@@ -120,22 +205,26 @@ def pad(seqs: list[Seq], budget: int, pad_id: int = 0) -> list[MicroBatch]:
         sel, att = np.zeros(shape, bool), np.zeros(shape, np.int64)
         for r, s in enumerate(group):
             n = len(s)
-            r_ids, r_pos, r_nxt, r_sel, _ = _row([s])
-            ids[r, :n], pos[r, :n], nxt[r, :n], sel[r, :n], att[r, :n] = r_ids, r_pos, r_nxt, r_sel, 1
-        idx = np.concatenate([np.full(s.num_targets, s.index) for s in group])
+            ids[r, :n], pos[r, :n], nxt[r, :n - 1], sel[r, :n - 1] = s.tokens, np.arange(n), s.tokens[1:], s.labels[1:]
+            att[r, :n] = 1
+        idx = np.concatenate([np.full(s.num_targets, s.index, np.int64) for s in group])
         out.append(MicroBatch(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(nxt),
-                              torch.from_numpy(sel), torch.from_numpy(idx).long(), torch.from_numpy(att),
+                              torch.from_numpy(sel), torch.from_numpy(idx), torch.from_numpy(att),
                               _extras(group), len(group), sum(len(s) for s in group)))
     return out
 
 
 def make_micro_batches(seqs: list[Seq], budget: int, packing: bool = True) -> list[MicroBatch]:
-    return pack(seqs, budget) if packing else pad(seqs, budget)
+    """The training layout: first-fit-decreasing packed rows, or padded rows (the baseline)."""
+    return pack(seqs, budget, sort=True) if packing else pad(seqs, budget)
 
 
 def dummy_micro_batch() -> MicroBatch:
-    """A 2-token micro-batch with no targets: ranks with fewer micro-batches run these so every
-    rank does the same number of forward/backward passes (ZeRO collectives stay matched)."""
+    """A 2-token micro-batch with one selected position: ranks with fewer micro-batches run these
+    (with the loss multiplied by 0) so every rank does the same forward/backward passes through
+    the same modules. ZeRO-3 needs both: every parameter fetch is a collective, and a rank whose
+    module order differs from its recorded trace (an empty selection skips the LM head's
+    recomputation in the backward) re-records it with collectives the other ranks never join."""
     z = torch.zeros(1, 2, dtype=torch.long)
-    return MicroBatch(z, torch.arange(2).unsqueeze(0), z, torch.zeros(1, 2, dtype=torch.bool),
-                      torch.zeros(0, dtype=torch.long), None, {}, 0, 0)
+    return MicroBatch(z, torch.arange(2).unsqueeze(0), z, torch.tensor([[True, False]]),
+                      torch.zeros(1, dtype=torch.long), None, {}, 0, 0)

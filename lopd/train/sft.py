@@ -21,8 +21,9 @@ from lopd.train.packing import MicroBatch, Seq, make_micro_batches
 PLOT_KEYS = ["loss", "grad_norm", "lr", "tokens_per_s"]
 
 
-def sft_micro_loss(engine, mb: MicroBatch, num_targets: float, world: int) -> tuple[torch.Tensor, dict[str, float]]:
-    lp, _ = forward_logprobs(engine, mb)
+def sft_micro_loss(engine, mb: MicroBatch, num_targets: float, world: int,
+                   num_chunks: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    lp, _ = forward_logprobs(engine, mb, num_chunks)  # num_chunks: the same LM-head calls on every rank
     w = L.token_weights(torch.ones_like(lp), mb.seq_index, "token-mean", num_tokens=num_targets)
     loss = L.aggregate(L.sft_loss_per_token(lp), w)
     return loss * world, {"loss": loss.item(), "tokens": float(mb.real_tokens), "padded": float(mb.input_ids.numel()),
@@ -35,7 +36,7 @@ def sft_step(engine, seqs: list[Seq], cfg: SftConfig, lr: float, world: int) -> 
     seqs = [dataclasses.replace(s, index=i) for i, s in enumerate(seqs)]
     mbs = make_micro_batches(seqs, cfg.train.micro_batch_tokens, packing=cfg.packing)
     (num_targets,) = all_reduce([sum(mb.num_targets for mb in mbs)])
-    local = accumulate_and_step(engine, mbs, lambda e, mb: sft_micro_loss(e, mb, num_targets, world), lr)
+    local = accumulate_and_step(engine, mbs, lambda e, mb, k: sft_micro_loss(e, mb, num_targets, world, k), lr)
     keys = ("loss", "tokens", "padded", "targets")
     sums = dict(zip(keys, all_reduce([local.get(k, 0.0) for k in keys]), strict=True))
     dt = time.perf_counter() - t0

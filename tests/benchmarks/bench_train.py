@@ -1,14 +1,19 @@
 """Training benchmarks, measured side by side in one run; prints ONE JSON line (medians).
 
 1. SFT tokens/s, packed vs padded micro-batches under the same token budget, on a long-tailed
-   (log-normal) length spread: forward + backward of the assistant-token loss.
+   (log-normal) length spread: forward + backward of the assistant-token loss. Packed is the
+   training layout (first-fit-decreasing rows of bounded width); the old one-row-per-micro-batch
+   layout is timed alongside for reference.
 2. Peak memory of chunked vs naive (full [T, V] fp32 logits) log-probs with a 151,936-token
    vocabulary (Qwen3's), forward + backward; each variant in its own subprocess, peak RSS
    above the inputs' baseline (or CUDA peak allocation on a GPU).
 3. One OPD step, offline (precomputed rollouts) vs online (push weights + sample + teacher
    scoring + the same update) at the same batch size, through DeepSpeed (1 rank).
 
-    python tests/benchmarks/bench_train.py [--quick]
+    python tests/benchmarks/bench_train.py [--quick] [--only packing,memory,opd] [--threads N]
+
+On a shared machine ``--threads 1`` is the stable measurement: OpenMP threads spin-wait on
+oversubscribed cores, and the slow-down hits the variants unevenly.
 """
 
 from __future__ import annotations
@@ -46,10 +51,15 @@ def make_models(tmp: Path) -> tuple[Path, Path]:
 
 
 def bench_packing(model_dir: Path, repeats: int) -> dict:
+    """Forward + backward of the token-mean assistant loss over 48 sequences, log-normal lengths
+    (median 160, sigma 0.8, clipped to [16, 1024]), 2048-token micro-batches. Variants, timed
+    interleaved (a shared machine's load hits all alike): the training layout (first-fit
+    decreasing rows of bounded width), padded rows in data order (the baseline), and for
+    reference the old layout of one packed row per micro-batch (dense ``budget^2`` mask)."""
     from transformers import AutoModelForCausalLM
 
     from lopd.train import losses as L
-    from lopd.train.packing import Seq, pack, pad
+    from lopd.train.packing import Seq, _packed, group_by_budget, make_micro_batches
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -59,25 +69,41 @@ def bench_packing(model_dir: Path, repeats: int) -> dict:
     for i, n in enumerate(lens):
         labels = np.zeros(n, bool)
         labels[n // 3:] = True  # last two thirds: the "assistant" tokens
-        seqs.append(Seq(rng.integers(3, 500, n).astype(np.int64), labels, i))
+        seqs.append(Seq(rng.integers(3, model.config.vocab_size, n).astype(np.int64), labels, i))
     budget = 2048
 
-    def run(mbs) -> float:
-        t0 = time.perf_counter()
+    def run(mbs) -> tuple[float, float]:
+        """(tokens per wall second, tokens per CPU second of this process)."""
+        t0, c0 = time.perf_counter(), time.process_time()
         for mb in mbs:
             lp, _ = L.model_logprobs(model, mb.input_ids, mb.position_ids, mb.targets, mb.select, mb.attention_mask)
             L.aggregate(-lp, L.token_weights(torch.ones_like(lp), mb.seq_index)).backward()
         model.zero_grad(set_to_none=True)
-        return int(lens.sum()) / (time.perf_counter() - t0)
+        return int(lens.sum()) / (time.perf_counter() - t0), int(lens.sum()) / (time.process_time() - c0)
 
-    packed, padded = pack(seqs, budget), pad(seqs, budget)
-    tp = [run(packed) for _ in range(repeats)]
-    td = [run(padded) for _ in range(repeats)]
-    pad_frac = 1 - int(lens.sum()) / sum(mb.input_ids.numel() for mb in padded)
-    return {"sft_packed_tokens_per_s": statistics.median(tp), "sft_padded_tokens_per_s": statistics.median(td),
-            "sft_packed_vs_padded": statistics.median(tp) / statistics.median(td),
-            "sft_padding_fraction": pad_frac, "sft_lengths": [int(lens.min()), int(np.median(lens)), int(lens.max())],
-            "sft_micro_batches_packed": len(packed), "sft_micro_batches_padded": len(padded)}
+    variants = {"packed": make_micro_batches(seqs, budget, packing=True),
+                "padded": make_micro_batches(seqs, budget, packing=False),
+                "one_row": [_packed(seqs, [g]) for g in group_by_budget([len(s) for s in seqs], budget)]}
+    assert variants["padded"][0].attention_mask is not None and variants["packed"][0].attention_mask is None
+    run(variants["packed"])  # warm-up (allocator, thread pool)
+    tps: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+    for r in range(repeats):
+        for k in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            tps[k].append(run(variants[k]))
+    med = {k: statistics.median(w for w, _ in v) for k, v in tps.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in tps.items()}
+    area = {k: sum(mb.input_ids.numel() for mb in v) for k, v in variants.items()}
+    attn = {k: sum(mb.input_ids.shape[0] * mb.input_ids.shape[1] ** 2 for mb in v) for k, v in variants.items()}
+    return {"sft_packed_tokens_per_s": med["packed"], "sft_padded_tokens_per_s": med["padded"],
+            "sft_packed_vs_padded": med["packed"] / med["padded"],
+            "sft_packed_vs_padded_cpu_time": cpu["packed"] / cpu["padded"],  # robust to other processes at 1 thread
+            "sft_packed_one_row_tokens_per_s": med["one_row"],
+            "sft_packed_one_row_vs_padded": med["one_row"] / med["padded"],
+            "sft_padding_fraction": 1 - int(lens.sum()) / area["padded"],
+            "sft_packed_filler_fraction": 1 - int(lens.sum()) / area["packed"],
+            "sft_attention_area_vs_ideal": {k: v / float((lens.astype(float) ** 2).sum()) for k, v in attn.items()},
+            "sft_lengths": [int(lens.min()), int(np.median(lens)), int(lens.max())], "sft_tokens": int(lens.sum()),
+            "sft_micro_batches": {k: len(v) for k, v in variants.items()}, "sft_repeats": repeats}
 
 
 # --------------------------------------------------------------------------- 2. memory
@@ -183,13 +209,19 @@ def main() -> None:
     import contextlib
 
     quick = "--quick" in sys.argv
+    parts = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else ["packing", "memory", "opd"]
+    if "--threads" in sys.argv:
+        torch.set_num_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # library chatter
         os.environ.setdefault("LOPD_CACHE", str(Path(tmp) / "cache"))
         student, teacher = make_models(Path(tmp))
         result = {"device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads()}
-        result.update(bench_packing(student, 2 if quick else 3))
-        result.update(bench_memory(1024 if quick else 2048, 256, 256))
-        result.update(bench_opd_step(student, teacher, 2 if quick else 3, 8 if quick else 16))
+        if "packing" in parts:
+            result.update(bench_packing(student, 3 if quick else 5))
+        if "memory" in parts:
+            result.update(bench_memory(1024 if quick else 2048, 256, 256))
+        if "opd" in parts:
+            result.update(bench_opd_step(student, teacher, 2 if quick else 3, 8 if quick else 16))
     print(json.dumps(result), flush=True)
 
 
