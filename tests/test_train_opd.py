@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,10 @@ def sample_responses(model_dir: Path, prompts: list[list[int]], seed: int, max_n
 
 
 def precompute_rows(student: Path, teacher: Path, n: int, vocab: int, seed: int = 0) -> dict[str, list]:
+    """``n`` random prompts of token ids below ``vocab`` (capped at the model's), sampled and scored."""
+    from transformers import AutoConfig
+
+    vocab = min(vocab, AutoConfig.from_pretrained(student).vocab_size)
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, vocab, rng.integers(3, 9)).tolist() for _ in range(n)]
     responses = sample_responses(student, prompts, seed)
@@ -127,12 +132,24 @@ def write_recipe(path: Path, store_uri: str, teacher: Path, student: Path, **opd
 
 
 def run_job(module: str, recipe: Path, *extra: str, nproc: int = 1, env: dict | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
+            check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
         if nproc > 1 else [sys.executable]
     cmd = [*base, "-m", module, "--recipe", str(recipe), *extra]
     e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+    with subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a hang: torchrun stops its workers (each in its own session) on SIGTERM
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+            raise
+    proc = subprocess.CompletedProcess(cmd, p.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -229,7 +246,9 @@ def test_two_ranks_zero3_match_one_rank(baseline, tmp_path, opd_models, rows):
     run_job("jobs.opd", recipe, nproc=2)
     a, b = read_metrics(base_uri), read_metrics(store_uri)
     for x, y in zip(a, b, strict=True):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-6)
+        # rel 1e-3: fp32 summation order differs (gloo, ZeRO-3 partitions, packed layouts per rank) and
+        # Adam's first steps amplify it (seen: 1.1e-4 after the packing change)
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-3, abs=1e-6)
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-3)  # fp32 reduction order (gloo, ZeRO-3)
     # weights: fp32 reduction order differs (gloo all-reduce, ZeRO-3 partitions); Adam turns a
     # ~1e-7 gradient difference on an element with ~0 gradient into up to ~lr per step, so the

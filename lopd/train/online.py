@@ -1,17 +1,18 @@
 """Standard (online) OPD: fresh rollouts of the current student each step, scored by a live teacher.
 
 Per step: push the trainer's current weights into the sampler (an inference backend behind
-:class:`lopd.inference.base.Backend`; vLLM gets them through ``load_weights`` on the live
-engine, the hf backend through ``load_state_dict``) → sample one rollout per prompt of this
-rank's share of the step's prompts → the teacher scores every response token (in-process with
-the chunked log-prob function, or a vLLM server's ``prompt_logprobs``) → the same
-:func:`lopd.train.opd.opd_step` as offline mode.
+:class:`lopd.inference.base.Backend`; vLLM reloads them layer by layer into its live engine,
+as slime and verl do; the hf backend copies them into its parameters) → sample one rollout per
+prompt of this rank's share of the step's prompts → the teacher scores every response token
+(in-process with the chunked log-prob function, or a vLLM server's ``prompt_logprobs``) → the
+same :func:`lopd.train.opd.opd_step` as offline mode.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -66,31 +67,54 @@ class InProcessTeacher:
 
 
 class ServerTeacher:
-    """A vLLM OpenAI-compatible server: ``/v1/completions`` with the token ids as the prompt,
-    ``prompt_logprobs=0`` and ``max_tokens=1`` returns log p of every prompt token."""
+    """The teacher as a vLLM OpenAI-compatible server (``vllm serve`` /
+    ``python -m vllm.entrypoints.openai.api_server``): one ``/v1/completions`` request per call
+    with every prompt+response as a list of token ids, ``prompt_logprobs=0`` and ``max_tokens=1``;
+    vLLM answers log p(token_t | tokens_<t) of every prompt token (the same numbers as its
+    in-process scoring), of which the response part is kept."""
 
     def __init__(self, url: str, model: str | None = None, timeout: float = 600.0):
         self.url, self.model, self.timeout = url.rstrip("/"), model, timeout
 
-    def _model(self) -> str:
-        if self.model is None:
-            with urllib.request.urlopen(f"{self.url}/v1/models", timeout=self.timeout) as r:
-                self.model = json.load(r)["data"][0]["id"]
-        return self.model
-
-    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[np.ndarray]:
-        body = {"model": self._model(), "prompt": [p + r for p, r in zip(prompts, responses, strict=True)],
-                "max_tokens": 1, "prompt_logprobs": 0, "temperature": 0.0}
-        req = urllib.request.Request(f"{self.url}/v1/completions", json.dumps(body).encode(),
+    def _call(self, path: str, body: dict | None = None):
+        req = urllib.request.Request(f"{self.url}{path}", None if body is None else json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                choices = sorted(json.load(r)["choices"], key=lambda c: c["index"])
-        except OSError as e:
-            raise OnlineError(f"opd.online.teacher_url: {self.url}: {e}") from None
+                return json.load(r)
+        except urllib.error.HTTPError as e:  # the server's own one-line reason (too long, bad ids...)
+            try:
+                err = json.loads(e.read() or b"{}")
+                msg = err.get("error", {}).get("message") if isinstance(err.get("error"), dict) else err
+            except ValueError:
+                msg = None
+            raise OnlineError(f"opd.online.teacher_url: {self.url}{path}: HTTP {e.code}: {msg or e.reason}") from None
+        except (OSError, ValueError) as e:
+            raise OnlineError(f"opd.online.teacher_url: {self.url}{path}: {e}") from None
+
+    def _model(self) -> str:
+        if self.model is None:
+            data = self._call("/v1/models").get("data") or []
+            if not data:
+                raise OnlineError(f"opd.online.teacher_url: {self.url}/v1/models lists no model")
+            self.model = data[0]["id"]
+        return self.model
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[np.ndarray]:
+        if not prompts:
+            return []
+        body = {"model": self._model(), "prompt": [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)],
+                "max_tokens": 1, "prompt_logprobs": 0, "temperature": 0.0}
+        choices = sorted(self._call("/v1/completions", body).get("choices") or [], key=lambda c: c["index"])
+        if len(choices) != len(prompts):
+            raise OnlineError(f"opd.online.teacher_url: {self.url} answered {len(choices)} choices for "
+                              f"{len(prompts)} prompts")
         out = []
         for c, p, r in zip(choices, prompts, responses, strict=True):
-            entries = c["prompt_logprobs"][len(p):]
+            entries = (c.get("prompt_logprobs") or [])[len(p):]
+            if len(entries) != len(r):
+                raise OnlineError(f"opd.online.teacher_url: {self.url} returned no prompt_logprobs for choice "
+                                  f"{c['index']} (is it a vLLM server?)")
             out.append(np.array([e[str(t)]["logprob"] for e, t in zip(entries, r, strict=True)], np.float32))
         return out
 
@@ -113,19 +137,22 @@ def gather_weights(engine) -> dict[str, torch.Tensor]:
 
 
 def push_weights(backend, weights: dict[str, torch.Tensor]) -> None:
-    """Load the trainer's weights into a live sampler (vLLM engine or hf backend)."""
-    llm = getattr(backend, "llm", None)
-    if llm is not None:  # as verl/slime do: the live model's own load_weights (GPU builds)
+    """Load the trainer's weights into a live sampler: the vLLM engine through its layerwise
+    reload (:meth:`lopd.inference.vllm_backend.VLLMBackend.update_weights`, prefix cache reset),
+    the hf backend by copying into its parameters."""
+    update = getattr(backend, "update_weights", None)
+    if update is not None:
         try:
-            llm.apply_model(lambda model: model.load_weights(iter(list(weights.items()))))
-        except (AttributeError, RuntimeError) as e:
-            raise OnlineError(f"opd.online.inference.backend=vllm: this vLLM build cannot load weights into a "
-                              f"live engine ({type(e).__name__}: {e}); use backend hf") from None
-        llm.reset_prefix_cache()  # KV blocks computed with the old weights must not be reused
+            update(weights)
+        except Exception as e:  # vLLM re-raises a worker's error as a bare Exception across processes
+            why = (str(e).splitlines() or [""])[0]
+            why = why if len(why) <= 300 else why[:300] + "…"
+            raise OnlineError(f"opd.online.inference: cannot load the trainer's weights into the live "
+                              f"{type(backend).__name__}: {type(e).__name__}: {why}") from None
         return
     model = getattr(backend, "model", None)
     if model is None:
-        raise OnlineError(f"cannot push weights into {type(backend).__name__} (no .llm or .model)")
+        raise OnlineError(f"cannot push weights into {type(backend).__name__} (no update_weights or .model)")
     sd = model.state_dict()
     with torch.no_grad():
         for k, v in weights.items():
