@@ -18,18 +18,12 @@ import os
 from pathlib import Path
 
 from lopd import LopdError
+from lopd.stages import STAGES, TRAINING_STAGES
 
 CHART_DIR = Path(os.environ.get("LOPD_CHART", Path(__file__).resolve().parents[2] / "helm" / "lopd"))
 
 # stage -> module under jobs/ (the container command is python -m jobs.<module>)
-STAGE_MODULES: dict[str, str] = {
-    "sft-data": "sft_data",
-    "sft": "sft",
-    "precompute": "precompute",
-    "opd": "opd",
-    "eval": "evaluate",
-}
-TRAINING_STAGES = ("sft", "opd")
+STAGE_MODULES: dict[str, str] = {name: s.module for name, s in STAGES.items()}
 
 
 class K8sError(LopdError):

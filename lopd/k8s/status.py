@@ -16,6 +16,7 @@ from lopd.k8s.cluster import ROLE_LABEL, STAGE_LABEL, pod_index, selector
 from lopd.k8s.values import SECTIONS, release_name
 from lopd.lineage import MANIFEST, stage_prefix
 from lopd.recipe import Recipe
+from lopd.stages import stages_of
 from lopd.store import Store
 
 BAD_WAITING = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError",
@@ -140,7 +141,7 @@ def store_progress(store: Store, run_id: str, stage: str, shards: int) -> tuple[
 
 def recipe_stages(recipe: Recipe) -> list[str]:
     """The run's stages in pipeline order (sft-data and precompute only when configured)."""
-    return [s for s, sec in SECTIONS.items() if getattr(recipe, sec) is not None]
+    return stages_of(recipe)
 
 
 def run_status(recipe: Recipe, store: Store, workloads: list[dict[str, Any]] | None,

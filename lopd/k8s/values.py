@@ -15,9 +15,10 @@ import yaml
 
 from lopd.k8s import TRAINING_STAGES, K8sError
 from lopd.recipe import Recipe, RecipeError, validate_recipe
+from lopd.stages import STAGES
 
 MAX_RELEASE = 53  # Helm's release-name limit
-SECTIONS = {"sft-data": "sft_data", "sft": "sft", "precompute": "precompute", "opd": "opd", "eval": "eval"}
+SECTIONS = {name: s.section for name, s in STAGES.items()}
 
 
 def release_name(run_id: str, stage: str) -> str:
