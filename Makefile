@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 RECIPE ?= jobs/recipes/tiny.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench demo clean
+.PHONY: setup test lint bench demo repro-tiny clean
 .PHONY: deploy-sft-data deploy-sft deploy-precompute deploy-opd deploy-eval status logs manifests image
 
 # The venv is rebuilt when pyproject.toml changes. PyPI's torchvision/torchaudio/torchcodec,
@@ -31,6 +31,10 @@ bench: setup  ## benchmarks (not part of make test); each prints one JSON line
 
 demo: setup  ## the main job: the whole tiny pipeline on this CPU (bootstrap, 5 stages, eval table)
 	$(VENV)/bin/lopd pipeline -r $(RECIPE)
+
+repro-tiny: setup  ## the paper's table at toy scale: 3 seeds x (SFT, Lightning OPD ± IS weights, online, inconsistent teacher)
+	$(VENV)/bin/lopd repro -r $(RECIPE)
+	$(VENV)/bin/lopd repro check -r $(RECIPE) --expected docs/repro/tiny-expected.json
 
 clean:
 	rm -rf runs .pytest_cache

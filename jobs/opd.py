@@ -27,7 +27,7 @@ STAGE = "opd"
 def offline_inputs(run: TrainRun):
     """The precompute data (validated) and the SFT checkpoint that sampled it."""
     recipe, cfg = run.recipe, run.section
-    prefix = stage_prefix(recipe.run_id, "precompute")
+    prefix = (cfg.rollouts or stage_prefix(recipe.run_id, "precompute")).strip("/")
     m, sha = open_precompute(run.store, prefix, recipe.allow_inconsistent_teacher)
     ref = cfg.student or m.lineage.get("student") or run.store.url(stage_prefix(recipe.run_id, "sft"))
     student = stage.resolve_model(ref, "opd.student")

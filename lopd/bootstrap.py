@@ -41,12 +41,13 @@ def write_task_once(recipe: Recipe) -> dict[str, Path]:
 
     b = recipe.bootstrap
     out = Path(b.data_dir)
-    params = {k: getattr(b, k) for k in ("seed", "n_teacher", "n_sft", "n_opd", "n_eval", "min_terms", "max_terms")}
+    keys = ("seed", "n_teacher", "n_sft", "n_opd", "n_eval", "min_terms", "max_terms", "max_value")
+    params = {k: getattr(b, k) for k in keys}
     marker = out / TASK_MARKER
     if marker.is_file() and json.loads(marker.read_text()).get("params") == params:
         return {k: Path(v) for k, v in json.loads(marker.read_text())["files"].items()}
     paths = write_task(out, seed=b.seed, n_teacher=b.n_teacher, n_sft=b.n_sft, n_opd=b.n_opd, n_eval=b.n_eval,
-                       min_terms=b.min_terms, max_terms=b.max_terms)
+                       min_terms=b.min_terms, max_terms=b.max_terms, max_value=b.max_value)
     marker.write_text(json.dumps({"params": params, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
     return paths
 

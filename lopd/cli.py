@@ -14,17 +14,10 @@ from pathlib import Path
 import click
 
 from lopd import LopdError, __version__
+from lopd.stages import STAGES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# stage name -> (module under jobs/, launched with torchrun?)
-STAGES: dict[str, tuple[str, bool]] = {
-    "sft-data": ("sft_data", False),
-    "sft": ("sft", True),
-    "precompute": ("precompute", False),
-    "opd": ("opd", True),
-    "eval": ("evaluate", False),
-}
 
 
 class LopdGroup(click.Group):
@@ -116,7 +109,7 @@ def store_ls(uri: str, long_: bool) -> None:
 def stage_command(stage: str, recipe: str, overrides: tuple[str, ...], extra: list[str],
                   nproc: int = 1) -> list[str]:
     """The local command line for one stage: python -m jobs.<module>, or torchrun for training."""
-    module, distributed = STAGES[stage]
+    module, distributed = STAGES[stage].module, STAGES[stage].training
     args = ["--recipe", recipe, *[a for o in overrides for a in ("--set", o)], *extra]
     if distributed and nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -137,7 +130,7 @@ def run(stage: str, recipe: str, overrides: tuple[str, ...], shard_index: int | 
     from lopd.recipe import load_recipe
 
     load_recipe(recipe, overrides)  # fail fast, one line
-    module, _ = STAGES[stage]
+    module = STAGES[stage].module
     if not (REPO_ROOT / "jobs" / f"{module}.py").is_file():
         raise LopdError(f"stage {stage!r} is not implemented yet (jobs/{module}.py does not exist)")
     extra: list[str] = []
@@ -211,6 +204,54 @@ from lopd.k8s.commands import COMMANDS as _K8S_COMMANDS  # noqa: E402
 
 for _cmd in _K8S_COMMANDS:
     main.add_command(_cmd)
+
+@main.group("repro", invoke_without_command=True)
+@click.option("--recipe", "-r", type=click.Path(dir_okay=False), default=None, help="Recipe YAML with a repro section.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
+@click.option("--seeds", default=None, metavar="0,1,2", help="Seeds instead of repro.seeds.")
+@click.option("--nproc", type=int, default=1, show_default=True, help="Training ranks (torchrun).")
+@click.pass_context
+def repro(ctx: click.Context, recipe: str | None, overrides: tuple[str, ...], seeds: str | None, nproc: int) -> None:
+    """Run the paper's comparison at toy scale (SFT, Lightning OPD and its variants, online OPD)
+    over several seeds: a markdown table with 95% intervals and a PNG (see docs/repro.md).
+    `lopd repro check` compares the results with an expected-results file."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if recipe is None:
+        raise LopdError("lopd repro: --recipe is required")
+    from lopd.repro import run as run_repro
+
+    try:
+        seed_list = [int(x) for x in seeds.split(",")] if seeds else None
+    except ValueError:
+        raise LopdError(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
+    run_repro(recipe, overrides, seed_list, nproc)
+
+
+@repro.command("check")
+@click.option("--expected", required=True, type=click.Path(dir_okay=False), help="Expected-results JSON.")
+@click.option("--results", default=None, type=click.Path(dir_okay=False),
+              help="results.json of a study (default: <store>/runs/<run>/repro/results.json of --recipe).")
+@click.option("--recipe", "-r", type=click.Path(dir_okay=False), default=None, help="Recipe YAML of the study.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
+def repro_check(expected: str, results: str | None, recipe: str | None, overrides: tuple[str, ...]) -> None:
+    """Exit 1 when a row's accuracy leaves its expected tolerance or a claim fails."""
+    from lopd.repro import check
+
+    if results is None:
+        if recipe is None:
+            raise LopdError("lopd repro check: give --results or --recipe")
+        from lopd.recipe import load_recipe
+
+        r = load_recipe(recipe, overrides)
+        results = str(Path(r.store if "://" not in r.store else ".") / "runs" / r.run_id / "repro" / "results.json")
+    failures = check(Path(results), Path(expected))
+    for f in failures:
+        click.echo(f"FAIL {f}", err=True)
+    if failures:
+        raise SystemExit(1)
+    click.echo(f"ok: {results} matches {expected}")
+
 
 @main.command("report")
 @click.option("--recipe", "-r", type=click.Path(dir_okay=False), default=None,

@@ -56,7 +56,11 @@ def train_tokenizer(corpus: str | Path, vocab_size: int, out_dir: str | Path):
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise InitModelError(f"init-model: --vocab-size must be >= {256 + len(SPECIAL_TOKENS)} (byte alphabet)")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # one token per digit (as Qwen's tokenizer does): arithmetic stays learnable by small models
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

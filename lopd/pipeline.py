@@ -23,19 +23,14 @@ from pathlib import Path
 from lopd import LopdError
 from lopd.lineage import has_manifest, stage_prefix
 from lopd.recipe import Recipe, load_recipe
+from lopd.stages import STAGES, TRAINING_STAGES, stages_of
 from lopd.store import open_store
 
-ORDER = ["sft-data", "sft", "precompute", "opd", "eval"]
-SECTIONS = {"sft-data": "sft_data", "sft": "sft", "precompute": "precompute", "opd": "opd", "eval": "eval"}
-TRAINING = {"sft", "opd"}
+TRAINING = set(TRAINING_STAGES)
 
 
 class PipelineError(LopdError):
     pass
-
-
-def stages_of(recipe: Recipe) -> list[str]:
-    return [s for s in ORDER if getattr(recipe, SECTIONS[s]) is not None]
 
 
 def _env() -> dict[str, str]:
@@ -65,36 +60,51 @@ def run_job(stage: str, recipe_file: Path, overrides: tuple[str, ...], log_path:
     console.print(f"[green]✓[/] {label} ({time.monotonic() - t0:.0f}s)")
 
 
+def logs_dir(recipe: Recipe) -> Path:
+    return Path(recipe.store if "://" not in recipe.store else ".") / "runs" / recipe.run_id / "logs"
+
+
+def run_stages(recipe: Recipe, recipe_file: str | Path, stages: list[str], overrides: tuple[str, ...] = (),
+               nproc: int = 1, console=None) -> None:
+    """Run ``stages`` of one recipe in order, skipping each whose manifest already exists."""
+    store = open_store(recipe.store)
+    logs = logs_dir(recipe)
+    for stage in stages:
+        prefix = stage_prefix(recipe.run_id, stage)
+        if has_manifest(store, prefix):
+            console.print(f"[dim]• {recipe.run_id} {stage}: already published, skipped[/]")
+            continue
+        shards = 1 if stage in TRAINING else STAGES[stage].of(recipe).shards
+        for i in range(shards):
+            label = f"{recipe.run_id} {stage}" + ("" if shards == 1 else f" shard {i + 1}/{shards}")
+            extra = [] if stage in TRAINING else ["--shard-index", str(i), "--num-shards", str(shards)]
+            run_job(stage, Path(recipe_file), overrides, logs / f"{stage}.log", extra,
+                    nproc if stage in TRAINING else 1, label, console)
+        if not has_manifest(store, prefix):
+            raise PipelineError(f"{stage} exited 0 but published no manifest at {store.url(prefix)}")
+
+
+def run_bootstrap(recipe: Recipe, nproc: int = 1, console=None) -> None:
+    """The embedded default's bootstrap (no-op without a ``bootstrap`` section)."""
+    from lopd.bootstrap import bootstrap, teacher_run_id
+
+    def run_stage(stage: str, recipe_file: Path) -> None:
+        label = f"bootstrap: {teacher_run_id(recipe)} {stage}"
+        run_job(stage, recipe_file, (), logs_dir(recipe) / f"bootstrap-{stage}.log", [],
+                nproc if stage in TRAINING else 1, label, console)
+
+    bootstrap(recipe, run_stage, console.print)
+
+
 def run_local(recipe_path: str, overrides: tuple[str, ...] = (), nproc: int = 1, console=None) -> dict | None:
     """Run the pipeline; returns the eval summary (or None when the recipe has no eval)."""
     from rich.console import Console
 
-    from lopd.bootstrap import bootstrap
-
     console = console or Console(stderr=True)
     recipe = load_recipe(recipe_path, overrides)
-    store = open_store(recipe.store)
-    logs = Path(recipe.store if "://" not in recipe.store else ".") / "runs" / recipe.run_id / "logs"
     t_start = time.monotonic()
-
-    def run_stage(stage: str, recipe_file: Path, label: str | None = None) -> None:
-        run_job(stage, recipe_file, (), logs / f"{label or stage}.log", [], nproc if stage in TRAINING else 1,
-                label or stage, console)
-
-    bootstrap(recipe, lambda stage, f: run_stage(stage, f, "bootstrap: teacher sft"), console.print)
-    for stage in stages_of(recipe):
-        if has_manifest(store, stage_prefix(recipe.run_id, stage)):
-            console.print(f"[dim]• {stage}: already published, skipped[/]")
-            continue
-        shards = 1 if stage in TRAINING else getattr(recipe, SECTIONS[stage]).shards
-        for i in range(shards):
-            label = stage if shards == 1 else f"{stage} shard {i + 1}/{shards}"
-            extra = [] if stage in TRAINING else ["--shard-index", str(i), "--num-shards", str(shards)]
-            run_job(stage, Path(recipe_path), overrides, logs / f"{stage}.log", extra,
-                    nproc if stage in TRAINING else 1, label, console)
-        if not has_manifest(store, stage_prefix(recipe.run_id, stage)):
-            raise PipelineError(f"{stage} exited 0 but published no manifest at "
-                                f"{store.url(stage_prefix(recipe.run_id, stage))}")
+    run_bootstrap(recipe, nproc, console)
+    run_stages(recipe, recipe_path, stages_of(recipe), overrides, nproc, console)
     console.print(f"pipeline done in {time.monotonic() - t_start:.0f}s")
     return print_eval(recipe, console) if "eval" in stages_of(recipe) else None
 

@@ -20,13 +20,12 @@ from pydantic import ValidationError, field_validator, model_validator
 
 from lopd import LopdError
 from lopd.cluster_config import KubernetesConfig, TeacherServerConfig, Toleration
+from lopd.embedded_config import BootstrapConfig, InitModelSpec, ReproConfig, ReproVariant
 from lopd.sections import (
-    BootstrapConfig,
     EvalConfig,
     EvalDatasetConfig,
     ImportanceWeightsConfig,
     InferenceConfig,
-    InitModelSpec,
     ModelsConfig,
     ModelSpec,
     OnlineConfig,
@@ -45,10 +44,10 @@ from lopd.sections import (
 __all__ = [
     "BootstrapConfig", "EvalConfig", "EvalDatasetConfig", "ImportanceWeightsConfig", "InferenceConfig",
     "InitModelSpec", "KubernetesConfig", "ModelSpec", "ModelsConfig", "OnlineConfig", "OpdConfig", "OptimConfig",
-    "PrecomputeConfig", "Recipe", "RecipeError", "ResourcesConfig", "SamplingConfig", "Section", "SftConfig",
-    "SftDataConfig", "TeacherServerConfig", "Toleration", "TrainConfig", "apply_set", "canonical_json",
-    "format_validation_error", "load_recipe", "load_recipe_data", "parse_set", "recipe_yaml", "validate_recipe",
-    "validate_store_uri",
+    "PrecomputeConfig", "Recipe", "RecipeError", "ReproConfig", "ReproVariant", "ResourcesConfig", "SamplingConfig",
+    "Section", "SftConfig", "SftDataConfig", "TeacherServerConfig", "Toleration", "TrainConfig", "apply_set",
+    "canonical_json", "format_validation_error", "load_recipe", "load_recipe_data", "parse_set", "recipe_yaml",
+    "validate_recipe", "validate_store_uri",
 ]
 
 RUN_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
@@ -84,6 +83,8 @@ class Recipe(Section):
     """Cluster settings the CLI turns into Helm values (image, namespace, node pool); see helm/lopd."""
     bootstrap: BootstrapConfig | None = None
     """Embedded default only: make the task data and models first (None: they exist)."""
+    repro: ReproConfig | None = None
+    """The paper's table at toy scale (``lopd repro``); None: the recipe has no study."""
 
     @field_validator("run_id")
     @classmethod

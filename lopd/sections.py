@@ -220,6 +220,10 @@ class OpdConfig(Section):
     student: str | None = None
     """The SFT checkpoint to train (store URI or directory); None = the model that sampled the
     precomputed rollouts (offline) or this run's ``sft`` stage output (online)."""
+    rollouts: str | None = None
+    """Offline mode: the precompute output to train on, as a key prefix in the recipe's store
+    (``runs/<run>/precompute``); None = this run's precompute stage. Lets several OPD variants
+    (``lopd repro``) share one set of precomputed rollouts."""
     logprob_chunk_tokens: int = Field(1024, ge=1)
     """Positions per LM-head chunk when computing log-probs (bounds the fp32 [T, vocab] logits)."""
     grad_discrepancy_every: int = Field(0, ge=0)
@@ -315,53 +319,3 @@ class EvalConfig(Section):
     """Indexed-Job completions."""
     resources: ResourcesConfig = ResourcesConfig()
     """Pod resources."""
-
-
-class InitModelSpec(Section):
-    """A random-initialised model made by ``lopd init-model`` (see lopd/modelinit.py)."""
-
-    arch: Literal["qwen3", "qwen3-moe"] = "qwen3"
-    """Architecture."""
-    size: Literal["tiny", "small", "base"] = "tiny"
-    """Size preset."""
-    seed: int = 0
-    """Initialisation seed."""
-    overrides: dict[str, int] = {}
-    """Config overrides on the preset, e.g. ``{num_hidden_layers: 3}``."""
-
-
-class BootstrapConfig(Section):
-    """Embedded default only: make the task data and both models before the stages run.
-
-    ``lopd pipeline`` writes the synthetic task (lopd/data/synthetic.py) to ``data_dir``,
-    creates the student base at ``models.student.uri`` and the teacher's initial weights,
-    then trains the teacher with the sft stage on ground-truth solutions as the run
-    ``<run_id>-teacher``; ``models.teacher.uri`` must name that run's sft output
-    (``runs/<run_id>-teacher/sft`` under the store)."""
-
-    data_dir: str = Field(min_length=1)
-    """Directory for the task files (sft/opd prompts, benchmark, teacher chats, corpus)."""
-    seed: int = 0
-    """Task seed."""
-    n_teacher: int = Field(4000, ge=1)
-    """Ground-truth chats to train the teacher on."""
-    n_sft: int = Field(2000, ge=1)
-    """SFT prompts (the teacher answers them in sft-data)."""
-    n_opd: int = Field(1000, ge=1)
-    """OPD prompts (the SFT student answers them in precompute)."""
-    n_eval: int = Field(300, ge=1)
-    """Held-out benchmark problems."""
-    min_terms: int = Field(3, ge=2)
-    """Fewest numbers added per problem."""
-    max_terms: int = Field(4, ge=2)
-    """Most numbers added per problem."""
-    vocab_size: int = Field(512, ge=300)
-    """Tokenizer vocabulary (trained on the task corpus; teacher and student share it)."""
-    teacher_style: Literal["chain", "words"] = "chain"
-    """How the ground-truth solutions the teacher learns are written."""
-    teacher: InitModelSpec = InitModelSpec(size="small", seed=1)
-    """The teacher's architecture before training."""
-    teacher_sft: SftConfig = SftConfig()
-    """How the teacher is trained on ground truth (the sft stage's settings)."""
-    student: InitModelSpec = InitModelSpec(size="tiny", seed=2)
-    """The student base."""

@@ -106,7 +106,8 @@ def write_task(out_dir: str | Path, seed: int = 0, n_teacher: int = 4000, n_sft:
     - ``arith.jsonl``: the held-out benchmark.
     """
     out = Path(out_dir)
-    splits = make_splits(seed, {"teacher": n_teacher, "sft": n_sft, "opd": n_opd, "eval": n_eval}, **kw)
+    # the OPD split is drawn last, so its size can change without changing the others
+    splits = make_splits(seed, {"teacher": n_teacher, "sft": n_sft, "eval": n_eval, "opd": n_opd}, **kw)
     paths = {
         f"teacher_{style}": write_jsonl(out / f"teacher_{style}.jsonl",
                                         [sft_row("teacher", i, p, style) for i, p in enumerate(splits["teacher"])])

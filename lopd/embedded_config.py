@@ -1,0 +1,95 @@
+"""Recipe sections of the embedded default only: the ``bootstrap`` that makes the toy task and
+models, and the ``repro`` study (the paper's table at toy scale, :mod:`lopd.repro`)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from lopd.sections import Section, SftConfig
+
+
+class InitModelSpec(Section):
+    """A random-initialised model made by ``lopd init-model`` (see lopd/modelinit.py)."""
+
+    arch: Literal["qwen3", "qwen3-moe"] = "qwen3"
+    """Architecture."""
+    size: Literal["tiny", "small", "base"] = "tiny"
+    """Size preset."""
+    seed: int = 0
+    """Initialisation seed."""
+    overrides: dict[str, int] = {}
+    """Config overrides on the preset, e.g. ``{num_hidden_layers: 3}``."""
+
+
+class BootstrapConfig(Section):
+    """Embedded default only: make the task data and both models before the stages run.
+
+    ``lopd pipeline`` writes the synthetic task (lopd/data/synthetic.py) to ``data_dir``,
+    creates the student base at ``models.student.uri`` and the teacher's initial weights,
+    then trains the teacher with the sft stage on ground-truth solutions as the run
+    ``<run_id>-teacher``; ``models.teacher.uri`` must name that run's sft output
+    (``runs/<run_id>-teacher/sft`` under the store)."""
+
+    data_dir: str = Field(min_length=1)
+    """Directory for the task files (sft/opd prompts, benchmark, teacher chats, corpus)."""
+    seed: int = 0
+    """Task seed."""
+    n_teacher: int = Field(4000, ge=1)
+    """Ground-truth chats to train the teacher on."""
+    n_sft: int = Field(2000, ge=1)
+    """SFT prompts (the teacher answers them in sft-data)."""
+    n_opd: int = Field(1000, ge=1)
+    """OPD prompts (the SFT student answers them in precompute)."""
+    n_eval: int = Field(300, ge=1)
+    """Held-out benchmark problems."""
+    min_terms: int = Field(3, ge=2)
+    """Fewest numbers added per problem."""
+    max_terms: int = Field(4, ge=2)
+    """Most numbers added per problem."""
+    max_value: int = Field(99, ge=2)
+    """Largest number in a problem (numbers are drawn from 1..max_value)."""
+    vocab_size: int = Field(512, ge=300)
+    """Tokenizer vocabulary (trained on the task corpus; teacher and student share it)."""
+    teacher_style: Literal["chain", "words"] = "chain"
+    """How the ground-truth solutions the teacher learns are written."""
+    teacher: InitModelSpec = InitModelSpec(size="small", seed=1)
+    """The teacher's architecture before training."""
+    teacher_sft: SftConfig = SftConfig()
+    """How the teacher is trained on ground truth (the sft stage's settings)."""
+    student: InitModelSpec = InitModelSpec(size="tiny", seed=2)
+    """The student base."""
+
+
+class ReproVariant(Section):
+    """One row of the repro table: an OPD run on the shared SFT student and rollouts."""
+
+    opd: dict[str, Any] = {}
+    """Changes to the recipe's ``opd`` section for this variant (nested keys), e.g.
+    ``{mode: online}`` or ``{importance_weights: {enabled: true}}``."""
+    teacher: Literal["consistent", "inconsistent"] = "consistent"
+    """inconsistent: train on rollouts scored by teacher B (ground truth written in
+    ``repro.teacher_b_style``) while the SFT data came from teacher A (the ablation)."""
+
+
+class ReproConfig(Section):
+    """``lopd repro``: every variant trains from the same SFT checkpoint for the same number of
+    updates, once per seed; one eval per seed scores the SFT student and every variant."""
+
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    """Seeds; each sets the OPD data order and sampling, and the eval's sampling."""
+    variants: dict[str, ReproVariant] = Field(min_length=1)
+    """Row name (lowercase, digits, '-') -> variant. The SFT student is always the first row."""
+    teacher_b_style: Literal["chain", "words"] = "words"
+    """Solution style teacher B learns (for ``teacher: inconsistent`` variants)."""
+
+    @field_validator("variants")
+    @classmethod
+    def _names(cls, v: dict[str, ReproVariant]) -> dict[str, ReproVariant]:
+        for name in v:
+            if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name) or name in ("sft", "eval", "b", "incons"):
+                raise ValueError(f"variant {name!r}: use lowercase letters, digits and '-' "
+                                 "(not sft, eval, b or incons: those runs exist already)")
+        return v

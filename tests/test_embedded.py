@@ -1,0 +1,105 @@
+"""The embedded default end to end at CI size (real vLLM-CPU, DeepSpeed on gloo, file store):
+
+1. ``lopd repro`` (one seed, a few steps) runs every variant, writes its table, and
+   ``lopd repro check`` passes against the committed CI expected-results file;
+2. ``lopd pipeline`` killed (SIGKILL to the whole process group, as a node loss would) in the
+   middle of each stage once, then re-run, ends with the same eval table as an uninterrupted
+   run (the run made by (1) plus its own opd and eval stages).
+
+The study and the pipelines run in temporary directories with the recipe's relative paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "jobs" / "recipes" / "tiny.yaml"
+CI_EXPECTED = REPO / "tests" / "fixtures" / "repro-ci-expected.json"
+# CI size: same recipe, fewer problems and steps; parts and checkpoints small enough that
+# every stage has several (so there is a "middle" to kill it in).
+CI_SETS = [
+    "bootstrap.n_teacher=256", "bootstrap.n_sft=64", "bootstrap.n_opd=48", "bootstrap.n_eval=24",
+    "bootstrap.teacher_sft.train.steps=16", "bootstrap.teacher_sft.train.checkpoint_every=4",
+    "sft_data.part_size=16", "sft.train.steps=12", "sft.train.checkpoint_every=3",
+    "precompute.part_size=16", "opd.train.steps=4", "opd.train.global_batch=16", "opd.train.checkpoint_every=2",
+    "eval.k=2", "eval.part_size=8", "repro.seeds={0}",
+]
+pytestmark = pytest.mark.timeout(1800)
+
+
+def lopd(cwd: Path, *args: str, **kw) -> subprocess.Popen:
+    sets = [a for s in CI_SETS for a in ("--set", s)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "lopd.cli", *args, "-r", str(TINY), *sets], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=1500)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def eval_table(cwd: Path) -> str:
+    """The report's tables (the checkpoint list after them names absolute paths)."""
+    return (cwd / "runs" / "tiny" / "eval" / "report" / "report.md").read_text().split("## Checkpoints")[0]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("repro")
+    finish(lopd(cwd, "repro"))
+    return cwd
+
+
+def test_repro_runs_every_variant_and_its_check_passes(study):
+    res = json.loads((study / "runs/tiny/repro/results.json").read_text())
+    assert list(res["rows"]) == ["sft", "lightning", "lightning-is", "online", "inconsistent"]
+    for name, row in res["rows"].items():
+        assert 0.0 <= row["accuracy"]["mean"] <= 1.0, name
+        assert name == "sft" or row["train_seconds"]["mean"] > 0
+    md = (study / "runs/tiny/repro/results.md").read_text()
+    assert "| lightning-is |" in md and (study / "runs/tiny/repro/results.png").stat().st_size > 1000
+    incons = json.loads((study / "runs/tiny-inconsistent-s0/opd/MANIFEST.json").read_text())
+    assert incons["lineage"]["teacher_consistent"] is False
+    online = json.loads((study / "runs/tiny-online-s0/opd/MANIFEST.json").read_text())
+    assert online["lineage"]["mode"] == "online"
+    chk = subprocess.run([sys.executable, "-m", "lopd.cli", "repro", "check", "--expected", str(CI_EXPECTED),
+                          "--results", str(study / "runs/tiny/repro/results.json")], capture_output=True, text=True,
+                         cwd=REPO)
+    assert chk.returncode == 0, chk.stderr
+
+
+def _started(cwd: Path, run: str, stage: str) -> bool:
+    """True once the stage has saved some progress (a part or a checkpoint) but not finished."""
+    d = cwd / "runs" / run / stage
+    if (d / "MANIFEST.json").exists():
+        return False
+    return any(d.glob("shards/*/parts/*.json")) or any(d.glob("checkpoints/step-*/state.json"))
+
+
+def test_pipeline_killed_in_each_stage_then_rerun_gives_the_same_table(study, tmp_path):
+    finish(lopd(study, "pipeline"))
+    expected = eval_table(study)
+    stages = [("tiny-teacher", "sft"), ("tiny", "sft-data"), ("tiny", "sft"), ("tiny", "precompute"),
+              ("tiny", "opd"), ("tiny", "eval")]
+    for run, stage in stages:
+        proc = lopd(tmp_path, "pipeline")
+        while not _started(tmp_path, run, stage):
+            assert proc.poll() is None, f"pipeline ended before {run}/{stage} was interrupted:\n{proc.stdout.read()}"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (tmp_path / "runs" / run / stage / "MANIFEST.json").exists()
+    out = finish(lopd(tmp_path, "pipeline"))
+    assert "already published, skipped" in out
+    assert eval_table(tmp_path) == expected

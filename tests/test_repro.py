@@ -1,0 +1,119 @@
+"""lopd repro: derived recipes, statistics, the table and the check (no training here; the
+end-to-end study at CI size runs in tests/test_embedded.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lopd.recipe import RecipeError, load_recipe
+from lopd.repro import SFT_ROW, ReproError, Study, check, mean_ci, write_results
+from tests.conftest import lopd_cli
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "jobs" / "recipes" / "tiny.yaml"
+
+
+class _Console:
+    def print(self, *a, **k):
+        pass
+
+
+def study(tmp_path, *overrides) -> Study:
+    return Study(load_recipe(TINY, [f"store={tmp_path}", *overrides]), _Console())
+
+
+def test_variant_recipes_share_the_sft_student_and_rollouts(tmp_path):
+    s = study(tmp_path)
+    r, f = s.variant("lightning-is", 2)
+    assert f.is_file() and r.run_id == "tiny-lightning-is-s2"
+    assert r.opd.importance_weights.enabled and r.opd.train.seed == 2 and r.opd.online.sampling.seed == 2
+    assert r.opd.rollouts == "runs/tiny/precompute" and r.opd.student.endswith("runs/tiny/sft")
+    assert r.opd.train.steps == load_recipe(TINY).opd.train.steps  # same compute per method
+    assert r.bootstrap is None and r.precompute is None and not r.allow_inconsistent_teacher
+    online, _ = s.variant("online", 0)
+    assert online.opd.mode == "online" and online.opd.online.prompts == "runs/tiny/data/opd_prompts.jsonl"
+    incons, _ = s.variant("inconsistent", 1)
+    assert incons.allow_inconsistent_teacher and incons.opd.rollouts == "runs/tiny-incons/precompute"
+
+
+def test_teacher_b_and_its_precompute(tmp_path):
+    s = study(tmp_path)
+    b, _ = s.teacher_b()
+    assert b.run_id == "tiny-b" and b.bootstrap.teacher_style == "words"
+    assert b.models.teacher.uri == "runs/tiny-b-teacher/sft"
+    p, _ = s.inconsistent_precompute(b)
+    assert p.allow_inconsistent_teacher and p.models.teacher.uri == "runs/tiny-b-teacher/sft"
+    assert p.precompute.student.endswith("runs/tiny/sft") and p.precompute.sampling == s.recipe.precompute.sampling
+    for name in s.cfg.variants:  # deriving B's recipes leaves everyone else with teacher A
+        assert s.variant(name, 0)[0].models.teacher.uri == "runs/tiny-teacher/sft", name
+    assert s.evaluation(0)[0].models.teacher.uri == "runs/tiny-teacher/sft"
+
+
+def test_eval_recipe_scores_sft_and_every_variant_of_a_seed(tmp_path):
+    r, _ = study(tmp_path).evaluation(1)
+    labels = [c.split("=", 1)[0] for c in r.eval.checkpoints]
+    assert labels == [SFT_ROW, "lightning", "lightning-is", "online", "inconsistent"]
+    assert r.eval.sampling.seed == 1 and r.eval.checkpoints[1].endswith("runs/tiny-lightning-s1/opd")
+
+
+@pytest.mark.parametrize("name, err, msg", [
+    ("SFT", RecipeError, "repro.variants: .*'SFT': use lowercase"),
+    ("sft", RecipeError, "not sft"),
+    ("a-very-long-variant-name-indeed-yes", ReproError, "longer than 40"),
+])
+def test_bad_variant_names_are_one_line_errors(tmp_path, name, err, msg):
+    with pytest.raises(err, match=msg):
+        study(tmp_path, f"repro.variants.{name}.teacher=consistent")
+
+
+def test_no_repro_section(tmp_path):
+    with pytest.raises(ReproError, match="no 'repro' section"):
+        study(tmp_path, "repro=null")
+
+
+def test_mean_ci_uses_student_t():
+    assert mean_ci([0.5]) == {"mean": 0.5, "ci95": 0.0}
+    r = mean_ci([0.4, 0.5, 0.6])
+    assert r["mean"] == pytest.approx(0.5) and r["ci95"] == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+
+
+def _results(accs: dict[str, list[float]]) -> dict:
+    rows = {n: {"acc": {str(i): a for i, a in enumerate(v)}, "accuracy": mean_ci(v),
+                "train_seconds": None if n == SFT_ROW else mean_ci([1.0, 2.0])} for n, v in accs.items()}
+    return {"run_id": "t", "benchmark": "arith", "seeds": [0, 1], "opd_steps": 5, "global_batch": 8,
+            "lr": 1e-5, "eval_k": 2, "rows": rows}
+
+
+def test_table_png_and_check(tmp_path):
+    res = _results({SFT_ROW: [0.40, 0.42], "lightning": [0.50, 0.52]})
+    write_results(tmp_path, res)
+    md = (tmp_path / "results.md").read_text()
+    assert "| lightning | 51.0 ± 12.7 | +10.0 | 1.5 ± 6.4 |" in md and (tmp_path / "results.png").stat().st_size > 0
+    exp = tmp_path / "expected.json"
+    exp.write_text(json.dumps({"rows": {SFT_ROW: {"accuracy": 0.41, "tolerance": 0.02},
+                                        "lightning": {"accuracy": 0.50, "tolerance": 0.02}},
+                               "claims": [["lightning", SFT_ROW, 0.05]]}))
+    assert check(tmp_path / "results.json", exp) == []
+    exp.write_text(json.dumps({"rows": {"lightning": {"accuracy": 0.60, "tolerance": 0.02},
+                                        "online": {"accuracy": 0.5, "tolerance": 0.1}},
+                               "claims": [["lightning", SFT_ROW, 0.2]]}))
+    fails = check(tmp_path / "results.json", exp)
+    assert len(fails) == 3 and "outside 0.600 ± 0.020" in fails[0] and "missing" in fails[1] and "claim" in fails[2]
+
+
+def test_check_cli_exit_codes(tmp_path):
+    write_results(tmp_path, _results({SFT_ROW: [0.4, 0.4], "lightning": [0.5, 0.5]}))
+    exp = tmp_path / "e.json"
+    exp.write_text(json.dumps({"rows": {"lightning": {"accuracy": 0.5, "tolerance": 0.01}}}))
+    ok = lopd_cli("repro", "check", "--expected", str(exp), "--results", str(tmp_path / "results.json"), check=False)
+    assert ok.returncode == 0, ok.stderr
+    exp.write_text(json.dumps({"rows": {"lightning": {"accuracy": 0.7, "tolerance": 0.01}}}))
+    bad = lopd_cli("repro", "check", "--expected", str(exp), "--results", str(tmp_path / "results.json"), check=False)
+    assert bad.returncode == 1 and "FAIL lightning" in bad.stderr
+    exp.write_text("{}")
+    broken = lopd_cli("repro", "check", "--expected", str(exp), "--results", str(tmp_path / "results.json"),
+                      check=False)
+    assert broken.returncode == 2 and len(broken.stderr.strip().splitlines()) == 1
