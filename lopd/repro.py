@@ -229,7 +229,7 @@ def write_results(out: Path, results: dict) -> None:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # rows keep the table order
     (out / "results.md").write_text(table(results))
     names = list(results["rows"])
     means = [100 * results["rows"][n]["accuracy"]["mean"] for n in names]
