@@ -121,7 +121,7 @@ def test_vocab_check_names_the_difference(tiny_model, corpus, tmp_path):
     from lopd.modelinit import init_model
 
     same = init_model(tmp_path / "same", tokenizer=tiny_model, seed=3)
-    other = init_model(tmp_path / "other", corpus=corpus, vocab_size=320, seed=3)
+    other = init_model(tmp_path / "other", corpus=corpus, vocab_size=280, seed=3)
     t = AutoTokenizer.from_pretrained(str(tiny_model))
     check_same_vocab(t, AutoTokenizer.from_pretrained(str(same)))
     with pytest.raises(TokenizerMismatchError, match="teacher has .* tokens, student has"):
