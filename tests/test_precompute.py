@@ -43,7 +43,7 @@ def models(tiny_model, corpus, tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("pcmodels")
     return {"teacher": tiny_model, "student": bias_eos(tiny_model, d / "sft-student"),
             "other_teacher": init_model(d / "other", tokenizer=tiny_model, seed=7),
-            "other_vocab": init_model(d / "vocab", corpus=corpus, vocab_size=320, seed=7)}
+            "other_vocab": init_model(d / "vocab", corpus=corpus, vocab_size=280, seed=7)}
 
 
 def setup_run(store_uri: str, models: dict[str, Path], tmp_path: Path, n_prompts: int = 7,
