@@ -241,10 +241,10 @@ def repro_check(expected: str, results: str | None, recipe: str | None, override
     if results is None:
         if recipe is None:
             raise LopdError("lopd repro check: give --results or --recipe")
+        from lopd.pipeline import local_run_dir
         from lopd.recipe import load_recipe
 
-        r = load_recipe(recipe, overrides)
-        results = str(Path(r.store if "://" not in r.store else ".") / "runs" / r.run_id / "repro" / "results.json")
+        results = str(local_run_dir(load_recipe(recipe, overrides)) / "repro" / "results.json")
     failures = check(Path(results), Path(expected))
     for f in failures:
         click.echo(f"FAIL {f}", err=True)

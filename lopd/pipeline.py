@@ -60,8 +60,13 @@ def run_job(stage: str, recipe_file: Path, overrides: tuple[str, ...], log_path:
     console.print(f"[green]✓[/] {label} ({time.monotonic() - t0:.0f}s)")
 
 
+def local_run_dir(recipe: Recipe) -> Path:
+    """This machine's ``runs/<run_id>`` for logs and reports: under a path store, else under ``.``."""
+    return Path(recipe.store if "://" not in recipe.store else ".") / "runs" / recipe.run_id
+
+
 def logs_dir(recipe: Recipe) -> Path:
-    return Path(recipe.store if "://" not in recipe.store else ".") / "runs" / recipe.run_id / "logs"
+    return local_run_dir(recipe) / "logs"
 
 
 def run_stages(recipe: Recipe, recipe_file: str | Path, stages: list[str], overrides: tuple[str, ...] = (),

@@ -59,7 +59,9 @@ class Study:
             raise ReproError("repro: the recipe needs sft_data and precompute sections")
         self.recipe, self.cfg, self.console = recipe, recipe.repro, console
         self.store = open_store(recipe.store)
-        self.dir = Path(recipe.store if "://" not in recipe.store else ".") / "runs" / recipe.run_id / "repro"
+        from lopd.pipeline import local_run_dir
+
+        self.dir = local_run_dir(recipe) / "repro"
         self.base = recipe.model_dump(mode="json", exclude={"repro"})
         for name in self.cfg.variants:
             self.run_id(name, max(self.cfg.seeds))  # fails early when too long
