@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from lopd.recipe import OptimConfig, TrainConfig
+from lopd.train.cpu_ops import load_shm_comm_op
 from lopd.train.losses import chunk_count, model_logprobs
 from lopd.train.packing import MicroBatch, dummy_micro_batch
 
@@ -47,6 +48,8 @@ def init_distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         import deepspeed
 
+        if not on_gpu():
+            load_shm_comm_op()  # before DeepSpeed loads it behind a lock file a kill can leave
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", verbose=False)
     if on_gpu():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

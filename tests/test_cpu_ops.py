@@ -1,0 +1,39 @@
+"""A torch-extension lock file left by a killed process must not hang the next training process."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+OP = "deepspeed_shm_comm"
+
+
+def _default_build_dir() -> Path:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    env = os.environ.pop("TORCH_EXTENSIONS_DIR", None)
+    try:
+        return Path(_get_build_directory(OP, verbose=False))
+    finally:
+        if env is not None:
+            os.environ["TORCH_EXTENSIONS_DIR"] = env
+
+
+def test_stale_extension_lock_is_removed(tmp_path):
+    root = tmp_path / "ext"
+    built = _default_build_dir()
+    if (built / f"{OP}.so").is_file():  # reuse the build (else the child builds it, ~1 min)
+        shutil.copytree(built, root / OP, ignore=shutil.ignore_patterns("lock"))
+    (root / OP).mkdir(parents=True, exist_ok=True)
+    (root / OP / "lock").touch()  # what a process SIGKILLed while loading the op leaves behind
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root)}
+    proc = subprocess.run([sys.executable, "-c", "from lopd.train.engine import init_distributed as i; print(i())"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "(0, 1)" in proc.stdout
+    assert "stale torch extension lock" in proc.stderr
+    assert not (root / OP / "lock").exists() and (root / OP / f"{OP}.so").is_file()
