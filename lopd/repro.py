@@ -5,7 +5,7 @@
         precompute the same SFT student's rollouts scored by B  (run <run>-incons)
     for seed in seeds:
         for variant in variants: opd from the SFT checkpoint    (run <run>-<variant>-s<seed>)
-        eval the SFT checkpoint and every variant               (run <run>-eval-s<seed>)
+        eval the SFT checkpoint and every variant               (run <run>-eval<digest>-s<seed>)
     results.json, results.md (mean and 95% interval over seeds), results.png
 
 Every variant starts from the same SFT checkpoint and makes the same number of updates on
@@ -18,6 +18,7 @@ rollouts. Each run is an ordinary stage run with a derived recipe (written under
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import statistics
@@ -122,12 +123,20 @@ class Study:
             data["allow_inconsistent_teacher"] = True
         return self.write(self.run_id(name, seed), data)
 
+    def checkpoints(self, seed: int) -> list[str]:
+        ckpts = [f"{SFT_ROW}={self.uri(self.recipe.run_id, 'sft')}"]
+        return ckpts + [f"{n}={self.uri(self.run_id(n, seed), 'opd')}" for n in self.cfg.variants]
+
+    def eval_run_id(self, seed: int) -> str:
+        """``<run>-eval<digest>-s<seed>``: the digest of the checkpoint list, so that adding a variant
+        to a finished study evaluates again instead of reusing a table that lacks it."""
+        digest = hashlib.sha256("\n".join(self.checkpoints(seed)).encode()).hexdigest()[:6]
+        return self.run_id(f"eval{digest}", seed)
+
     def evaluation(self, seed: int) -> tuple[Recipe, Path]:
         data = self.only(self.base)
-        ckpts = [f"{SFT_ROW}={self.uri(self.recipe.run_id, 'sft')}"]
-        ckpts += [f"{n}={self.uri(self.run_id(n, seed), 'opd')}" for n in self.cfg.variants]
-        data["eval"] = _merge(data["eval"], {"checkpoints": ckpts, "sampling": {"seed": seed}})
-        return self.write(self.run_id("eval", seed), data)
+        data["eval"] = _merge(data["eval"], {"checkpoints": self.checkpoints(seed), "sampling": {"seed": seed}})
+        return self.write(self.eval_run_id(seed), data)
 
 
 def run(recipe_path: str, overrides: tuple[str, ...] = (), seeds: list[int] | None = None, nproc: int = 1,
@@ -191,7 +200,7 @@ def collect(study: Study) -> dict[str, Any]:
     rows.update({n: {"acc": {}, "train_s": {}} for n in study.cfg.variants})
     bench = None
     for seed in study.cfg.seeds:
-        s = study.store.read_json(f"{stage_prefix(study.run_id('eval', seed), 'eval')}/report/summary.json")
+        s = study.store.read_json(f"{stage_prefix(study.eval_run_id(seed), 'eval')}/report/summary.json")
         bench = bench or s["benchmarks"][0]
         for name in rows:
             rows[name]["acc"][str(seed)] = s["results"][name]["benchmarks"][bench]["avg"]

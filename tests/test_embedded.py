@@ -63,7 +63,7 @@ def study(tmp_path_factory) -> Path:
 
 def test_repro_runs_every_variant_and_its_check_passes(study):
     res = json.loads((study / "runs/tiny/repro/results.json").read_text())
-    assert list(res["rows"]) == ["sft", "lightning", "lightning-is", "online", "inconsistent"]
+    assert list(res["rows"]) == ["sft", "lightning", "lightning-is", "lightning-kl", "online", "inconsistent"]
     for name, row in res["rows"].items():
         assert 0.0 <= row["accuracy"]["mean"] <= 1.0, name
         assert name == "sft" or row["train_seconds"]["mean"] > 0

@@ -55,8 +55,17 @@ def test_teacher_b_and_its_precompute(tmp_path):
 def test_eval_recipe_scores_sft_and_every_variant_of_a_seed(tmp_path):
     r, _ = study(tmp_path).evaluation(1)
     labels = [c.split("=", 1)[0] for c in r.eval.checkpoints]
-    assert labels == [SFT_ROW, "lightning", "lightning-is", "online", "inconsistent"]
+    assert labels == [SFT_ROW, "lightning", "lightning-is", "lightning-kl", "online", "inconsistent"]
     assert r.eval.sampling.seed == 1 and r.eval.checkpoints[1].endswith("runs/tiny-lightning-s1/opd")
+    assert r.run_id.startswith("tiny-eval") and r.run_id.endswith("-s1")
+
+
+def test_adding_a_variant_evaluates_again(tmp_path):
+    """A finished study's eval lacks a variant added later: its run id changes, so it is not skipped."""
+    before = study(tmp_path).evaluation(0)[0].run_id
+    assert study(tmp_path).evaluation(0)[0].run_id == before  # stable: a killed study resumes
+    after = study(tmp_path, "repro.variants.lightning-lr.opd.optim.lr=1e-5").evaluation(0)[0]
+    assert after.run_id != before and after.eval.checkpoints[-1].startswith("lightning-lr=")
 
 
 @pytest.mark.parametrize("name, err, msg", [
