@@ -37,6 +37,7 @@ def args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=".", help="directory with runs/tiny and runs/tiny-teacher")
     ap.add_argument("--student", default="runs/tiny/sft", help="student checkpoint, relative to --workdir")
+    ap.add_argument("--rollouts", default="runs/tiny/precompute", help="precomputed rollouts, relative to --workdir")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=256, help="sequences per update")
@@ -77,7 +78,7 @@ class Probe:
             emb = self.student.get_input_embeddings().weight
             self.student.lm_head.weight = torch.nn.Parameter(emb.detach().clone())
             self.student.config.tie_word_embeddings = False
-        parts = sorted((w / "runs/tiny/precompute/shards").glob("*/*.parquet"))
+        parts = sorted((w / a.rollouts / "shards").glob("*/*.parquet"))
         self.rows = pa.concat_tables([pq.read_table(f) for f in parts]).to_pylist()
         self.bench = [json.loads(x) for x in open(w / "runs/tiny/data/arith.jsonl")]
         self.prompts = [json.loads(x)["messages"] for x in open(w / "runs/tiny/data/opd_prompts.jsonl")]
