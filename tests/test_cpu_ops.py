@@ -12,27 +12,15 @@ pytestmark = pytest.mark.slow
 OP = "deepspeed_shm_comm"
 
 
-def _without_ext_dir(**extra: str) -> dict[str, str]:
-    return {**{k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}, **extra}
-
-
-def _default_build_dir() -> Path:
+def test_stale_extension_lock_is_removed(tmp_path, monkeypatch):
     from torch.utils.cpp_extension import _get_build_directory
 
-    env = os.environ.pop("TORCH_EXTENSIONS_DIR", None)
-    try:
-        return Path(_get_build_directory(OP, verbose=False))
-    finally:
-        if env is not None:
-            os.environ["TORCH_EXTENSIONS_DIR"] = env
-
-
-def test_stale_extension_lock_is_removed(tmp_path):
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)  # the default place, here and in the build below
     root = tmp_path / "ext"
-    built = _default_build_dir()
+    built = Path(_get_build_directory(OP, verbose=False))
     if not (built / f"{OP}.so").is_file():  # build it where every later DeepSpeed process finds it (~1 min once)
         subprocess.run([sys.executable, "-c", "from lopd.train.cpu_ops import load_shm_comm_op as f; assert f()"],
-                       env=_without_ext_dir(DS_ACCELERATOR="cpu"), check=True, capture_output=True, timeout=300)
+                       env={**os.environ, "DS_ACCELERATOR": "cpu"}, check=True, capture_output=True, timeout=300)
     shutil.copytree(built, root / OP, ignore=shutil.ignore_patterns("lock"))
     (root / OP / "lock").touch()  # what a process SIGKILLed while loading the op leaves behind
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root)}
