@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     student = stage.resolve_model(recipe.models.student, "models.student.uri")
     from transformers import AutoTokenizer
 
-    prefix = stage_prefix(recipe.run_id, "sft-data")
+    prefix = (cfg.data or stage_prefix(recipe.run_id, "sft-data")).strip("/")
     seqs, m, sha = load_sft_seqs(run.store, prefix, AutoTokenizer.from_pretrained(student.path),
                                  cfg.train.max_seq_len)
     teacher_fp = m.lineage.get("teacher_fingerprint")

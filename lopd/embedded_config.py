@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from lopd.sections import Section, SftConfig
 
@@ -64,14 +64,26 @@ class BootstrapConfig(Section):
 
 
 class ReproVariant(Section):
-    """One row of the repro table: an OPD run on the shared SFT student and rollouts."""
+    """One row of the repro table: an OPD run on the shared SFT student and rollouts, or the
+    control that spends the same updates on more SFT."""
 
+    stage: Literal["opd", "sft"] = "opd"
+    """opd: an OPD run from the SFT checkpoint. sft: the same-compute control: continue SFT from
+    the SFT checkpoint on the study's SFT data with the OPD rows' updates, batch size and
+    optimizer (``opd.train`` / ``opd.optim``), so a gain of OPD over SFT is not just more training."""
     opd: dict[str, Any] = {}
     """Changes to the recipe's ``opd`` section for this variant (nested keys), e.g.
     ``{mode: online}`` or ``{importance_weights: {enabled: true}}``."""
     teacher: Literal["consistent", "inconsistent"] = "consistent"
     """inconsistent: train on rollouts scored by teacher B (ground truth written in
     ``repro.teacher_b_style``) while the SFT data came from teacher A (the ablation)."""
+
+    @model_validator(mode="after")
+    def _sft_takes_no_opd_changes(self) -> ReproVariant:
+        if self.stage == "sft" and (self.opd or self.teacher != "consistent"):
+            raise ValueError("a 'stage: sft' variant takes no 'opd' changes and no 'teacher' "
+                             "(it continues SFT on the study's SFT data)")
+        return self
 
 
 class ReproConfig(Section):

@@ -5,6 +5,7 @@
         precompute the same SFT student's rollouts scored by B  (run <run>-incons)
     for seed in seeds:
         for variant in variants: opd from the SFT checkpoint    (run <run>-<variant>-s<seed>)
+            (or, for a ``stage: sft`` variant, sft continued from it: the same-compute control)
         eval the SFT checkpoint and every variant               (run <run>-eval<digest>-s<seed>)
     results.json, results.md (mean and 95% interval over seeds), results.png
 
@@ -109,8 +110,23 @@ class Study:
         data["allow_inconsistent_teacher"] = True
         return self.write(self.run_id("incons"), data)
 
+    def stage(self, name: str) -> str:
+        """The stage a row's run trains with (``opd``, or ``sft`` for the control)."""
+        return SFT_ROW if name == SFT_ROW else self.cfg.variants[name].stage
+
+    def sft_control(self, seed: int) -> dict:
+        """SFT continued from the SFT checkpoint on the study's SFT data, with the OPD rows' updates,
+        batch size and optimizer: what the same compute buys without OPD."""
+        data = self.only(self.base)
+        data["models"] = {**data["models"], "student": {"uri": self.uri(self.recipe.run_id, "sft")}}
+        data["sft"] = {**data["sft"], "data": stage_prefix(self.recipe.run_id, "sft-data"),
+                       "optim": data["opd"]["optim"], "train": _merge(data["opd"]["train"], {"seed": seed})}
+        return data
+
     def variant(self, name: str, seed: int) -> tuple[Recipe, Path]:
         v = self.cfg.variants[name]
+        if v.stage == "sft":
+            return self.write(self.run_id(name, seed), self.sft_control(seed))
         incons = v.teacher == "inconsistent"
         data = self.only(self.base)
         rollouts = stage_prefix(self.run_id("incons") if incons else self.recipe.run_id, "precompute")
@@ -125,7 +141,7 @@ class Study:
 
     def checkpoints(self, seed: int) -> list[str]:
         ckpts = [f"{SFT_ROW}={self.uri(self.recipe.run_id, 'sft')}"]
-        return ckpts + [f"{n}={self.uri(self.run_id(n, seed), 'opd')}" for n in self.cfg.variants]
+        return ckpts + [f"{n}={self.uri(self.run_id(n, seed), self.stage(n))}" for n in self.cfg.variants]
 
     def eval_run_id(self, seed: int) -> str:
         """``<run>-eval<digest>-s<seed>``: the digest of the checkpoint list, so that adding a variant
@@ -163,7 +179,7 @@ def run(recipe_path: str, overrides: tuple[str, ...] = (), seeds: list[int] | No
     for seed in study.cfg.seeds:
         for name in study.cfg.variants:
             r, f = study.variant(name, seed)
-            run_stages(r, f, ["opd"], (), nproc, console)
+            run_stages(r, f, [study.stage(name)], (), nproc, console)
         r, f = study.evaluation(seed)
         run_stages(r, f, ["eval"], (), nproc, console)
     results = collect(study)
@@ -186,10 +202,10 @@ def mean_ci(xs: list[float]) -> dict[str, float]:
     return {"mean": m, "ci95": t * statistics.stdev(xs) / math.sqrt(len(xs))}
 
 
-def _train_seconds(store, run_id: str) -> float:
-    """Seconds one OPD run spent in its training loop: per step, the update plus (online) the
+def _train_seconds(store, run_id: str, stage: str = "opd") -> float:
+    """Seconds one run spent in its training loop: per step, the update plus (online OPD) the
     weight sync, the sampling and the teacher's scoring."""
-    text = store.read_bytes(f"{stage_prefix(run_id, 'opd')}/metrics.jsonl").decode()
+    text = store.read_bytes(f"{stage_prefix(run_id, stage)}/metrics.jsonl").decode()
     keys = ("step_time_s", "sync_s", "sample_s", "score_s")
     return sum(sum(json.loads(x).get(k, 0.0) for k in keys) for x in text.splitlines() if x.strip())
 
@@ -205,10 +221,12 @@ def collect(study: Study) -> dict[str, Any]:
         for name in rows:
             rows[name]["acc"][str(seed)] = s["results"][name]["benchmarks"][bench]["avg"]
             if name != SFT_ROW:
-                rows[name]["train_s"][str(seed)] = _train_seconds(study.store, study.run_id(name, seed))
+                rows[name]["train_s"][str(seed)] = _train_seconds(study.store, study.run_id(name, seed),
+                                                                  study.stage(name))
     for name, r in rows.items():
         r["accuracy"] = mean_ci(list(r["acc"].values()))
         r["train_seconds"] = mean_ci(list(r["train_s"].values())) if r["train_s"] else None
+        r["stage"] = study.stage(name)
         r["opd"] = study.cfg.variants[name].opd if name in study.cfg.variants else None
         r["teacher"] = study.cfg.variants[name].teacher if name in study.cfg.variants else None
     opd = study.recipe.opd
@@ -220,9 +238,9 @@ def collect(study: Study) -> dict[str, Any]:
 def table(results: dict) -> str:
     n = len(results["seeds"])
     lines = [f"Held-out `{results['benchmark']}` accuracy (avg@{results['eval_k']}), mean ± 95% interval over "
-             f"{n} seed{'s' if n > 1 else ''}; every OPD row: {results['opd_steps']} updates of "
+             f"{n} seed{'s' if n > 1 else ''}; every row below SFT: {results['opd_steps']} updates of "
              f"{results['global_batch']} sequences from the same SFT checkpoint.", "",
-             "| method | accuracy (%) | Δ vs SFT (points) | OPD training time (s) |", "|---|---|---|---|"]
+             "| method | accuracy (%) | Δ vs SFT (points) | training time (s) |", "|---|---|---|---|"]
     sft = results["rows"][SFT_ROW]["accuracy"]["mean"]
     for name, r in results["rows"].items():
         a = r["accuracy"]

@@ -186,6 +186,10 @@ class SftConfig(Section):
     """Steps and batching (paper: 3000 steps)."""
     packing: bool = True
     """Pack sequences into micro-batches without cross-sequence attention."""
+    data: str | None = None
+    """The sft-data output to train on, as a key prefix in the recipe's store
+    (``runs/<run>/sft-data``); None = this run's sft-data stage. Lets ``lopd repro``'s SFT control
+    row continue training on the study's SFT data."""
     resources: ResourcesConfig = ResourcesConfig()
     """Pod resources."""
 

@@ -63,7 +63,8 @@ def study(tmp_path_factory) -> Path:
 
 def test_repro_runs_every_variant_and_its_check_passes(study):
     res = json.loads((study / "runs/tiny/repro/results.json").read_text())
-    assert list(res["rows"]) == ["sft", "lightning", "lightning-is", "lightning-kl", "online", "inconsistent"]
+    assert list(res["rows"]) == ["sft", "sft-continued", "lightning", "lightning-is", "lightning-kl", "online",
+                                 "inconsistent"]
     for name, row in res["rows"].items():
         assert 0.0 <= row["accuracy"]["mean"] <= 1.0, name
         assert name == "sft" or row["train_seconds"]["mean"] > 0
@@ -71,6 +72,8 @@ def test_repro_runs_every_variant_and_its_check_passes(study):
     assert "| lightning-is |" in md and (study / "runs/tiny/repro/results.png").stat().st_size > 1000
     incons = json.loads((study / "runs/tiny-inconsistent-s0/opd/MANIFEST.json").read_text())
     assert incons["lineage"]["teacher_consistent"] is False
+    control = json.loads((study / "runs/tiny-sft-continued-s0/sft/MANIFEST.json").read_text())
+    assert control["inputs"]["student_base"]["uri"].endswith("runs/tiny/sft")
     online = json.loads((study / "runs/tiny-online-s0/opd/MANIFEST.json").read_text())
     assert online["lineage"]["mode"] == "online"
     chk = subprocess.run([sys.executable, "-m", "lopd.cli", "repro", "check", "--expected", str(CI_EXPECTED),

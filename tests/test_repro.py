@@ -39,6 +39,23 @@ def test_variant_recipes_share_the_sft_student_and_rollouts(tmp_path):
     assert incons.allow_inconsistent_teacher and incons.opd.rollouts == "runs/tiny-incons/precompute"
 
 
+def test_sft_control_continues_sft_with_the_opd_rows_compute(tmp_path):
+    s = study(tmp_path)
+    r, f = s.variant("sft-continued", 1)
+    base = load_recipe(TINY)
+    assert s.stage("sft-continued") == "sft" and r.run_id == "tiny-sft-continued-s1" and f.is_file()
+    assert r.models.student.uri.endswith("runs/tiny/sft") and r.sft.data == "runs/tiny/sft-data"
+    assert (r.sft.train.steps, r.sft.train.global_batch) == (base.opd.train.steps, base.opd.train.global_batch)
+    assert r.sft.optim == base.opd.optim and r.sft.train.seed == 1
+    assert r.models.teacher.uri == "runs/tiny-teacher/sft" and r.bootstrap is None and r.sft_data is None
+    assert s.evaluation(1)[0].eval.checkpoints[1] == f"sft-continued={s.uri('tiny-sft-continued-s1', 'sft')}"
+
+
+def test_sft_control_takes_no_opd_changes(tmp_path):
+    with pytest.raises(RecipeError, match="takes no 'opd' changes"):
+        study(tmp_path, "repro.variants.sft-continued.opd.kl_coef=1.0")
+
+
 def test_teacher_b_and_its_precompute(tmp_path):
     s = study(tmp_path)
     b, _ = s.teacher_b()
@@ -55,8 +72,8 @@ def test_teacher_b_and_its_precompute(tmp_path):
 def test_eval_recipe_scores_sft_and_every_variant_of_a_seed(tmp_path):
     r, _ = study(tmp_path).evaluation(1)
     labels = [c.split("=", 1)[0] for c in r.eval.checkpoints]
-    assert labels == [SFT_ROW, "lightning", "lightning-is", "lightning-kl", "online", "inconsistent"]
-    assert r.eval.sampling.seed == 1 and r.eval.checkpoints[1].endswith("runs/tiny-lightning-s1/opd")
+    assert labels == [SFT_ROW, "sft-continued", "lightning", "lightning-is", "lightning-kl", "online", "inconsistent"]
+    assert r.eval.sampling.seed == 1 and r.eval.checkpoints[2].endswith("runs/tiny-lightning-s1/opd")
     assert r.run_id.startswith("tiny-eval") and r.run_id.endswith("-s1")
 
 

@@ -38,6 +38,7 @@ def args() -> argparse.Namespace:
     ap.add_argument("--workdir", default=".", help="directory with runs/tiny and runs/tiny-teacher")
     ap.add_argument("--student", default="runs/tiny/sft", help="student checkpoint, relative to --workdir")
     ap.add_argument("--rollouts", default="runs/tiny/precompute", help="precomputed rollouts, relative to --workdir")
+    ap.add_argument("--teacher", default="runs/tiny-teacher/sft", help="teacher (scores online), relative to --workdir")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=256, help="sequences per update")
@@ -73,7 +74,7 @@ class Probe:
         self.tok = AutoTokenizer.from_pretrained(w / a.student)
         self.tok.padding_side = "left"
         self.student = AutoModelForCausalLM.from_pretrained(w / a.student)
-        self.teacher = AutoModelForCausalLM.from_pretrained(w / "runs/tiny-teacher/sft").eval()
+        self.teacher = AutoModelForCausalLM.from_pretrained(w / a.teacher).eval()
         if a.untie:
             emb = self.student.get_input_embeddings().weight
             self.student.lm_head.weight = torch.nn.Parameter(emb.detach().clone())
