@@ -39,6 +39,8 @@ def args() -> argparse.Namespace:
     ap.add_argument("--student", default="runs/tiny/sft", help="student checkpoint, relative to --workdir")
     ap.add_argument("--rollouts", default="runs/tiny/precompute", help="precomputed rollouts, relative to --workdir")
     ap.add_argument("--teacher", default="runs/tiny-teacher/sft", help="teacher (scores online), relative to --workdir")
+    ap.add_argument("--teacher-temperature", type=float, default=1.0,
+                    help="online: score with the teacher's distribution at this temperature (not the paper's)")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=256, help="sequences per update")
@@ -54,15 +56,16 @@ def args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def logprobs(model, pairs: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
-    """Per-token log-probs of each response given its prompt (right-padded batch)."""
+def logprobs(model, pairs: list[tuple[list[int], list[int]]], temperature: float = 1.0) -> list[torch.Tensor]:
+    """Per-token log-probs of each response given its prompt (right-padded batch), of the
+    model's distribution at ``temperature`` (log-softmax of logits / temperature)."""
     width = max(len(p) + len(r) for p, r in pairs)
     ids = torch.zeros(len(pairs), width, dtype=torch.long)
     att = torch.zeros_like(ids)
     for i, (p, r) in enumerate(pairs):
         ids[i, :len(p) + len(r)] = torch.tensor(p + r)
         att[i, :len(p) + len(r)] = 1
-    lp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits.float(), -1)
+    lp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits.float() / temperature, -1)
     return [lp[i, len(p) - 1:len(p) - 1 + len(r)].gather(-1, torch.tensor(r)[:, None])[:, 0]
             for i, (p, r) in enumerate(pairs)]
 
@@ -119,7 +122,7 @@ class Probe:
             resp = y[i, x["input_ids"].shape[1]:].tolist()
             resp = resp[:resp.index(self.im_end) + 1] if self.im_end in resp else resp
             pairs.append((prompt, [t for t in resp if t != self.tok.pad_token_id] or [self.im_end]))
-        scores = logprobs(self.teacher, pairs)
+        scores = logprobs(self.teacher, pairs, self.a.teacher_temperature)
         self.student.train()
         return [dict(prompt_token_ids=p, response_token_ids=r, teacher_logprobs=s.tolist(), rollout_logprobs=None)
                 for (p, r), s in zip(pairs, scores, strict=True)]
