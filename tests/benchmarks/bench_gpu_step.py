@@ -62,17 +62,14 @@ def matmul_tflops(n: int = 8192, reps: int = 10) -> float | None:
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-ATTN = "sdpa"
-
-
-def make_model(shape: str, seed: int = 0):
+def make_model(shape: str, attn: str, seed: int = 0):
     """Random weights, made on the training device (a 1.7B model initialises in seconds there)."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from lopd.train.engine import device, train_dtype
 
     torch.manual_seed(seed)
-    cfg = Qwen3Config(**SHAPES[shape], max_position_embeddings=32768, attn_implementation=ATTN)
+    cfg = Qwen3Config(**SHAPES[shape], max_position_embeddings=32768, attn_implementation=attn)
     with device():
         return AutoModelForCausalLM.from_config(cfg, dtype=train_dtype())
 
@@ -90,12 +87,17 @@ def lengths(n: int, median: int, cap: int, rng: np.random.Generator) -> list[int
     return [int(x) for x in np.clip(rng.lognormal(np.log(median), 0.6, n), 32, cap)]
 
 
+def prompt_len(total: int) -> int:
+    """Prompt tokens of a synthetic sequence of ``total`` tokens (the rest is the scored response)."""
+    return min(128, total // 4)
+
+
 def opd_samples(n: int, median: int, cap: int, vocab: int, rng: np.random.Generator):
     from lopd.train.data import OpdSample
 
     out = []
     for i, total in enumerate(lengths(n, median, cap, rng)):
-        p = min(128, total // 4)
+        p = prompt_len(total)
         r = total - p
         out.append(OpdSample(f"p{i}", 0, rng.integers(0, vocab, p), rng.integers(0, vocab, r),
                              -rng.exponential(1.0, r).astype(np.float32), -rng.exponential(1.0, r).astype(np.float32)))
@@ -154,7 +156,7 @@ def run_variant(name: str, args, world: int) -> dict:
     train = TrainConfig(steps=100, global_batch=args.batch, micro_batch_tokens=args.micro_batch_tokens,
                         max_seq_len=args.max_len, zero_stage=zero, gradient_checkpointing=args.grad_ckpt)
     optim = OptimConfig(lr=1e-6)
-    engine = build_engine(make_model(args.shape), train, optim, chunk_size=1024)
+    engine = build_engine(make_model(args.shape, args.attn), train, optim, chunk_size=1024)
     rng = np.random.default_rng(0)
     vocab = SHAPES[args.shape]["vocab_size"]
     if name == "sft":
@@ -162,7 +164,7 @@ def run_variant(name: str, args, world: int) -> dict:
         seqs = []
         for total in lengths(args.batch, args.median_len, args.max_len, rng):
             labels = np.zeros(total, bool)
-            labels[min(128, total // 4):] = True
+            labels[prompt_len(total):] = True
             seqs.append(Seq(rng.integers(0, vocab, total), labels))
         lens = [len(s) for s in seqs]
         step = lambda: sft_step(engine, seqs, cfg, 1e-6, world)  # noqa: E731
@@ -197,8 +199,8 @@ def parity(args, world: int) -> dict:
     from lopd.train.packing import make_micro_batches
 
     train = TrainConfig(steps=10, global_batch=8, micro_batch_tokens=4096, zero_stage=0, gradient_checkpointing=False)
-    model = make_model(args.shape, seed=1)
-    ref = make_model(args.shape, seed=1).float().to(device()).eval()
+    model = make_model(args.shape, args.attn, seed=1)
+    ref = make_model(args.shape, args.attn, seed=1).float().to(device()).eval()
     engine = build_engine(model, train, OptimConfig(lr=1e-3, grad_clip=1e9, weight_decay=0.0), chunk_size=1024)
     rng = np.random.default_rng(1)
     samples = opd_samples(8, 256, 512, SHAPES[args.shape]["vocab_size"], rng)
@@ -244,8 +246,6 @@ def main() -> None:
     args = ap.parse_args()
     if not args.child:  # each variant in its own process: a DeepSpeed engine does not give its memory back
         return parent(args)
-    global ATTN
-    ATTN = args.attn
     if not torch.cuda.is_available():
         torch.set_num_threads(2)
 
