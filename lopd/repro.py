@@ -112,7 +112,7 @@ class Study:
 
     def stage(self, name: str) -> str:
         """The stage a row's run trains with (``opd``, or ``sft`` for the control)."""
-        return SFT_ROW if name == SFT_ROW else self.cfg.variants[name].stage
+        return "sft" if name == SFT_ROW else self.cfg.variants[name].stage
 
     def sft_control(self, seed: int) -> dict:
         """SFT continued from the SFT checkpoint on the study's SFT data, with the OPD rows' updates,
@@ -202,7 +202,7 @@ def mean_ci(xs: list[float]) -> dict[str, float]:
     return {"mean": m, "ci95": t * statistics.stdev(xs) / math.sqrt(len(xs))}
 
 
-def _train_seconds(store, run_id: str, stage: str = "opd") -> float:
+def _train_seconds(store, run_id: str, stage: str) -> float:
     """Seconds one run spent in its training loop: per step, the update plus (online OPD) the
     weight sync, the sampling and the teacher's scoring."""
     text = store.read_bytes(f"{stage_prefix(run_id, stage)}/metrics.jsonl").decode()
