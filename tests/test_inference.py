@@ -25,8 +25,9 @@ from lopd.data.chat import (
 from lopd.inference import context_length, load_backend
 from lopd.inference.hf_backend import chunked_token_logprobs, top_p_filter
 from lopd.lineage import fingerprint_local, publish
+from lopd.models import ModelNotFoundError, resolve_model
 from lopd.recipe import InferenceConfig, SamplingConfig
-from lopd.stage import ModelNotFoundError, StageError, prompt_seed, resolve_model, start
+from lopd.stage import StageError, prompt_seed, start
 
 
 def bias_eos(src: Path, dst: Path, strength: float = 0.4) -> Path:

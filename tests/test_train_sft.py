@@ -112,7 +112,7 @@ def test_sft_end_to_end(sft_run, tmp_path):
     assert [h["lr"] for h in hist] == pytest.approx([lr_at(s, 8, optim) for s in range(8)])
     assert hist[0]["lr"] < hist[1]["lr"] and hist[1]["lr"] == pytest.approx(3e-3) and hist[-1]["lr"] < 3e-3 / 2
     # the published checkpoint is what precompute / vLLM load: HF format, the stage's own fingerprint
-    from lopd.stage import resolve_model
+    from lopd.models import resolve_model
 
     resolved = resolve_model(open_store(store_uri).url(stage_prefix(RUN, "sft")))
     from transformers import AutoModelForCausalLM

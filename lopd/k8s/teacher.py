@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     args, extra = ap.parse_known_args(argv)
     from lopd import LopdError
-    from lopd.stage import resolve_model
+    from lopd.models import resolve_model
 
     try:
         path = str(resolve_model(args.model, "models.teacher.uri").path)
