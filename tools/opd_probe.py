@@ -72,7 +72,12 @@ def args() -> argparse.Namespace:
     ap.add_argument("--sampled", action="store_true", help="also evaluate at temperature 0.6 (avg@2)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save", default="", help="save the trained student (HF format) to this directory at the end")
-    return ap.parse_args()
+    a = ap.parse_args()
+    if a.objective == "sft" and a.online:
+        ap.error("--objective sft trains on the teacher's answers: it has no --online mode")
+    if a.topk and a.objective != "full":
+        ap.error("--topk applies to --objective full only")
+    return a
 
 
 def logprobs(model, pairs: list[tuple[list[int], list[int]]], temperature: float = 1.0,
