@@ -36,10 +36,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(0)
     random.seed(0)
-    p = probe.Probe(argparse.Namespace(
-        workdir=a.workdir, student=a.student, teacher="runs/tiny-teacher/sft", rollouts="runs/tiny/precompute",
-        untie=False, objective="full", online=True, temperature=1.0, teacher_temperature=1.0,
-        sft_data="runs/tiny/sft-data"))
+    p = probe.Probe(probe.args(["--workdir", a.workdir, "--student", a.student, "--online", "--objective", "full"]))
     params = list(p.student.parameters())
 
     def grad(loss: torch.Tensor) -> torch.Tensor:
@@ -49,8 +46,7 @@ def main() -> None:
 
     rows = p.fresh_rollouts(a.rollouts)
     pairs = [(r["prompt_token_ids"], r["response_token_ids"]) for r in rows]
-    student = torch.cat([x for c in range(0, len(pairs), probe.MICRO)
-                         for x in probe.logprobs(p.student, pairs[c:c + probe.MICRO], full=True)])
+    student = torch.cat(probe.logprobs_chunked(p.student, pairs, full=True))
     teacher = torch.cat([r["teacher_logprobs"] for r in rows])
     exact_kl = (student.exp() * (student - teacher)).sum(-1)
     g_exact = grad(exact_kl.mean())
@@ -58,8 +54,7 @@ def main() -> None:
                   for r, (_, tok) in zip(rows, pairs, strict=True)]
 
     def sampled_grad(idx: list[int]) -> torch.Tensor:
-        lp = torch.cat([x for c in range(0, len(idx), probe.MICRO)
-                        for x in probe.logprobs(p.student, [pairs[i] for i in idx[c:c + probe.MICRO]])])
+        lp = torch.cat(probe.logprobs_chunked(p.student, [pairs[i] for i in idx]))
         loss, _ = opd_loss_per_token(lp, lp.detach(), torch.cat([teacher_at[i] for i in idx]))
         return grad(loss.mean())
 

@@ -41,7 +41,7 @@ MICRO = 256   # sequences per forward pass (generation, scoring, gradient accumu
 BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
 
 
-def args() -> argparse.Namespace:
+def args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=".", help="directory with runs/tiny and runs/tiny-teacher")
     ap.add_argument("--student", default="runs/tiny/sft", help="student checkpoint, relative to --workdir")
@@ -72,7 +72,7 @@ def args() -> argparse.Namespace:
     ap.add_argument("--sampled", action="store_true", help="also evaluate at temperature 0.6 (avg@2)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save", default="", help="save the trained student (HF format) to this directory at the end")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.objective == "sft" and a.online:
         ap.error("--objective sft trains on the teacher's answers: it has no --online mode")
     if a.topk and a.objective != "full":
@@ -96,6 +96,11 @@ def logprobs(model, pairs: list[tuple[list[int], list[int]]], temperature: float
         return [lp[i, len(p) - 1:len(p) - 1 + len(r)] for i, (p, r) in enumerate(pairs)]
     return [lp[i, len(p) - 1:len(p) - 1 + len(r)].gather(-1, torch.tensor(r)[:, None])[:, 0]
             for i, (p, r) in enumerate(pairs)]
+
+
+def logprobs_chunked(model, pairs: list[tuple[list[int], list[int]]], **kw) -> list[torch.Tensor]:
+    """:func:`logprobs` over ``MICRO`` sequences at a time (bounded memory for large batches)."""
+    return [x for c in range(0, len(pairs), MICRO) for x in logprobs(model, pairs[c:c + MICRO], **kw)]
 
 
 class Probe:
@@ -126,10 +131,8 @@ class Probe:
         if a.objective == "full" and not a.online:   # the teacher's whole distribution on the fixed rollouts
             pairs = [(r["prompt_token_ids"], r["response_token_ids"]) for r in self.rows]
             with torch.no_grad():
-                for c in range(0, len(pairs), MICRO):
-                    for r, s in zip(self.rows[c:c + MICRO], logprobs(self.teacher, pairs[c:c + MICRO], full=True),
-                                    strict=True):
-                        r["teacher_logprobs"] = s
+                for r, s in zip(self.rows, logprobs_chunked(self.teacher, pairs, full=True), strict=True):
+                    r["teacher_logprobs"] = s
 
     def chat(self, messages: list[dict]) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -167,8 +170,7 @@ class Probe:
                 resp = resp[:resp.index(self.im_end) + 1] if self.im_end in resp else resp
                 pairs.append((prompt, [t for t in resp if t != self.tok.pad_token_id] or [self.im_end]))
         full = self.a.objective == "full"
-        scores = [s for c in range(0, n, MICRO)
-                  for s in logprobs(self.teacher, pairs[c:c + MICRO], self.a.teacher_temperature, full=full)]
+        scores = logprobs_chunked(self.teacher, pairs, temperature=self.a.teacher_temperature, full=full)
         self.student.train()
         return [dict(prompt_token_ids=p, response_token_ids=r, teacher_logprobs=s if full else s.tolist(),
                      rollout_logprobs=None) for (p, r), s in zip(pairs, scores, strict=True)]
