@@ -29,11 +29,19 @@ RUN command -v python >/dev/null || ln -s "$(command -v python3)" /usr/local/bin
  && chown -R ${LOPD_UID}:${LOPD_UID} /cache /scratch
 
 WORKDIR /app
-# Dependencies first (cached layer): torch and vLLM come with the base image and are kept.
+# Dependencies first (cached layer), pinned by requirements/constraints.txt (the pins `make setup`
+# and the tests use). The packages the base image already has (torch, vLLM and their CUDA stack,
+# pinned by the base image's tag) are kept as they are: their lines are dropped from the pins.
 COPY pyproject.toml README.md ./
+COPY requirements/constraints.txt requirements/constraints.txt
 COPY lopd/__init__.py lopd/__init__.py
 COPY jobs/__init__.py jobs/__init__.py
-RUN python -m pip install ".[train,eval,k8s]" && python -m pip uninstall -y lopd
+RUN python -m pip list --format=freeze | cut -d= -f1 > /tmp/base-image.txt \
+ && awk -F'==' 'function norm(x) { x = tolower(x); gsub(/[_.]/, "-", x); return x } \
+        NR == FNR { base[norm($1)]; next } /^#/ || !(norm($1) in base)' \
+        /tmp/base-image.txt requirements/constraints.txt > /tmp/constraints.txt \
+ && python -m pip install -c /tmp/constraints.txt ".[train,eval,k8s]" \
+ && python -m pip uninstall -y lopd
 
 # The code, the recipes and the chart (the CLI renders from it inside the cluster too).
 COPY lopd ./lopd

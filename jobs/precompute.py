@@ -27,7 +27,9 @@ from lopd.data.chat import check_same_vocab
 from lopd.data.prompts import Prompt, load_prompts
 from lopd.data.schemas import PRECOMPUTE
 from lopd.inference import context_length, load_backend, sample_chats
-from lopd.lineage import InputRef, check_teacher_consistency, stage_prefix
+from lopd.layout import stage_prefix
+from lopd.lineage import check_teacher_consistency
+from lopd.manifest import InputRef
 
 STAGE = "precompute"
 ROLLOUTS = pa.schema([f for f in PRECOMPUTE if f.name != "teacher_logprobs"])
@@ -65,7 +67,7 @@ def score_part(rollouts: pa.Table, teacher: stage.Lazy, where: str) -> tuple[pa.
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ctx = stage.start(STAGE, argv, section=lambda r: r.precompute)
+    ctx = stage.start(STAGE, argv)
     if ctx is None:
         return
     cfg, recipe = ctx.section, ctx.recipe

@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lopd import stage
-from lopd.lineage import InputRef, stage_prefix
+from lopd.layout import manifest_key, stage_prefix
+from lopd.manifest import InputRef
 from lopd.train.data import TrainDataError, global_batch_indices, load_sft_seqs, rank_share
 from lopd.train.sft import PLOT_KEYS, sft_step
 from lopd.train.trainer import TrainRun
@@ -24,7 +25,7 @@ STAGE = "sft"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run = TrainRun.start(STAGE, argv, lambda r: r.sft)
+    run = TrainRun.start(STAGE, argv)
     if run is None:
         return
     cfg, recipe = run.section, run.recipe
@@ -36,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  cfg.train.max_seq_len)
     teacher_fp = m.lineage.get("teacher_fingerprint")
     if not teacher_fp:
-        raise TrainDataError(f"{run.store.url(prefix)}/MANIFEST.json: lineage.teacher_fingerprint is missing")
+        raise TrainDataError(f"{run.store.url(manifest_key(prefix))}: lineage.teacher_fingerprint is missing")
     stage.log("data", stage=STAGE, conversations=len(seqs), uri=run.store.url(prefix))
     run.build(student.path)
 

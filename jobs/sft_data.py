@@ -20,7 +20,7 @@ from lopd import stage
 from lopd.data.prompts import Prompt, load_prompts
 from lopd.data.schemas import SFT_DATA
 from lopd.inference import context_length, load_backend, sample_chats
-from lopd.lineage import InputRef
+from lopd.manifest import InputRef
 
 STAGE = "sft-data"
 
@@ -44,7 +44,7 @@ def answer_part(part: list[Prompt], tokenizer, backend: stage.Lazy, cfg, ctx_len
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ctx = stage.start(STAGE, argv, section=lambda r: r.sft_data)
+    ctx = stage.start(STAGE, argv)
     if ctx is None:
         return
     cfg, models = ctx.section, ctx.recipe.models

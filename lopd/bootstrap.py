@@ -20,7 +20,8 @@ import pyarrow as pa
 import yaml
 
 from lopd import LopdError
-from lopd.lineage import has_manifest, publish, stage_prefix
+from lopd.layout import MANIFEST, stage_prefix, teacher_run, teacher_sft_prefix
+from lopd.manifest import has_manifest, publish
 from lopd.recipe import Recipe
 from lopd.store import open_store, sha256_file
 
@@ -32,7 +33,7 @@ class BootstrapError(LopdError):
 
 
 def teacher_run_id(recipe: Recipe) -> str:
-    return f"{recipe.run_id}-teacher"
+    return teacher_run(recipe.run_id)
 
 
 def write_task_once(recipe: Recipe) -> dict[str, Path]:
@@ -59,11 +60,11 @@ def init_models(recipe: Recipe, corpus: Path) -> Path:
     b = recipe.bootstrap
     init_teacher = Path(b.data_dir).parent / "init" / "teacher"
     student = Path(recipe.models.student.uri)
-    if not (init_teacher / "MANIFEST.json").is_file():
+    if not (init_teacher / MANIFEST).is_file():
         _fresh(init_teacher)
         init_model(init_teacher, arch=b.teacher.arch, size=b.teacher.size, corpus=corpus, vocab_size=b.vocab_size,
                    seed=b.teacher.seed, overrides=b.teacher.overrides)
-    if not (student / "MANIFEST.json").is_file():
+    if not (student / MANIFEST).is_file():
         _fresh(student)
         init_model(student, arch=b.student.arch, size=b.student.size, tokenizer=init_teacher, seed=b.student.seed,
                    overrides=b.student.overrides)
@@ -115,7 +116,7 @@ def bootstrap(recipe: Recipe, run_stage: Callable[[str, Path], None], echo: Call
     b = recipe.bootstrap
     if b is None:
         return
-    expected = f"runs/{teacher_run_id(recipe)}/sft"
+    expected = teacher_sft_prefix(recipe.run_id)
     if Path(recipe.models.teacher.uri).resolve() != (Path(recipe.store) / expected).resolve():
         raise BootstrapError(f"models.teacher.uri: with a bootstrap section it must name the trained teacher "
                              f"{Path(recipe.store) / expected} (got {recipe.models.teacher.uri!r})")

@@ -130,7 +130,9 @@ def init_model(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from lopd.lineage import MANIFEST, Manifest, describe_dir, fingerprint_local, manifest_bytes, now
+    from lopd.fingerprint import fingerprint_local
+    from lopd.layout import MANIFEST
+    from lopd.manifest import Manifest, describe_dir, manifest_bytes, now
 
     out = Path(out)
     if arch not in ARCHS:

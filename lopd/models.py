@@ -13,18 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from lopd import LopdError
-from lopd.lineage import (
-    HUB_ID_RE,
-    MANIFEST,
-    InputRef,
-    Manifest,
-    ManifestError,
-    fetch,
-    fingerprint_hub,
-    fingerprint_local,
-    fingerprint_manifest,
-    read_manifest,
-)
+from lopd.fingerprint import HUB_ID_RE, fingerprint_hub, fingerprint_local, fingerprint_manifest
+from lopd.layout import MANIFEST
+from lopd.manifest import InputRef, Manifest, ManifestError, fetch, read_manifest
 from lopd.recipe import ModelSpec
 from lopd.store import cache_dir, is_store_uri, open_store
 

@@ -21,15 +21,13 @@ from pydantic import ValidationError, field_validator, model_validator
 from lopd import LopdError
 from lopd.cluster_config import KubernetesConfig, TeacherServerConfig, Toleration
 from lopd.embedded_config import BootstrapConfig, InitModelSpec, ReproConfig, ReproVariant
+from lopd.opd_config import ImportanceWeightsConfig, OnlineConfig, OpdConfig
 from lopd.sections import (
     EvalConfig,
     EvalDatasetConfig,
-    ImportanceWeightsConfig,
     InferenceConfig,
     ModelsConfig,
     ModelSpec,
-    OnlineConfig,
-    OpdConfig,
     OptimConfig,
     PrecomputeConfig,
     ResourcesConfig,

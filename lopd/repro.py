@@ -21,26 +21,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lopd import LopdError
-from lopd.lineage import stage_prefix
+from lopd.layout import local_run_dir, report_prefix, repro_dir, stage_prefix, teacher_sft_prefix
 from lopd.recipe import Recipe, load_recipe
+from lopd.repro_results import SFT_ROW, ReproError, mean_ci, write_results
 from lopd.store import open_store
-
-SFT_ROW = "sft"
-# two-sided 95% Student-t quantiles by degrees of freedom (normal beyond the table)
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-class ReproError(LopdError):
-    pass
 
 
 def _merge(base: dict, change: dict) -> dict:
@@ -61,9 +51,7 @@ class Study:
             raise ReproError("repro: the recipe needs sft_data and precompute sections")
         self.recipe, self.cfg, self.console = recipe, recipe.repro, console
         self.store = open_store(recipe.store)
-        from lopd.pipeline import local_run_dir
-
-        self.dir = local_run_dir(recipe) / "repro"
+        self.dir = repro_dir(local_run_dir(recipe.store, recipe.run_id))
         self.base = recipe.model_dump(mode="json", exclude={"repro"})
         for name in self.cfg.variants:
             self.run_id(name, max(self.cfg.seeds))  # fails early when too long
@@ -100,7 +88,7 @@ class Study:
 
     def teacher_b(self) -> tuple[Recipe, Path]:
         b = _merge(self.base, {"run_id": self.run_id("b"), "bootstrap": {"teacher_style": self.cfg.teacher_b_style}})
-        b["models"]["teacher"] = {"uri": f"runs/{self.run_id('b')}-teacher/sft"}
+        b["models"]["teacher"] = {"uri": teacher_sft_prefix(self.run_id("b"))}
         return self.write(self.run_id("b"), b)
 
     def inconsistent_precompute(self, teacher_b: Recipe) -> tuple[Recipe, Path]:
@@ -160,7 +148,7 @@ def run(recipe_path: str, overrides: tuple[str, ...] = (), seeds: list[int] | No
     """Run (or resume) the whole study; returns the results (also written beside the runs)."""
     from rich.console import Console
 
-    from lopd.pipeline import run_bootstrap, run_stages
+    from lopd.runner import run_bootstrap, run_stages
 
     console = console or Console(stderr=True)
     recipe = load_recipe(recipe_path, overrides)
@@ -193,15 +181,6 @@ def run(recipe_path: str, overrides: tuple[str, ...] = (), seeds: list[int] | No
 # ---------------------------------------------------------------------- results
 
 
-def mean_ci(xs: list[float]) -> dict[str, float]:
-    """Mean and 95% interval half-width over seeds (Student t; 0 for one seed)."""
-    m = statistics.fmean(xs)
-    if len(xs) < 2:
-        return {"mean": m, "ci95": 0.0}
-    t = T95.get(len(xs) - 1, 1.96)
-    return {"mean": m, "ci95": t * statistics.stdev(xs) / math.sqrt(len(xs))}
-
-
 def _train_seconds(store, run_id: str, stage: str) -> float:
     """Seconds one run spent in its training loop: per step, the update plus (online OPD) the
     weight sync, the sampling and the teacher's scoring."""
@@ -216,7 +195,7 @@ def collect(study: Study) -> dict[str, Any]:
     rows.update({n: {"acc": {}, "train_s": {}} for n in study.cfg.variants})
     bench = None
     for seed in study.cfg.seeds:
-        s = study.store.read_json(f"{stage_prefix(study.eval_run_id(seed), 'eval')}/report/summary.json")
+        s = study.store.read_json(f"{report_prefix(stage_prefix(study.eval_run_id(seed), 'eval'))}/summary.json")
         bench = bench or s["benchmarks"][0]
         for name in rows:
             rows[name]["acc"][str(seed)] = s["results"][name]["benchmarks"][bench]["avg"]
@@ -233,74 +212,3 @@ def collect(study: Study) -> dict[str, Any]:
     return {"run_id": study.recipe.run_id, "benchmark": bench, "seeds": study.cfg.seeds,
             "opd_steps": opd.train.steps, "global_batch": opd.train.global_batch, "lr": opd.optim.lr,
             "eval_k": study.recipe.eval.k, "rows": rows}
-
-
-def table(results: dict) -> str:
-    n = len(results["seeds"])
-    lines = [f"Held-out `{results['benchmark']}` accuracy (avg@{results['eval_k']}), mean ± 95% interval over "
-             f"{n} seed{'s' if n > 1 else ''}; every row below SFT: {results['opd_steps']} updates of "
-             f"{results['global_batch']} sequences from the same SFT checkpoint.", "",
-             "| method | accuracy (%) | Δ vs SFT (points) | training time (s) |", "|---|---|---|---|"]
-    sft = results["rows"][SFT_ROW]["accuracy"]["mean"]
-    for name, r in results["rows"].items():
-        a = r["accuracy"]
-        t = r["train_seconds"]
-        delta = "" if name == SFT_ROW else f"{100 * (a['mean'] - sft):+.1f}"
-        secs = "" if t is None else f"{t['mean']:.1f} ± {t['ci95']:.1f}"
-        lines.append(f"| {name} | {100 * a['mean']:.1f} ± {100 * a['ci95']:.1f} | {delta} | {secs} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_results(out: Path, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # rows keep the table order
-    (out / "results.md").write_text(table(results))
-    names = list(results["rows"])
-    means = [100 * results["rows"][n]["accuracy"]["mean"] for n in names]
-    errs = [100 * results["rows"][n]["accuracy"]["ci95"] for n in names]
-    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.6))
-    ax.bar(names, means, yerr=errs, capsize=4, color=["#888"] + ["#3a7"] * (len(names) - 1))
-    for i, n in enumerate(names):
-        for acc in results["rows"][n]["acc"].values():
-            ax.plot(i, 100 * acc, "k.", ms=4)
-    ax.set_ylabel(f"{results['benchmark']} accuracy (%)")
-    ax.set_title(f"lopd repro {results['run_id']}: {len(results['seeds'])} seeds, 95% intervals")
-    ax.tick_params(axis="x", rotation=20)
-    fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=120)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------- check
-
-
-def check(results_file: Path, expected_file: Path) -> list[str]:
-    """Rows whose mean accuracy left the expected tolerance, as one line each (empty: pass).
-
-    The expected file: ``{"rows": {name: {"accuracy": mean, "tolerance": points/100}}, "claims":
-    [[better, worse, margin], ...]}``; a claim holds when mean(better) - mean(worse) > margin.
-    """
-    for f in (results_file, expected_file):
-        if not f.is_file():
-            raise ReproError(f"repro check: file not found: {f}")
-    try:
-        res, exp = json.loads(results_file.read_text()), json.loads(expected_file.read_text())
-        rows = exp["rows"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ReproError(f"repro check: {expected_file}: not an expected-results file ({e})") from None
-    failures = []
-    got = {n: r["accuracy"]["mean"] for n, r in res["rows"].items()}
-    for name, e in rows.items():
-        if name not in got:
-            failures.append(f"{name}: missing from {results_file}")
-        elif abs(got[name] - e["accuracy"]) > e["tolerance"]:
-            failures.append(f"{name}: accuracy {got[name]:.3f} is outside {e['accuracy']:.3f} ± {e['tolerance']:.3f}")
-    for better, worse, margin in exp.get("claims", []):
-        if better in got and worse in got and not got[better] - got[worse] > margin:
-            failures.append(f"claim {better} > {worse} + {margin}: {got[better]:.3f} vs {got[worse]:.3f}")
-    return failures

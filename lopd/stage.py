@@ -2,7 +2,7 @@
 
 A stage's ``main()`` reads like the algorithm box::
 
-    ctx = stage.start("sft-data", argv, section=lambda r: r.sft_data)   # parse; None = already done
+    ctx = stage.start("sft-data", argv)              # parse (section from the registry); None = done
     teacher = ctx.resolve_model(ctx.recipe.models.teacher, "models.teacher.uri")
     prompts = ctx.shard_items(load_prompts(cfg.prompts))
     parts = ctx.run_parts(prompts, cfg.part_size, work, key=lambda p: p.prompt_id, schema=SFT_DATA)
@@ -19,7 +19,7 @@ Store layout: ``<store>/runs/<run_id>/<stage>/shards/<i>-of-<n>/`` holds the sha
 ``part-NNNNN.parquet`` files, a ``parts/part-NNNNN.json`` marker per finished part (written
 after its parquet, so a part exists iff its marker does) and, last, the shard's
 ``MANIFEST.json``, which lists the part files. When all ``n`` shard manifests exist the
-stage manifest is written (:func:`lopd.lineage.finalize_shards`). A killed shard resumes
+stage manifest is written (:func:`lopd.manifest.finalize_shards`). A killed shard resumes
 from its last complete part; a part's marker records the recipe hash and the hash of its
 item keys, so a part made under another recipe or input is redone, not reused.
 
@@ -32,20 +32,18 @@ from __future__ import annotations
 import argparse
 import atexit
 import hashlib
-import json
 import os
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lopd import LopdError
-from lopd.lineage import (
-    MANIFEST,
+from lopd.layout import manifest_key, shard_prefix, stage_prefix
+from lopd.manifest import (
     FileEntry,
     InputRef,
     Manifest,
@@ -54,23 +52,17 @@ from lopd.lineage import (
     has_manifest,
     manifest_bytes,
     now,
-    shard_prefix,
-    stage_prefix,
 )
 from lopd.models import ResolvedModel, resolve_model
+from lopd.progress import Progress, log
 from lopd.recipe import ModelSpec, Recipe, load_recipe
+from lopd.stages import get as get_stage
 from lopd.store import Store, open_store, sha256_file
 
 
 class StageError(LopdError):
     """A stage cannot run as asked (bad shard, missing input or section; a model that cannot be
     resolved is :class:`lopd.models.ModelNotFoundError`)."""
-
-
-def log(event: str, **fields: Any) -> None:
-    """One structured progress line on stderr (``{"event": ..., ...}``)."""
-    print(json.dumps({"t": round(time.time(), 3), "event": event, **fields}, default=str), file=sys.stderr,
-          flush=True)
 
 
 # --------------------------------------------------------------------------- parts
@@ -167,7 +159,7 @@ class StageContext:
         n_parts = (len(items) + part_size - 1) // part_size
         parts: list[Part] = []
         recipe_sha = self.recipe.sha256()
-        bar = _progress(n_parts, f"{self.stage} {name}")
+        bar = Progress(n_parts, f"{self.stage} {name}", "part_done")
         for i in range(n_parts):
             chunk = items[i * part_size:(i + 1) * part_size]
             items_sha = keys_sha256([key(x) for x in chunk])
@@ -211,14 +203,14 @@ class StageContext:
         """Write this shard's manifest (listing the part files; metrics = summed part metrics plus
         ``metrics``), then the stage manifest if every shard is done. Returns the stage manifest
         or None when other shards are still missing."""
-        from lopd.lineage import merge_metrics
+        from lopd.manifest import merge_metrics
 
         total = merge_metrics([p.metrics for p in parts] + [metrics or {}])
         total["parts"] = len(parts)
         m = Manifest(stage=self.stage, run_id=self.recipe.run_id, created_at=now(),
                      recipe_sha256=self.recipe.sha256(), inputs=inputs, files=[p.file for p in parts],
                      lineage=lineage, metrics=total, shard=ShardInfo(index=self.shard_index, count=self.num_shards))
-        self.store.write_bytes(f"{self.shard}/{MANIFEST}", manifest_bytes(m))
+        self.store.write_bytes(manifest_key(self.shard), manifest_bytes(m))
         log("shard_published", stage=self.stage, shard=self.shard, **{k: v for k, v in total.items()
                                                                       if isinstance(v, int | float)})
         return self.finalize()
@@ -228,29 +220,6 @@ class StageContext:
         if out is not None:
             log("stage_published", stage=self.stage, uri=self.store.url(self.prefix))
         return out
-
-
-class _progress:
-    """tqdm in a terminal, structured log lines otherwise."""
-
-    def __init__(self, total: int, desc: str):
-        self.tqdm = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.tqdm = tqdm(total=total, desc=desc)
-        self.desc, self.total, self.n = desc, total, 0
-
-    def update(self, k: int, **fields: Any) -> None:
-        self.n += k
-        if self.tqdm is not None:
-            self.tqdm.update(k)
-        else:
-            log("part_done", what=self.desc, done=self.n, total=self.total, **fields)
-
-    def close(self) -> None:
-        if self.tqdm is not None:
-            self.tqdm.close()
 
 
 # --------------------------------------------------------------------------- start / entrypoint
@@ -267,40 +236,48 @@ def parser(stage: str) -> argparse.ArgumentParser:
     return p
 
 
-def start(stage: str, argv: Sequence[str] | None = None, section: Callable[[Recipe], Any] | None = None
-          ) -> StageContext | None:
-    """Parse arguments, load the recipe, pick the shard; None when the stage (or this shard) is
-    already published and ``--force`` was not given (the caller then just returns).
+def start(stage: str, argv: Sequence[str] | None = None) -> StageContext | None:
+    """The harness's first step for every stage, inference and training alike: parse arguments,
+    load the recipe, take the stage's section and shard from the registry; None when the stage
+    (or this shard) is already published and ``--force`` was not given (the caller then returns).
 
-    ``section(recipe)`` returns the stage's recipe section (None is an error naming it); its
-    ``shards`` field, when present, is the default shard count.
+    ``--force`` means the same for every stage: the stage manifest and everything this process
+    would resume from are removed first (an inference shard's parts; a training stage's whole
+    output, checkpoints included, since its ranks are one shard), by rank 0 only.
     """
+    spec = get_stage(stage)
     args = parser(stage).parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
-    sec = section(recipe) if section else None
-    if section and sec is None:
-        raise StageError(f"recipe has no '{stage.replace('-', '_')}' section: stage {stage} cannot run")
-    num = args.num_shards if args.num_shards is not None else getattr(sec, "shards", 1)
+    sec = spec.of(recipe)
+    if sec is None:
+        raise StageError(f"recipe has no '{spec.section}' section: stage {stage} cannot run")
+    default = spec.shards(recipe)
+    num = args.num_shards if args.num_shards is not None else default
     idx = args.shard_index
     if idx is None:
-        env = os.environ.get("JOB_COMPLETION_INDEX", "")
+        env = "" if spec.training else os.environ.get("JOB_COMPLETION_INDEX", "")
         if env and not env.isdigit():
             raise StageError(f"JOB_COMPLETION_INDEX={env!r} is not a shard index")
         idx = int(env) if env else 0
+    if spec.training and (num, idx) != (1, 0):
+        raise StageError(f"--shard-index/--num-shards: {stage} is a training stage, one shard whose ranks are "
+                         f"a torchrun group (got shard {idx} of {num})")
     if num < 1 or not 0 <= idx < num:
         raise StageError(f"--shard-index {idx} out of range for --num-shards {num} (0..{num - 1})")
     store = open_store(recipe.store)
     workdir = Path(tempfile.mkdtemp(prefix=f"lopd-{stage}-"))
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     ctx = StageContext(stage, recipe, sec, store, idx, num, args.force, workdir)
+    own = ctx.prefix if spec.training else ctx.shard  # what this process resumes from
     if args.force:
-        store.delete(f"{ctx.prefix}/{MANIFEST}")
-        store.delete(ctx.shard)
-        log("forced", stage=stage, removed=store.url(ctx.shard))
+        if int(os.environ.get("RANK", "0")) == 0:
+            store.delete(manifest_key(ctx.prefix))
+            store.delete(own)
+            log("forced", stage=stage, removed=store.url(own))
     elif has_manifest(store, ctx.prefix):
         log("skip", stage=stage, reason="already published (use --force to redo)", uri=store.url(ctx.prefix))
         return None
-    elif has_manifest(store, ctx.shard):
+    elif not spec.training and has_manifest(store, ctx.shard):
         log("skip", stage=stage, reason="shard already published", uri=store.url(ctx.shard))
         ctx.finalize()
         return None

@@ -1,19 +1,19 @@
-"""Shared fixtures: a real SeaweedFS S3 server, stores on both backends, tiny models."""
+"""Shared fixtures: a real SeaweedFS S3 server, stores on both backends, tiny models.
+
+Plain helpers (functions, constants) live in :mod:`tests.helpers`; every fixture more than one
+test module uses lives here.
+"""
 
 from __future__ import annotations
 
 import os
-import random
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.seaweed import BUCKET, SeaweedServer
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers.cli import lopd_cli, write_corpus
+from tests.helpers.seaweed import BUCKET, SeaweedServer
 
 
 @pytest.fixture(scope="session")
@@ -46,29 +46,9 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def write_corpus(path: Path, n: int = 2000, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        a, b, c = (rng.randint(1, 99) for _ in range(3))
-        lines.append(f"Compute {a}+{b}+{c}. {a}+{b}={a + b}; {a + b}+{c}={a + b + c}. "
-                     f"The answer is \\boxed{{{a + b + c}}}.")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
-
-
-def lopd_cli(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the real ``lopd`` CLI in a subprocess (as a user would)."""
-    proc = subprocess.run([sys.executable, "-m", "lopd.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"lopd {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +57,23 @@ def tiny_model(tmp_path_factory, corpus) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
     lopd_cli("init-model", "--out", str(out), "--corpus", str(corpus), "--vocab-size", "384", "--seed", "1")
     return out
+
+
+@pytest.fixture(scope="session")
+def teacher_model(tmp_path_factory, tiny_model) -> Path:
+    """Another tiny random Qwen3 (other seed) sharing the tiny model's tokenizer (session-wide, read-only)."""
+    out = tmp_path_factory.mktemp("models") / "teacher"
+    lopd_cli("init-model", "--out", str(out), "--tokenizer", str(tiny_model), "--seed", "7")
+    return out
+
+
+@pytest.fixture(scope="session")
+def opd_models(tmp_path_factory, tiny_model, teacher_model) -> tuple[Path, Path]:
+    """(student, teacher) for OPD: the tiny and teacher models with weights scaled by 3, so their
+    policies are far from uniform (session-wide, read-only: tests only read and publish them)."""
+    from tests.helpers.training import scale_weights  # imports torch: only for the tests that need it
+
+    d = tmp_path_factory.mktemp("opd-models")
+    student = scale_weights(tiny_model, d / "student", 3.0)
+    teacher = scale_weights(teacher_model, d / "teacher", 3.0)
+    return student, teacher

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, lopd_cli
+from tests.helpers.cli import REPO, lopd_cli
 
 DESIGN_COMMANDS = ["run", "pipeline", "render", "deploy", "status", "logs", "report", "init-model"]
 

@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.evaluate import EVAL_RECORD, grade
-from lopd.data.schemas import EVAL
+from lopd.data.schemas import EVAL, EVAL_RECORD
 from lopd.eval.benchmarks import load_benchmark
+from lopd.eval.grading import grade
 from lopd.recipe import EvalConfig
-from tests.conftest import REPO, lopd_cli
-from tests.test_eval_benchmarks import CORRECT, write_code_fixture, write_math_fixture
+from tests.helpers.cli import REPO, lopd_cli
+from tests.helpers.eval import CORRECT, write_code_fixture, write_math_fixture
 
 
 def make_recipe(tmp: Path, model: Path, **eval_over) -> Path:

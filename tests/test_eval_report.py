@@ -7,10 +7,10 @@ import json
 
 import pyarrow as pa
 
-from jobs.evaluate import EVAL_RECORD
-from lopd.data.schemas import write_table
+from lopd.data.schemas import EVAL_RECORD, write_table
 from lopd.eval.report import report_from_store
-from lopd.lineage import publish, read_manifest, stage_prefix
+from lopd.layout import stage_prefix
+from lopd.manifest import publish, read_manifest
 from lopd.store import open_store
 
 

@@ -1,4 +1,4 @@
-"""Backends, chat formatting and the stage harness (fast, in-process, transformers backend).
+"""Backends and chat formatting (fast, in-process, transformers backend).
 
 vLLM is exercised end to end in tests/test_precompute.py (one subprocess, compared with the
 transformers backend there), because its engine start-up is slow on a CPU.
@@ -6,15 +6,12 @@ transformers backend there), because its engine start-up is slow on a CPU.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from lopd import LopdError
 from lopd.data.chat import (
     TokenizerMismatchError,
     check_same_vocab,
@@ -24,27 +21,9 @@ from lopd.data.chat import (
 )
 from lopd.inference import context_length, load_backend
 from lopd.inference.hf_backend import chunked_token_logprobs, top_p_filter
-from lopd.lineage import fingerprint_local, publish
-from lopd.models import ModelNotFoundError, resolve_model
 from lopd.recipe import InferenceConfig, SamplingConfig
-from lopd.stage import StageError, prompt_seed, start
-
-
-def bias_eos(src: Path, dst: Path, strength: float = 0.4) -> Path:
-    """Copy a tiny model and make it end turns often: one embedding dimension is a constant for
-    every token (so the final hidden state leans on it) and twice that for the end-of-turn token.
-    Gives a mix of "stop" and "length" finishes, so the end-of-turn handling is exercised."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("MANIFEST.json"))
-    eos = json.loads((dst / "config.json").read_text())["eos_token_id"]
-    sd = load_file(dst / "model.safetensors")
-    emb = sd["model.embed_tokens.weight"].clone()
-    emb[:, 0] = strength
-    emb[eos, 0] = 2 * strength
-    sd["model.embed_tokens.weight"] = emb
-    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
+from lopd.stage import prompt_seed
+from tests.helpers.inference import bias_eos
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +64,6 @@ def test_top_p_keeps_smallest_nucleus():
     torch.testing.assert_close(out, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
     assert torch.equal(top_p_filter(p, 1.0), p)
     assert top_p_filter(p, 0.1)[0, 0] == 1.0  # the top token always survives
-
-
-def test_prompt_seed_is_stable_and_spread():
-    assert prompt_seed(0, "a") == prompt_seed(0, "a")
-    assert len({prompt_seed(0, f"p{i}") for i in range(100)}) == 100
-    assert prompt_seed(0, "a") != prompt_seed(1, "a")
 
 
 # --------------------------------------------------------------------------- chat formatting
@@ -181,59 +154,3 @@ def test_load_backend_and_context_length_errors(eos_model, tmp_path):
         load_backend(tmp_path, InferenceConfig(backend="hf"))
     assert context_length(eos_model, InferenceConfig(max_model_len=100)) == 100
     assert context_length(eos_model, InferenceConfig()) == 4096
-
-
-# --------------------------------------------------------------------------- stage harness
-
-
-def test_resolve_model_from_store_dir_and_errors(store_uri, tiny_model, tmp_path):
-    from lopd.store import open_store
-
-    local = resolve_model(str(tiny_model), "models.teacher.uri")
-    assert local.path == tiny_model and local.fingerprint == fingerprint_local(tiny_model)
-    store = open_store(store_uri)
-    publish(store, "models/t", tiny_model, stage="model", run_id="x", lineage={"teacher_fingerprint": "abc"})
-    remote = resolve_model(store.url("models/t"), "precompute.student")
-    assert remote.fingerprint == local.fingerprint and remote.lineage["teacher_fingerprint"] == "abc"
-    assert (remote.path / "config.json").is_file() and remote.manifest_sha256
-    with pytest.raises(ModelNotFoundError, match=r"^precompute.student: model .*nope.* not found"):
-        resolve_model(store.url("models/nope"), "precompute.student")
-    with pytest.raises(ModelNotFoundError, match=r"^models.teacher.uri: model '/no/such/dir' not found"):
-        resolve_model("/no/such/dir", "models.teacher.uri")
-    with pytest.raises(ModelNotFoundError, match="not a model"):
-        resolve_model(str(tmp_path), "models.teacher.uri")
-    with pytest.raises(ModelNotFoundError, match="models.student.uri: .*org/missing"):  # offline hub
-        resolve_model("org/missing", "models.student.uri")
-
-
-def write_recipe(path: Path, store: str, teacher: Path, prompts: Path, **extra) -> Path:
-    import yaml
-
-    data = {"run_id": "t", "store": store, "models": {"teacher": {"uri": str(teacher)},
-                                                       "student": {"uri": str(teacher)}},
-            "sft_data": {"prompts": str(prompts), "shards": 3, "inference": {"backend": "hf"}}}
-    data.update(extra)
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def test_stage_args_shards_and_noop(tmp_path, tiny_model, monkeypatch):
-    r = write_recipe(tmp_path / "r.yaml", str(tmp_path / "store"), tiny_model, tmp_path / "p.jsonl")
-    ctx = start("sft-data", ["--recipe", str(r)], section=lambda x: x.sft_data)
-    assert (ctx.shard_index, ctx.num_shards) == (0, 3) and ctx.shard == "runs/t/sft-data/shards/0-of-3"
-    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
-    ctx = start("sft-data", ["--recipe", str(r), "--set", "sft_data.part_size=7"], section=lambda x: x.sft_data)
-    assert ctx.shard_index == 2 and ctx.section.part_size == 7
-    with pytest.raises(StageError, match=r"--shard-index 2 out of range for --num-shards 2 \(0..1\)"):
-        start("sft-data", ["--recipe", str(r), "--num-shards", "2"], section=lambda x: x.sft_data)
-    with pytest.raises(StageError, match="recipe has no 'precompute' section"):
-        start("precompute", ["--recipe", str(r)], section=lambda x: x.precompute)
-    # a published stage is a no-op unless --force, which removes the stage manifest first
-    (tmp_path / "store/runs/t/sft-data").mkdir(parents=True)
-    (tmp_path / "store/runs/t/sft-data/MANIFEST.json").write_text("{}")
-    assert start("sft-data", ["--recipe", str(r)], section=lambda x: x.sft_data) is None
-    assert start("sft-data", ["--recipe", str(r), "--force"], section=lambda x: x.sft_data) is not None
-    assert not (tmp_path / "store/runs/t/sft-data/MANIFEST.json").exists()
-    with pytest.raises(LopdError):
-        monkeypatch.setenv("JOB_COMPLETION_INDEX", "x")
-        start("sft-data", ["--recipe", str(r)], section=lambda x: x.sft_data)

@@ -1,7 +1,7 @@
 """The Helm chart through Helm's own engine (helm-python-sdk, no helm binary): lint, every stage
 of the tiny and the paper recipes rendered and validated (core kinds with kubernetes-validate
---strict, PyTorchJobs against ../shared/schemas/kubeflow.org_pytorchjobs.yaml with unknown fields
-rejected), assertions on the rendered objects, values.schema.json rejecting bad values."""
+--strict, PyTorchJobs against the packaged lopd/k8s/schemas/kubeflow.org_pytorchjobs.yaml with unknown
+fields rejected), assertions on the rendered objects, values.schema.json rejecting bad values."""
 
 from __future__ import annotations
 
@@ -12,15 +12,16 @@ import helm_python as helm_sdk
 import pytest
 import yaml
 
-from lopd.k8s import CHART_DIR, STAGE_MODULES, helm
+from lopd.k8s import CHART_DIR, helm
 from lopd.k8s.validate import CRD_DIR, ManifestInvalid, validate_objects
 from lopd.k8s.values import release_name, stage_values
 from lopd.recipe import load_recipe, validate_recipe
-from tests.conftest import REPO
+from lopd.stages import STAGES as REGISTRY
+from tests.helpers.cli import REPO
 
 RECIPES = {name: REPO / "jobs" / "recipes" / f"{name}.yaml"
            for name in ("tiny", "qwen3-4b", "qwen3-8b", "qwen3-30b-a3b")}
-STAGES = list(STAGE_MODULES)
+STAGES = list(REGISTRY)
 
 
 def rendered(recipe, stage: str) -> dict[str, str]:
@@ -51,9 +52,10 @@ def test_helm_lint_clean():
         assert [f for f in helm.lint(stage_values(tiny, stage)) if f["severity"] >= 2] == [], stage
 
 
-def test_crd_schema_lives_beside_the_repo():
-    assert CRD_DIR == REPO.parent / "shared" / "schemas"
-    assert (CRD_DIR / "kubeflow.org_pytorchjobs.yaml").is_file()
+def test_crd_schema_ships_with_the_package():
+    crd = CRD_DIR / "kubeflow.org_pytorchjobs.yaml"
+    assert crd.is_file() and Path(str(crd)).resolve() == REPO / "lopd" / "k8s" / "schemas" / crd.name
+    assert "kind: CustomResourceDefinition" in crd.read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
@@ -297,7 +299,9 @@ BAD_VALUES = [
     ("zero nodes", "resources: {nodes: 0}\n", "/resources/nodes"),
     ("bad image repository", "image: {repository: 'Not An Image'}\n", "/image/repository"),
     ("bad image digest", "image: {digest: 'md5:abc'}\n", "/image/digest"),
-    ("unknown stage", "stage: train\n", "/stage"),
+    ("bad stage name", "stage: Train_1\n", "/stage"),
+    ("module outside jobs", "module: os.system\n", "/module"),
+    ("training not a boolean", "training: maybe\n", "/training"),
     ("bad run id", "runId: My_Run\n", "/runId"),
     ("bad memory quantity", "resources: {memory: lots}\n", "/resources/memory"),
     ("bad shm quantity", "resources: {shmSize: 64 GB}\n", "/resources/shmSize"),
@@ -342,19 +346,16 @@ def test_default_values_render():
 
 
 def test_chart_commands_name_design_entrypoints():
-    """The command of every stage is `python -m jobs.<module>` for a module DESIGN.md lists; the
-    entrypoints that exist already are importable (the others are being written)."""
-    design = (REPO.parent / "shared" / "DESIGN.md")
-    listed = set(re.findall(r"`jobs/(\w+)\.py`", design.read_text())) if design.is_file() else set(
-        STAGE_MODULES.values())
+    """The command of every stage is `python -m jobs.<module>` for a module docs/architecture.md
+    lists, and every entrypoint is importable."""
+    listed = set(re.findall(r"`jobs/(\w+)\.py`", (REPO / "docs" / "architecture.md").read_text()))
     r = load_recipe(RECIPES["tiny"])
-    for stage, module in STAGE_MODULES.items():
-        assert module in listed
+    for stage, spec in REGISTRY.items():
+        assert spec.module in listed
         job = next(o for o in helm.objects(rendered(r, stage)) if o["kind"] == "Job")
         cmd = job["spec"]["template"]["spec"]["containers"][0]["command"]
-        assert f"jobs.{module}" in cmd and cmd[cmd.index(f"jobs.{module}") - 1] == "-m"
-    existing = [m for m in STAGE_MODULES.values() if (REPO / "jobs" / f"{m}.py").is_file()]
-    imports = "; ".join(f"import jobs.{m}" for m in existing) or "pass"
+        assert spec.entrypoint in cmd and cmd[cmd.index(spec.entrypoint) - 1] == "-m"
+    imports = "; ".join(f"import {s.entrypoint}" for s in REGISTRY.values())
     proc = run_python(f"{imports}; import lopd.k8s.teacher; print('ok')")
     assert proc.stdout.strip() == "ok", proc.stderr
 

@@ -14,10 +14,11 @@ import helm_python as helm_sdk
 import pytest
 import yaml
 
-from lopd.k8s import CHART_DIR, STAGE_MODULES
+from lopd.k8s import CHART_DIR
 from lopd.k8s.validate import validate_objects
 from lopd.recipe import load_recipe
-from tests.conftest import REPO, lopd_cli
+from lopd.stages import STAGES
+from tests.helpers.cli import REPO, lopd_cli
 
 TINY = str(REPO / "jobs" / "recipes" / "tiny.yaml")
 PAPER = {n: REPO / "jobs" / "recipes" / f"{n}.yaml" for n in ("qwen3-4b", "qwen3-8b", "qwen3-30b-a3b")}
@@ -97,17 +98,17 @@ def test_make_manifests_is_up_to_date(tmp_path):
     committed = REPO / "manifests" / "rendered" / "qwen3-8b"
     fresh = sorted(p.name for p in tmp_path.iterdir())
     assert fresh == sorted(p.name for p in committed.iterdir())
-    assert fresh == sorted([f"{s}.yaml" for s in STAGE_MODULES] + [f"{s}.values.yaml" for s in STAGE_MODULES])
+    assert fresh == sorted([f"{s}.yaml" for s in STAGES] + [f"{s}.values.yaml" for s in STAGES])
     stale = [n for n in fresh if (tmp_path / n).read_text() != (committed / n).read_text()]
     assert not stale, f"manifests/rendered is stale ({stale}): run `make manifests`"
-    for s in STAGE_MODULES:
+    for s in STAGES:
         validate_objects([d for d in yaml.safe_load_all((committed / f"{s}.yaml").read_text()) if d])
 
 
 def test_makefile_targets():
     if not shutil.which("make"):
         pytest.skip("make not installed")
-    for stage in STAGE_MODULES:
+    for stage in STAGES:
         out = subprocess.run([*MAKE, "-n", f"deploy-{stage}", "RECIPE=r.yaml", "PY=py"], cwd=REPO, env=MAKE_ENV,
                              capture_output=True, text=True, check=True).stdout
         assert out.strip() == f"py -m lopd.cli deploy {stage} --recipe r.yaml"
@@ -148,7 +149,9 @@ def test_dockerfile_runtime_contract():
     with helm_sdk.Chart.load(str(CHART_DIR)) as c:
         assert c.values["securityContext"]["runAsUser"] == 1000
     assert "HF_HOME=/cache/hf" in text and "LOPD_CACHE=/cache/lopd" in text
-    extras = re.search(r'pip install "\.\[([\w,]+)\]"', text).group(1).split(",")
+    pinned = re.search(r'pip install -c (\S+) "\.\[([\w,]+)\]"', text)  # the pins `make setup` uses
+    assert pinned and "requirements/constraints.txt" in text, "the image must install with the lock's pins"
+    extras = pinned.group(2).split(",")
     declared = (REPO / "pyproject.toml").read_text()
     for extra in extras:
         assert re.search(rf"^{extra} = \[", declared, re.M), extra
@@ -189,12 +192,12 @@ def test_paper_recipes(name):
     text = PAPER[name].read_text()
     head = text.split("\nrun_id:")[0]
     assert f"lopd pipeline --backend k8s -r jobs/recipes/{name}.yaml" in head
-    for stage in STAGE_MODULES:
+    for stage in STAGES:
         assert f"make deploy-{stage}" in head
     assert "Expected time" in head
     r = load_recipe(PAPER[name])
     assert r.run_id == name
-    # DESIGN.md hyper-parameters
+    # the paper's hyper-parameters (docs/architecture.md)
     assert (r.opd.mode, r.opd.optim.lr, r.opd.optim.schedule, r.opd.optim.betas) == ("offline", 2e-6, "constant",
                                                                                       (0.9, 0.98))
     assert (r.opd.optim.weight_decay, r.opd.optim.grad_clip, r.opd.clip_low, r.opd.clip_high) == (0.1, 1.0, 0.2, 0.2)

@@ -2,7 +2,7 @@
 
 No Kubernetes cluster runs here: tests/fixtures/k8s/*.json (see its README) are served by a
 loopback HTTP server to the real kubernetes client, with label selectors and tailLines applied.
-The store side (shard manifests done/total) is a real file store written with lopd.lineage.
+The store side (shard manifests done/total) is a real file store written with lopd.manifest.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import pytest
 import yaml
 
 from lopd.k8s.status import format_table, workload_state
-from lopd.lineage import finalize_shards, publish, shard_prefix, stage_prefix
+from lopd.layout import shard_prefix, stage_prefix
+from lopd.manifest import finalize_shards, publish
 from lopd.store import open_store
-from tests.conftest import REPO, lopd_cli
+from tests.helpers.cli import REPO, lopd_cli
 
 FIXTURES = REPO / "tests" / "fixtures" / "k8s"
 TINY = str(REPO / "jobs" / "recipes" / "tiny.yaml")
@@ -342,8 +343,7 @@ def test_deploy_wait_and_pipeline_status_follow_the_cluster(replay):
     """What `lopd deploy --wait` and the pipeline poll: the newest workload of a stage, via the client."""
     from lopd.k8s import K8sError
     from lopd.k8s.cluster import Cluster
-    from lopd.k8s.commands import _wait
-    from lopd.k8s.pipeline import workload_status_fn
+    from lopd.k8s.pipeline import wait_stage, workload_status_fn
     from lopd.recipe import load_recipe
 
     r = load_recipe(TINY, ["run_id=fx"])
@@ -351,16 +351,16 @@ def test_deploy_wait_and_pipeline_status_follow_the_cluster(replay):
     status_of = workload_status_fn(cluster, "fx")
     assert status_of("precompute")[0] == "Suspended" and status_of("sft")[0] == "Restarting"
     with pytest.raises(K8sError, match=r"stage eval failed: .*DeadlineExceeded.*lopd logs eval"):
-        _wait(cluster, r, "eval", poll=0.01, timeout=5)
+        wait_stage(cluster, r, "eval", poll=0.01, timeout=5, echo=print)
     with pytest.raises(K8sError, match="timed out after 0s waiting for stage precompute"):
-        _wait(cluster, r, "precompute", poll=0.01, timeout=0)
+        wait_stage(cluster, r, "precompute", poll=0.01, timeout=0, echo=print)
 
 
 @pytest.mark.parametrize("replay", ["run-midway"], indirect=True)
 def test_deploy_wait_returns_on_success(replay):
     from lopd.k8s.cluster import Cluster
-    from lopd.k8s.commands import _wait
+    from lopd.k8s.pipeline import wait_stage
     from lopd.recipe import load_recipe
 
-    _wait(Cluster("lopd", kubeconfig=replay.kubecfg), load_recipe(TINY, ["run_id=fx"]), "sft-data", poll=0.01,
-          timeout=5)
+    wait_stage(Cluster("lopd", kubeconfig=replay.kubecfg), load_recipe(TINY, ["run_id=fx"]), "sft-data", poll=0.01,
+               timeout=5, echo=print)

@@ -24,13 +24,14 @@ import yaml
 from lopd import LopdError
 from lopd.data.chat import TokenizerMismatchError
 from lopd.data.schemas import PRECOMPUTE
+from lopd.fingerprint import fingerprint
 from lopd.inference import load_backend
-from lopd.lineage import TeacherMismatchError, fingerprint, publish, read_manifest
+from lopd.lineage import TeacherMismatchError
+from lopd.manifest import publish, read_manifest
 from lopd.recipe import InferenceConfig
 from lopd.store import open_store
-from tests.conftest import REPO, lopd_cli
-from tests.test_inference import bias_eos
-from tests.test_sft_data import write_prompts
+from tests.helpers.cli import REPO, lopd_cli
+from tests.helpers.inference import bias_eos, write_prompts
 
 RUN = "pc"
 PREFIX = f"runs/{RUN}/precompute"
@@ -85,7 +86,7 @@ def nothing_published(store_uri: str) -> bool:
 
 
 def check_rows(rows: list[dict], eos_ids: set[int]) -> None:
-    """DESIGN.md invariants: equal per-token lengths; end-of-turn token last iff finished by it."""
+    """docs/architecture.md invariants: equal per-token lengths; end-of-turn token last iff finished by it."""
     for r in rows:
         n = len(r["response_token_ids"])
         assert n > 0 and len(r["teacher_logprobs"]) == n and len(r["rollout_logprobs"]) == n

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from lopd.recipe import Recipe, RecipeError, apply_set, load_recipe, parse_set, validate_recipe
-from tests.conftest import REPO, lopd_cli
+from tests.helpers.cli import REPO, lopd_cli
 
 TINY = REPO / "jobs" / "recipes" / "tiny.yaml"
 

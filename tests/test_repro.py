@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from lopd.recipe import RecipeError, load_recipe
-from lopd.repro import SFT_ROW, ReproError, Study, check, mean_ci, write_results
-from tests.conftest import lopd_cli
+from lopd.repro import Study
+from lopd.repro_results import SFT_ROW, ReproError, check, mean_ci, write_results
+from tests.helpers.cli import lopd_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "recipes" / "tiny.yaml"

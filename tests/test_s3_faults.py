@@ -12,7 +12,7 @@ import time
 import pytest
 
 from lopd.store import StoreError, open_store, sha256_file
-from tests.seaweed import BUCKET, SeaweedServer
+from tests.helpers.seaweed import BUCKET, SeaweedServer
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,9 @@ import uuid
 import pytest
 
 from lopd.eval.code_grader import CodeJob, CodeTest, extract_code, grade_code_batch, stdout_matches
+from lopd.eval.interpreter import python_argv
 from lopd.eval.reaper import live_pids
-from lopd.eval.sandbox import SandboxLimits, capabilities, python_argv, run_program
+from lopd.eval.sandbox import SandboxLimits, capabilities, run_program
 
 LIMITS = SandboxLimits(wall_s=2.0, cpu_s=1, memory_mb=256, max_procs=16, output_bytes=1 << 20)
 SECRET = "lopd-test-secret-" + uuid.uuid4().hex
@@ -168,7 +169,8 @@ def test_output_comparison_and_extraction():
 NONROOT_SCRIPT = """
 import os, sys
 sys.path.insert(0, {repo!r})
-from lopd.eval.sandbox import SandboxLimits, capabilities, enable_subreaper, python_argv, run_program
+from lopd.eval.interpreter import python_argv  # noqa: E402
+from lopd.eval.sandbox import SandboxLimits, capabilities, enable_subreaper, run_program  # noqa: E402
 enable_subreaper()
 lim = SandboxLimits(wall_s=2, cpu_s=1, memory_mb=256, max_procs=16)
 out = {{"caps": capabilities()}}

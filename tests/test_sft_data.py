@@ -18,21 +18,13 @@ import yaml
 
 from lopd import LopdError
 from lopd.data.schemas import SFT_DATA
-from lopd.lineage import ManifestError, fingerprint, read_manifest
+from lopd.fingerprint import fingerprint
+from lopd.manifest import ManifestError, read_manifest
 from lopd.store import open_store
-from tests.conftest import REPO, lopd_cli
+from tests.helpers.cli import REPO, lopd_cli
+from tests.helpers.inference import write_prompts
 
 RUN = "sd"
-
-
-def write_prompts(path: Path, n: int, long_ids: tuple[str, ...] = ()) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"prompt_id": f"p{i:03d}", "prompt": f"Compute {i}+{2 * i}+3.",
-                                "answer": str(3 * i + 3)}) + "\n")
-        for pid in long_ids:  # longer than the 256-token context: skipped and counted
-            f.write(json.dumps({"prompt_id": pid, "prompt": "Compute 1+2. " * 150}) + "\n")
-    return path
 
 
 def sft_recipe(path: Path, store: str, teacher: Path, prompts: Path, **section) -> Path:

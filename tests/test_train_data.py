@@ -1,4 +1,5 @@
-"""Bad precomputed data: each case is a one-line TrainDataError naming the row and column."""
+"""Training data (lopd.train.data): bad precomputed data, each case a one-line TrainDataError naming
+the row and column (also through the real entrypoint), and the deterministic global batch order."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ import copy
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 
 from lopd.data.schemas import PRECOMPUTE
-from lopd.lineage import stage_prefix
+from lopd.layout import stage_prefix
 from lopd.store import open_store
 from lopd.train.data import (
     TrainDataError,
@@ -18,8 +18,7 @@ from lopd.train.data import (
     load_opd_samples,
     open_precompute,
 )
-from lopd.train.packing import Seq, dummy_micro_batch, pack, pad
-from tests.test_train_opd import RUN, make_run, opd_models, publish_precompute, run_job, teacher_model  # noqa: F401
+from tests.helpers.training import RUN, make_run, publish_precompute, run_job
 
 GOOD = {"teacher_fingerprint": "t" * 64, "sft_teacher_fingerprint": "t" * 64, "teacher_consistent": True,
         "allow_inconsistent_teacher": False}
@@ -132,70 +131,3 @@ def test_batches_are_deterministic_and_cover_epochs():
     assert a == global_batch_indices(10, 3, 4, seed=1) and len(a) == 4
     first_epoch = sum((global_batch_indices(10, s, 5, seed=1) for s in range(2)), [])
     assert sorted(first_epoch) == list(range(10))
-
-
-def _check_micro_batches(mbs, seqs, budget):
-    """Every micro-batch within the budget (rows x width, filler included; a sequence longer than
-    the budget alone), every target kept exactly once, extras aligned with seq_index."""
-    assert sum(mb.num_seqs for mb in mbs) == len(seqs)
-    assert sum(mb.num_targets for mb in mbs) == sum(s.num_targets for s in seqs)
-    seen = []
-    for mb in mbs:
-        assert mb.input_ids.numel() <= budget or mb.num_seqs == 1
-        assert mb.seq_index.shape[0] == mb.num_targets == mb.extras["t"].shape[0]
-        for i in torch.unique_consecutive(mb.seq_index).tolist():
-            seen.append(i)
-            np.testing.assert_array_equal(mb.extras["t"][mb.seq_index == i].numpy(), seqs[i].extras["t"])
-            # the selected positions' next tokens are the sequence's targets, in order
-            np.testing.assert_array_equal(mb.targets[mb.select][mb.seq_index == i].numpy(),
-                                          seqs[i].tokens[seqs[i].labels])
-    assert sorted(seen) == list(range(len(seqs)))
-
-
-def _seqs(lengths):
-    return [Seq(np.arange(n) + 3 + i, np.r_[np.zeros(2, bool), np.ones(n - 2, bool)], i,
-                {"t": np.arange(n - 2, dtype=np.float32) + 100 * i}) for i, n in enumerate(lengths)]
-
-
-def test_pack_and_pad_respect_the_budget_and_keep_targets():
-    seqs = _seqs([5, 9, 3, 7, 4])
-    for mbs in (pack(seqs, 12), pack(seqs, 12, sort=True), pad(seqs, 12)):
-        _check_micro_batches(mbs, seqs, 12)
-    packed = pack(seqs, 12)
-    assert packed[0].position_ids.tolist() == [[0, 1, 2, 3, 4]] and packed[0].attention_mask is None
-    assert pad(seqs, 12)[0].attention_mask is not None
-    # in order: the concatenated targets follow the input order (callers split them by length)
-    assert torch.cat([mb.seq_index for mb in packed]).tolist() == sorted(torch.cat([mb.seq_index for mb in packed])
-                                                                          .tolist())
-
-
-def test_sorted_packing_uses_several_bounded_rows_with_little_filler():
-    """First-fit decreasing: width = the micro-batch's longest sequence, shorter ones share rows
-    (positions restart per sequence; filler positions continue the row, no targets)."""
-    rng = np.random.default_rng(0)
-    lengths = np.clip(rng.lognormal(np.log(40), 0.8, 60).astype(int), 3, 200).tolist()
-    seqs = _seqs(lengths)
-    mbs = pack(seqs, 256, sort=True)
-    _check_micro_batches(mbs, seqs, 256)
-    widths = [mb.input_ids.shape[1] for mb in mbs]
-    assert widths == sorted(widths, reverse=True) and widths[0] == max(lengths)
-    assert max(mb.input_ids.shape[0] for mb in mbs) > 1
-    area = sum(mb.input_ids.numel() for mb in mbs)
-    assert area <= 1.15 * sum(lengths)  # little filler (padding these rows would be ~1.6x)
-    shared = next(mb for mb in mbs if (mb.position_ids[:, 1:] == 0).any())
-    r, p = (shared.position_ids[:, 1:] == 0).nonzero()[0].tolist()
-    assert shared.position_ids[r, p + 1] == 0 and not shared.select[r, p]  # a sequence's last token has no target
-    for mb in mbs:
-        assert (mb.position_ids[:, 0] == 0).all()  # every row starts a sequence
-        diff = mb.position_ids[:, 1:] - mb.position_ids[:, :-1]
-        assert ((diff == 1) | (mb.position_ids[:, 1:] == 0)).all()  # +1 within a segment, 0 at a new one
-    # one sequence longer than the budget: a micro-batch of its own
-    big = pack(_seqs([300, 20, 10]), 256, sort=True)
-    assert [tuple(mb.input_ids.shape) for mb in big][0] == (1, 300) and sum(mb.num_seqs for mb in big) == 3
-
-
-def test_dummy_micro_batch_runs_the_lm_head_like_a_real_one():
-    """Ranks pad with dummies; ZeRO-3 needs the same modules (incl. the LM head's recomputation in
-    the backward), so a dummy selects one position (its loss is multiplied by 0 by the engine)."""
-    d = dummy_micro_batch()
-    assert d.num_targets == 1 == d.seq_index.shape[0] and d.num_seqs == 0 and d.real_tokens == 0

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (fixtures imported from tests.test_train_opd are used as test arguments)
 """A Qwen3-MoE student trains through the same OPD and SFT code (lopd init-model --arch qwen3-moe)."""
 
 from __future__ import annotations
@@ -6,18 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lopd.lineage import read_manifest, stage_prefix
+from lopd.layout import stage_prefix
+from lopd.manifest import read_manifest
 from lopd.store import open_store
-from tests.conftest import lopd_cli
-from tests.test_train_opd import (  # noqa: F401
-    RUN,
-    make_run,
-    precompute_rows,
-    read_metrics,
-    run_job,
-    scale_weights,
-    teacher_model,
-)
+from tests.helpers.cli import lopd_cli
+from tests.helpers.training import RUN, make_run, precompute_rows, read_metrics, run_job, scale_weights
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +32,7 @@ def test_moe_student_offline_opd(tmp_path, moe_models):
     m, _ = read_manifest(open_store(uri), stage_prefix(RUN, "opd"))
     from transformers import AutoModelForCausalLM
 
-    from lopd.lineage import fetch
+    from lopd.manifest import fetch
 
     model = AutoModelForCausalLM.from_pretrained(fetch(open_store(uri), stage_prefix(RUN, "opd"), tmp_path / "f"))
     assert type(model).__name__ == "Qwen3MoeForCausalLM"

@@ -1,5 +1,5 @@
-# ruff: noqa: F811  (fixtures imported from tests.test_train_opd are used as test arguments)
-"""Standard (online) OPD and the offline/online gradient identity and diagnostic."""
+"""Standard (online) OPD (lopd.train.online) and the offline/online gradient identity and diagnostic
+(lopd.train.diagnostic), with the transformers sampler; vLLM is in tests/test_train_online_vllm.py."""
 
 from __future__ import annotations
 
@@ -10,19 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from lopd.lineage import read_manifest, stage_prefix
+from lopd.layout import stage_prefix
+from lopd.manifest import read_manifest
 from lopd.store import open_store
 from lopd.train.data import load_opd_samples, open_precompute
-from tests.test_train_opd import (  # noqa: F401
-    RUN,
-    make_run,
-    opd_models,
-    precompute_rows,
-    publish_precompute,
-    read_metrics,
-    run_job,
-    teacher_model,
-)
+from tests.helpers.training import RUN, make_run, precompute_rows, publish_precompute, read_metrics, run_job
 
 
 @pytest.fixture(scope="module")

@@ -2,60 +2,17 @@
 
 from __future__ import annotations
 
-import random
-from pathlib import Path
-
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
-import yaml
 
-from lopd.data.schemas import SFT_DATA, write_table
-from lopd.lineage import publish, read_manifest, stage_prefix
+from lopd.layout import stage_prefix
+from lopd.manifest import read_manifest
 from lopd.store import open_store
 from lopd.train.data import encode_sft_row
 from lopd.train.engine import lr_at
 from lopd.train.packing import pack, pad
-from tests.test_train_opd import RUN, final_weights, read_metrics, run_job
-
-TEACHER_FP = "f" * 64
-
-
-def conversations(n: int, seed: int = 0) -> list[list[dict]]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b, c = (rng.randint(1, 99) for _ in range(3))
-        steps = " ".join(f"{a}+{b}={a + b};" for _ in range(rng.randint(1, 4)))  # a spread of lengths
-        out.append([{"role": "user", "content": f"Compute {a}+{b}+{c}."},
-                    {"role": "assistant", "content": f"{steps} {a + b}+{c}={a + b + c}. The answer is "
-                                                     f"\\boxed{{{a + b + c}}}."}])
-    return out
-
-
-def publish_sft_data(store_uri: str, tmp: Path, n: int = 32) -> None:
-    local = tmp / "sft-data-out"
-    (local / "shards" / "0-of-1").mkdir(parents=True)
-    convs = conversations(n)
-    table = pa.table({"prompt_id": [f"s{i:03d}" for i in range(n)], "messages": convs,
-                      "num_tokens": [len(c[1]["content"]) for c in convs], "finish_reason": ["stop"] * n})
-    write_table(table, local / "shards" / "0-of-1" / "part-00000.parquet", SFT_DATA)
-    publish(open_store(store_uri), stage_prefix(RUN, "sft-data"), local, stage="sft-data", run_id=RUN,
-            lineage={"teacher_fingerprint": TEACHER_FP})
-
-
-def sft_recipe(tmp: Path, model: Path, **train) -> tuple[Path, str]:
-    store_uri = f"file://{tmp / 'store'}"
-    publish_sft_data(store_uri, tmp)
-    t = {"steps": 8, "global_batch": 8, "micro_batch_tokens": 160, "max_seq_len": 128, "zero_stage": 0,
-         "gradient_checkpointing": False, "checkpoint_every": 4, **train}
-    recipe = {"run_id": RUN, "store": store_uri,
-              "models": {"teacher": {"uri": str(model)}, "student": {"uri": str(model)}},
-              "sft": {"optim": {"lr": 3e-3, "schedule": "cosine", "warmup_ratio": 0.25, "weight_decay": 0.0},
-                      "train": t}}
-    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    return tmp / "recipe.yaml", store_uri
+from tests.helpers.training import RUN, TEACHER_FP, conversations, final_weights, read_metrics, run_job, sft_recipe
 
 
 def test_assistant_mask_covers_only_the_assistant_turn(tiny_model):

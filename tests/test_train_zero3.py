@@ -19,24 +19,18 @@ import torch
 import yaml
 
 from lopd.data.schemas import SFT_DATA, write_table
-from lopd.lineage import publish, stage_prefix
+from lopd.layout import stage_prefix
+from lopd.manifest import publish
 from lopd.store import open_store
 from lopd.train.data import encode_sft_row, global_batch_indices, rank_share
 from lopd.train.losses import chunk_count, chunked_logprobs
 from lopd.train.opd import split_minis
 from lopd.train.packing import Seq, make_micro_batches
-from tests.test_train_opd import (  # noqa: F401  (fixtures)
-    RUN,
-    logprobs_of,
-    make_run,
-    opd_models,
-    read_metrics,
-    run_job,
-    sample_responses,
-    teacher_model,
-)
+from tests.helpers.training import RUN, logprobs_of, make_run, read_metrics, run_job, sample_responses
 
-N_ROWS, MICRO_TOKENS, CHUNK, STEPS, MINIS = 16, 24, 3, 2, 2
+# one PPO mini-batch per step: on-policy, the ratio is exactly 1, so no token sits at the clip
+# boundary where rounding could flip it (see tests/test_train_opd.py's two-rank test)
+N_ROWS, MICRO_TOKENS, CHUNK, STEPS, MINIS = 16, 24, 3, 2, 1
 HANG_TIMEOUT_S = 240  # a hang fails the test instead of the suite
 
 
@@ -81,7 +75,7 @@ def test_padding_chunks_change_neither_values_nor_gradients(n):
 
 
 @pytest.fixture(scope="module")
-def uneven_rows(opd_models):  # noqa: F811
+def uneven_rows(opd_models):
     """Rollouts with a wide spread of response lengths (prefixes of sampled responses, so still
     the student's samples), scored by the teacher."""
     student, teacher = opd_models
@@ -117,7 +111,7 @@ def rank_plans(rows: dict, world: int) -> list[list[tuple[int, tuple[int, ...]]]
     return out
 
 
-def test_zero3_two_ranks_uneven_micro_batches_and_chunks_match_one_rank(tmp_path, opd_models,  # noqa: F811
+def test_zero3_two_ranks_uneven_micro_batches_and_chunks_match_one_rank(tmp_path, opd_models,
                                                                         uneven_rows):
     """2 ranks ZeRO-3 whose ranks get different numbers of micro-batches and of LM-head chunks
     finish (no hang) with the loss curve of 1 rank ZeRO-0 on the same global batches."""
@@ -137,11 +131,11 @@ def test_zero3_two_ranks_uneven_micro_batches_and_chunks_match_one_rank(tmp_path
     a, b = read_metrics(one_uri), read_metrics(two_uri)
     assert [h["step"] for h in b] == list(range(1, STEPS + 1))
     # step 1 starts from identical weights: only fp32 summation order differs (gloo, ZeRO-3 partitions);
-    # later steps go through Adam, whose first updates amplify ~1e-7 gradient differences: rel 1e-3
+    # step 2 starts from weights that differ by rounding, which Adam can amplify: rel 1e-4
     assert b[0]["loss"] == pytest.approx(a[0]["loss"], rel=1e-5, abs=1e-7)
     assert b[0]["reverse_kl_est"] == pytest.approx(a[0]["reverse_kl_est"], rel=1e-5)
     for x, y in zip(a, b, strict=True):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-3, abs=1e-6)
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-6)
         assert y["response_tokens"] == x["response_tokens"]
 
 

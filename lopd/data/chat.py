@@ -1,6 +1,6 @@
 """Chat formatting: prompts rendered with the tokenizer's own chat template, as token ids.
 
-The contract (DESIGN.md, "Data contracts"):
+The contract (docs/architecture.md, "Data contracts"):
 
 - a prompt is ``apply_chat_template(messages, add_generation_prompt=True)`` and, when the
   template knows it, ``enable_thinking``; the result is token ids, never text that is later

@@ -1,4 +1,4 @@
-"""Parquet schemas of the data contracts in DESIGN.md (written with zstd compression).
+"""Parquet schemas of the data contracts in docs/architecture.md (written with zstd compression).
 
 Every stage writes with these schemas and every reader checks them, so a column that is
 missing or of the wrong type is an error naming the file and the column.
@@ -43,6 +43,11 @@ EVAL = pa.schema([
     ("correct", pa.bool_()),
     ("num_tokens", pa.int32()),
 ])
+
+# The rows an ``eval`` stage writes: EVAL plus the checkpoint's label, the backend's finish reason
+# ("stop" | "length") and the grader's verdict.
+EVAL_RECORD = pa.schema([*EVAL, pa.field("checkpoint", pa.string()), pa.field("finish_reason", pa.string()),
+                         pa.field("verdict", pa.string())])
 
 PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 3}
 

@@ -71,7 +71,7 @@ def make_splits(seed: int, sizes: dict[str, int], **kw) -> dict[str, list[Proble
 
 
 def prompt_row(split: str, i: int, p: Problem) -> dict:
-    """A prompts-contract row (DESIGN.md): prompt_id, messages, answer."""
+    """A prompts-contract row (docs/architecture.md): prompt_id, messages, answer."""
     return {"prompt_id": f"{split}-{i:06d}", "messages": [{"role": "user", "content": p.question}],
             "answer": str(p.answer)}
 

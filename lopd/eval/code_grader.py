@@ -22,9 +22,10 @@ import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
+from lopd.eval.interpreter import python_argv
 from lopd.eval.math_grader import strip_reasoning
 from lopd.eval.reaper import enable_subreaper
-from lopd.eval.sandbox import SandboxLimits, python_argv, run_program
+from lopd.eval.sandbox import SandboxLimits, run_program
 
 _FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.S)
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from lopd import LopdError
 from lopd.eval.metrics import benchmark_metrics, group_average
+from lopd.layout import report_prefix
 
 SUMMARY, REPORT_MD, CHART = "summary.json", "report.md", "accuracy.png"
-REPORT_STAGE_DIR = "report"
 
 
 class ReportError(LopdError):
@@ -164,7 +164,7 @@ def read_eval_rows(store, stage_prefix: str) -> tuple[list[dict], dict]:
     """All per-sample rows of a published eval stage and its manifest's lineage."""
     import pyarrow.parquet as pq
 
-    from lopd.lineage import ManifestError, read_manifest
+    from lopd.manifest import ManifestError, read_manifest
 
     try:
         m, _ = read_manifest(store, stage_prefix)
@@ -181,8 +181,8 @@ def report_from_store(store, stage_prefix: str, out_dir: str | Path | None = Non
                       run_id: str = "") -> tuple[dict, Path]:
     """Summarise a published eval stage, write the report files locally and (``publish``) to
     ``<stage_prefix>/report/`` with their own manifest. Returns (summary, local dir)."""
-    from lopd.lineage import publish as publish_dir
-    from lopd.lineage import read_manifest
+    from lopd.manifest import publish as publish_dir
+    from lopd.manifest import read_manifest
 
     rows, lineage = read_eval_rows(store, stage_prefix)
     _, stage_sha = read_manifest(store, stage_prefix)
@@ -192,9 +192,9 @@ def report_from_store(store, stage_prefix: str, out_dir: str | Path | None = Non
     local = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="lopd-report-"))
     write_report(summary, local)
     if publish:
-        from lopd.lineage import InputRef
+        from lopd.manifest import InputRef
 
-        publish_dir(store, f"{stage_prefix}/{REPORT_STAGE_DIR}", local, stage="eval-report",
+        publish_dir(store, report_prefix(stage_prefix), local, stage="eval-report",
                     run_id=meta["run_id"] or "unknown",
                     inputs={"eval": InputRef(uri=store.url(stage_prefix), manifest_sha256=stage_sha)},
                     metrics=_headline(summary))

@@ -45,7 +45,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -273,36 +272,3 @@ def run_program(argv: list[str], stdin: bytes = b"", limits: SandboxLimits = San
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(io_dir, ignore_errors=True)
-
-
-def _world_executable(path: str) -> bool:
-    """True when any uid may execute ``path``: o+x on every directory above it and o+rx on it."""
-    real = Path(os.path.realpath(path))
-    try:
-        if real.stat().st_mode & 0o005 != 0o005:
-            return False
-        return all(p.stat().st_mode & 0o001 for p in real.parents)
-    except OSError:
-        return False
-
-
-def sandbox_python() -> str:
-    """A Python interpreter the sandbox uid can run.
-
-    ``LOPD_SANDBOX_PYTHON`` if set, else this interpreter when it is world-executable, else the
-    system ``python3`` (e.g. when the venv lives under a 0700 ``/root``). Programs under test
-    need only the standard library.
-    """
-    env = os.environ.get("LOPD_SANDBOX_PYTHON")
-    if env:
-        return env
-    for cand in (sys.executable, shutil.which("python3"), "/usr/bin/python3", "/usr/local/bin/python3"):
-        if cand and os.path.exists(cand) and (not capabilities()["root"] or _world_executable(cand)):
-            return cand
-    raise SandboxError("sandbox: no Python interpreter that an unprivileged uid can execute "
-                       "(set LOPD_SANDBOX_PYTHON)")
-
-
-def python_argv(script: str = "main.py") -> list[str]:
-    """Interpreter command for a Python program: isolated mode (no env, no user site)."""
-    return [sandbox_python(), "-I", script]

@@ -14,12 +14,11 @@ Both backends also expose ``tokenizer``, ``eos_ids`` (end-of-turn ids) and ``max
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 from lopd import LopdError
-from lopd.inference.base import Backend, Completion
+from lopd.inference.base import Backend, Completion, context_length
 from lopd.recipe import InferenceConfig, SamplingConfig
 
 
@@ -43,17 +42,6 @@ def load_backend(model_path: str | Path, inference_cfg: InferenceConfig | None =
 
         return VLLMBackend(path, cfg, dtype, seed=seed)
     raise BackendError(f"inference.backend: unknown backend {cfg.backend!r} (vllm or hf)")
-
-
-def context_length(model_path: str | Path, inference_cfg: InferenceConfig | None = None) -> int:
-    """Tokens of context (prompt + response) without starting an engine: ``max_model_len`` or the
-    model config's ``max_position_embeddings``, whichever is smaller."""
-    cfg = json.loads((Path(model_path) / "config.json").read_text())
-    n = int(cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings") or 0)
-    limit = inference_cfg.max_model_len if inference_cfg else None
-    if limit and n:
-        return min(limit, n)
-    return limit or n or 1 << 30
 
 
 __all__ = ["Backend", "BackendError", "Completion", "context_length", "load_backend"]

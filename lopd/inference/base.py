@@ -3,17 +3,20 @@
 (a) ``generate``: sample completions for already-tokenised chat prompts, returning token
 ids exactly as sampled (never decoded and re-encoded), the text, the finish reason and the
 sampler's own log-prob of every sampled token. (b) ``score``: the log-prob of every given
-response token under the model, given prompt and response token ids.
+response token under the model, given prompt and response token ids. Also
+:func:`context_length`, the context limit of a model without starting an engine.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from lopd.recipe import SamplingConfig
+from lopd.recipe import InferenceConfig, SamplingConfig
 
 
 @dataclass
@@ -41,3 +44,14 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release the engine (memory, worker processes)."""
         ...
+
+
+def context_length(model_path: str | Path, inference_cfg: InferenceConfig | None = None) -> int:
+    """Tokens of context (prompt + response) without starting an engine: ``max_model_len`` or the
+    model config's ``max_position_embeddings``, whichever is smaller."""
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    n = int(cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings") or 0)
+    limit = inference_cfg.max_model_len if inference_cfg else None
+    if limit and n:
+        return min(limit, n)
+    return limit or n or 1 << 30

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from lopd.data.chat import decode_response, end_of_turn_ids
-from lopd.inference.base import Completion
+from lopd.inference.base import Completion, context_length
 from lopd.recipe import InferenceConfig, SamplingConfig
 
 
@@ -173,8 +173,6 @@ class VLLMBackend:
                  seed: int = 0):
         from transformers import AutoTokenizer, GenerationConfig
         from vllm import LLM
-
-        from lopd.inference import context_length
 
         path = Path(model_path)
         self.cfg = cfg or InferenceConfig()

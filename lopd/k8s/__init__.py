@@ -8,7 +8,8 @@ the library and the stages run without it. Module map:
 - :mod:`lopd.k8s.validate`  rendered objects against the Kubernetes and PyTorchJob CRD schemas
 - :mod:`lopd.k8s.cluster`   the kubernetes client: workloads and pods of a run, pod logs
 - :mod:`lopd.k8s.status`    a run's stages: workload state, pods, shard manifests in the store
-- :mod:`lopd.k8s.pipeline`  deploy the stages in order, each once its inputs are published
+- :mod:`lopd.k8s.pipeline`  deploy the stages in order, each once its inputs are published;
+                            follow one stage (``lopd deploy --wait``)
 - :mod:`lopd.k8s.teacher`   container entrypoint of the online-OPD teacher server (vLLM)
 """
 
@@ -18,16 +19,11 @@ import os
 from pathlib import Path
 
 from lopd import LopdError
-from lopd.stages import STAGES, TRAINING_STAGES
 
 CHART_DIR = Path(os.environ.get("LOPD_CHART", Path(__file__).resolve().parents[2] / "helm" / "lopd"))
-
-# stage -> module under jobs/ (the container command is python -m jobs.<module>)
-STAGE_MODULES: dict[str, str] = {name: s.module for name, s in STAGES.items()}
-
 
 class K8sError(LopdError):
     """A Kubernetes-side problem (render, deploy, cluster access), reported as one line."""
 
 
-__all__ = ["CHART_DIR", "STAGE_MODULES", "TRAINING_STAGES", "K8sError"]
+__all__ = ["CHART_DIR", "K8sError"]

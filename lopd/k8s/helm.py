@@ -47,6 +47,20 @@ def render(values: dict[str, Any], release: str, namespace: str, chart: Path = C
     return {k: v for k, v in sorted(out.items()) if v.strip()}
 
 
+def render_stage(recipe, stage: str, validate: bool = True) -> tuple[dict[str, Any], str, dict[str, str]]:
+    """One stage of ``recipe`` through the chart: (values, release name, rendered templates), the
+    objects validated against the Kubernetes and PyTorchJob schemas unless ``validate`` is off."""
+    from lopd.k8s.validate import validate_objects
+    from lopd.k8s.values import release_name, stage_values
+
+    values = stage_values(recipe, stage)
+    release = release_name(recipe.run_id, stage)
+    rendered = render(values, release, recipe.kubernetes.namespace)
+    if validate:
+        validate_objects(objects(rendered))
+    return values, release, rendered
+
+
 def objects(rendered: dict[str, str]) -> list[dict[str, Any]]:
     """The Kubernetes objects of a render (NOTES.txt left out), in template order."""
     objs = []

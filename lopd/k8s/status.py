@@ -7,16 +7,14 @@ testable against recorded API responses; :func:`run_status` gathers them for a r
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lopd.k8s import TRAINING_STAGES
 from lopd.k8s.cluster import ROLE_LABEL, STAGE_LABEL, pod_index, selector
-from lopd.k8s.values import SECTIONS, release_name
-from lopd.lineage import MANIFEST, stage_prefix
+from lopd.k8s.values import release_name
+from lopd.layout import manifest_key, shard_of, shards_prefix, stage_prefix
 from lopd.recipe import Recipe
-from lopd.stages import stages_of
+from lopd.stages import STAGES, stages_of
 from lopd.store import Store
 
 BAD_WAITING = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError",
@@ -127,30 +125,20 @@ def pods_summary(pods: list[dict[str, Any]]) -> tuple[dict[str, int], list[str]]
     return counts, problems
 
 
-SHARD_RE = re.compile(r"shards/(\d+)-of-(\d+)/" + re.escape(MANIFEST) + "$")
-
-
 def store_progress(store: Store, run_id: str, stage: str, shards: int) -> tuple[int, bool]:
     """(shard manifests done out of ``shards``, stage manifest published) from the store."""
     prefix = stage_prefix(run_id, stage)
-    published = store.exists(f"{prefix}/{MANIFEST}")
-    done = {int(m.group(1)) for o in store.list(f"{prefix}/shards/")
-            if (m := SHARD_RE.search(o.key)) and int(m.group(2)) == shards}
+    published = store.exists(manifest_key(prefix))
+    done = {s[0] for o in store.list(shards_prefix(prefix)) if (s := shard_of(o.key)) and s[1] == shards}
     return (shards if published and not done else len(done)), published
-
-
-def recipe_stages(recipe: Recipe) -> list[str]:
-    """The run's stages in pipeline order (sft-data and precompute only when configured)."""
-    return stages_of(recipe)
 
 
 def run_status(recipe: Recipe, store: Store, workloads: list[dict[str, Any]] | None,
                pods: list[dict[str, Any]] | None) -> list[StageStatus]:
     """One row per stage; ``workloads``/``pods`` None means the cluster was not asked."""
     rows = []
-    for stage in recipe_stages(recipe):
-        section = getattr(recipe, SECTIONS[stage])
-        shards = 1 if stage in TRAINING_STAGES else section.shards
+    for stage in stages_of(recipe):
+        shards = STAGES[stage].shards(recipe)
         row = StageStatus(stage=stage, release=release_name(recipe.run_id, stage), shards_total=shards)
         row.shards_done, row.published = store_progress(store, recipe.run_id, stage, shards)
         if workloads is None:

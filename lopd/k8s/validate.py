@@ -1,14 +1,16 @@
 """Validate rendered objects: core kinds with ``kubernetes-validate --strict`` (unknown fields are
 errors), custom resources against their CRD's openAPIV3Schema made strict the same way.
 
-The PyTorchJob CRD (kubeflow training-operator v1.9.4) lives outside the repository, at
-``../shared/schemas/kubeflow.org_pytorchjobs.yaml`` relative to the repository root.
+The PyTorchJob CRD (kubeflow training-operator v1.9.4) ships with the package, in
+``lopd/k8s/schemas/kubeflow.org_pytorchjobs.yaml``, and is read with :mod:`importlib.resources`
+(so it is found in a wheel, an editable install and the image alike).
 """
 
 from __future__ import annotations
 
 import copy
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,9 @@ import yaml
 
 from lopd.k8s import K8sError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CRD_DIR = REPO_ROOT.parent / "shared" / "schemas"
+CRD_DIR = resources.files("lopd.k8s").joinpath("schemas")
+"""The packaged CRD schemas (an :mod:`importlib.resources` traversable; ``crd_dir`` arguments may
+name another directory)."""
 CRDS = {("kubeflow.org/v1", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml"}
 KUBE_VERSION = "1.31.0"
 
@@ -45,15 +48,16 @@ def strict_schema(node: Any) -> Any:
 
 
 @cache
-def crd_validator(api_version: str, kind: str, crd_dir: str = str(CRD_DIR)):
-    """A jsonschema validator for a custom resource, from its CRD file."""
+def crd_validator(api_version: str, kind: str, crd_dir: str | None = None):
+    """A jsonschema validator for a custom resource, from its CRD file (in ``crd_dir``, by default
+    the packaged :data:`CRD_DIR`)."""
     import jsonschema
 
     fname = CRDS.get((api_version, kind))
-    path = Path(crd_dir) / fname if fname else None
+    path = (Path(crd_dir) if crd_dir is not None else CRD_DIR).joinpath(fname) if fname else None
     if path is None or not path.is_file():
         raise ManifestInvalid(f"no CRD schema for {api_version} {kind} (looked for {path})")
-    crd = next(d for d in yaml.safe_load_all(path.read_text()) if d)
+    crd = next(d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d)
     version = api_version.split("/")[-1]
     spec = next(v for v in crd["spec"]["versions"] if v["name"] == version)
     schema = strict_schema(copy.deepcopy(spec["schema"]["openAPIV3Schema"]))
@@ -64,12 +68,13 @@ def _where(path) -> str:
     return ".".join(str(p) for p in path) or "<root>"
 
 
-def validate_object(obj: dict[str, Any], kube_version: str = KUBE_VERSION, crd_dir: Path = CRD_DIR) -> str:
+def validate_object(obj: dict[str, Any], kube_version: str = KUBE_VERSION, crd_dir: Path | None = None) -> str:
     """Validate one object; returns ``kind/name`` or raises :class:`ManifestInvalid` naming the field."""
     kind, api = obj.get("kind"), obj.get("apiVersion")
     name = f"{kind}/{(obj.get('metadata') or {}).get('name')}"
     if (api, kind) in CRDS:
-        errors = sorted(crd_validator(api, kind, str(crd_dir)).iter_errors(obj), key=lambda e: list(e.path))
+        validator = crd_validator(api, kind, None if crd_dir is None else str(crd_dir))
+        errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.path))
         if errors:
             e = errors[0]
             raise ManifestInvalid(f"{name}: {_where(e.absolute_path)}: {e.message}")
@@ -86,5 +91,5 @@ def validate_object(obj: dict[str, Any], kube_version: str = KUBE_VERSION, crd_d
 
 
 def validate_objects(objs: list[dict[str, Any]], kube_version: str = KUBE_VERSION,
-                     crd_dir: Path = CRD_DIR) -> list[str]:
+                     crd_dir: Path | None = None) -> list[str]:
     return [validate_object(o, kube_version, crd_dir) for o in objs]

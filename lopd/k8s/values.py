@@ -13,12 +13,12 @@ from typing import Any
 
 import yaml
 
-from lopd.k8s import TRAINING_STAGES, K8sError
+from lopd.k8s import K8sError
 from lopd.recipe import Recipe, RecipeError, validate_recipe
 from lopd.stages import STAGES
+from lopd.stages import get as get_stage
 
 MAX_RELEASE = 53  # Helm's release-name limit
-SECTIONS = {name: s.section for name, s in STAGES.items()}
 
 
 def release_name(run_id: str, stage: str) -> str:
@@ -34,11 +34,10 @@ def release_name(run_id: str, stage: str) -> str:
 
 def stage_section(recipe: Recipe, stage: str) -> Any:
     """The recipe section of ``stage``; a one-line error when the recipe has none."""
-    if stage not in SECTIONS:
-        raise K8sError(f"unknown stage {stage!r} (one of {', '.join(SECTIONS)})")
-    section = getattr(recipe, SECTIONS[stage])
+    spec = get_stage(stage)
+    section = spec.of(recipe)
     if section is None:
-        raise RecipeError(f"recipe error: {SECTIONS[stage]}: the recipe has no such section, so no {stage} stage")
+        raise RecipeError(f"recipe error: {spec.section}: the recipe has no such section, so no {stage} stage")
     return section
 
 
@@ -86,13 +85,15 @@ def stage_values(recipe: Recipe, stage: str) -> dict[str, Any]:
     k = recipe.kubernetes
     res = section.resources
     repo, tag, digest = split_image(k.image)
-    training = stage in TRAINING_STAGES
-    if not training and res.nodes != 1:
-        raise RecipeError(f"recipe error: {SECTIONS[stage]}.resources.nodes: inference stages run one pod per "
-                          f"shard; use {SECTIONS[stage]}.shards instead (got {res.nodes})")
+    spec = STAGES[stage]
+    if not spec.training and res.nodes != 1:
+        raise RecipeError(f"recipe error: {spec.section}.resources.nodes: inference stages run one pod per "
+                          f"shard; use {spec.section}.shards instead (got {res.nodes})")
     ts = k.teacher_server
     values: dict[str, Any] = {
         "stage": stage,
+        "module": spec.entrypoint,
+        "training": spec.training,
         "runId": recipe.run_id,
         "storeUri": recipe.store,
         "image": {"repository": repo, "tag": tag, "digest": digest, "pullPolicy": k.image_pull_policy},
@@ -102,7 +103,7 @@ def stage_values(recipe: Recipe, stage: str) -> dict[str, Any]:
                                "name": k.storage_secret or "lopd-storage"}},
         "serviceAccount": {"enabled": k.service_account is None, "name": k.service_account or "",
                            "irsaRoleArn": k.irsa_role_arn or "", "annotations": {}},
-        "shards": 1 if training else section.shards,
+        "shards": spec.shards(recipe),
         "resources": {"nodes": res.nodes, "gpusPerNode": res.gpus_per_node, "cpu": res.cpu,
                       "memory": res.memory, "shmSize": res.shm_size},
         "job": {"backoffLimit": k.backoff_limit, "ttlSecondsAfterFinished": k.ttl_seconds_after_finished,

@@ -17,7 +17,6 @@ unpickled (safetensors and JSON only).
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from lopd.lineage import fetch, has_manifest, publish
+from lopd.layout import checkpoint_prefix, checkpoint_step, checkpoints_prefix
+from lopd.manifest import fetch, has_manifest, publish
 from lopd.store import Store
 
-STEP_RE = re.compile(r"checkpoints/step-(\d{6})/MANIFEST\.json$")
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -101,7 +100,7 @@ def save_checkpoint(engine, tokenizer, store: Store, stage_prefix: str, step: in
     Returns the checkpoint's store prefix on rank 0, None elsewhere.
     """
     weights, moments = gather_state(engine)
-    prefix = f"{stage_prefix}/checkpoints/step-{step:06d}"
+    prefix = checkpoint_prefix(stage_prefix, step)
     if dist.get_rank() == 0:
         local = workdir / f"ckpt-{step:06d}"
         shutil.rmtree(local, ignore_errors=True)
@@ -117,10 +116,9 @@ def save_checkpoint(engine, tokenizer, store: Store, stage_prefix: str, step: in
 
 def latest_checkpoint(store: Store, stage_prefix: str) -> str | None:
     """Prefix of the newest complete (manifested) checkpoint under ``stage_prefix``, or None."""
-    steps = [int(m.group(1)) for o in store.list(f"{stage_prefix}/checkpoints")
-             if (m := STEP_RE.search(o.key))]
+    steps = [s for o in store.list(checkpoints_prefix(stage_prefix)) if (s := checkpoint_step(o.key)) is not None]
     for s in sorted(steps, reverse=True):
-        prefix = f"{stage_prefix}/checkpoints/step-{s:06d}"
+        prefix = checkpoint_prefix(stage_prefix, s)
         if has_manifest(store, prefix):
             return prefix
     return None

@@ -8,7 +8,6 @@ ablation (``allow_inconsistent_teacher``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,8 @@ import pyarrow.parquet as pq
 
 from lopd import LopdError
 from lopd.data.schemas import PRECOMPUTE, SFT_DATA
-from lopd.lineage import Manifest, ManifestError, read_manifest
+from lopd.layout import manifest_key
+from lopd.manifest import Manifest, ManifestError, read_manifest
 from lopd.store import Store
 from lopd.train.packing import Seq
 
@@ -67,7 +67,7 @@ def open_precompute(store: Store, prefix: str, allow_inconsistent_teacher: bool)
     except ManifestError as e:
         raise TrainDataError(f"precompute data: {e}") from None
     lin = m.lineage
-    where = store.url(f"{prefix}/MANIFEST.json")
+    where = store.url(manifest_key(prefix))
     if "teacher_consistent" not in lin:
         raise TrainDataError(f"{where}: lineage.teacher_consistent is missing (cannot check the teacher)")
     if not lin["teacher_consistent"] and not allow_inconsistent_teacher:
@@ -212,7 +212,3 @@ def global_batch_indices(n: int, step: int, global_batch: int, seed: int) -> lis
 def rank_share(items: list, rank: int, world: int) -> list:
     """This rank's part of a global batch: every ``world``-th item."""
     return items[rank::world]
-
-
-def steps_per_epoch(n: int, global_batch: int) -> float:
-    return n / global_batch if global_batch else math.inf

@@ -1,11 +1,12 @@
-"""Per-step training metrics: JSONL, TensorBoard events, structured log lines / tqdm, PNG curves."""
+"""Per-step training metrics: JSONL, TensorBoard events, progress (:mod:`lopd.progress`), PNG curves."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
+
+from lopd.progress import Progress
 
 
 class MetricsLog:
@@ -23,10 +24,7 @@ class MetricsLog:
         self.tb = SummaryWriter(str(out_dir / "tensorboard"))
         for rec in self.history:  # a resumed run rewrites the earlier steps' events
             self._tb(rec)
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=len(self.history), desc=desc)
+        self.bar = Progress(total_steps, desc, "step", initial=len(self.history))
 
     def _tb(self, rec: dict[str, Any]) -> None:
         for k, v in rec.items():
@@ -38,11 +36,7 @@ class MetricsLog:
         if not self.enabled:
             return
         self._tb(rec)
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k in ("loss", "lr", "grad_norm")})
-        else:
-            print(json.dumps({"event": "step", **rec}), file=sys.stderr, flush=True)
+        self.bar.update(1, {k: f"{v:.4g}" for k, v in rec.items() if k in ("loss", "lr", "grad_norm")}, **rec)
 
     def close(self, plot_keys: list[str]) -> None:
         """Write ``metrics.jsonl`` and ``curves.png`` into ``out_dir``."""

@@ -22,11 +22,14 @@ import torch
 from lopd import LopdError, stage
 from lopd.data.chat import check_same_vocab, encode_prompt
 from lopd.data.prompts import Prompt, load_prompts
-from lopd.lineage import InputRef, check_teacher_consistency, stage_prefix
+from lopd.layout import stage_prefix
+from lopd.lineage import check_teacher_consistency
+from lopd.manifest import InputRef
 from lopd.recipe import SamplingConfig
 from lopd.train.data import OpdSample, global_batch_indices, rank_share
 from lopd.train.engine import device
 from lopd.train.losses import model_logprobs
+from lopd.train.opd import split_minis
 from lopd.train.packing import Seq, pack
 
 
@@ -163,7 +166,11 @@ def push_weights(backend, weights: dict[str, torch.Tensor]) -> None:
 
 
 class OnlineSource:
-    """Fresh rollouts per step for :func:`lopd.train.opd.opd_step`."""
+    """Fresh rollouts per step for :func:`lopd.train.opd.opd_step` (mirrors
+    :class:`lopd.train.offline.OfflineSource`)."""
+
+    plot_keys: list[str] = []
+    summary: dict = {}
 
     def __init__(self, run, student, teacher, prompts: list[Prompt], lineage: dict, inputs: dict):
         self.run, self.student, self.teacher_model = run, student, teacher
@@ -236,6 +243,15 @@ class OnlineSource:
         sp = self.cfg.sampling
         ids = [encode_prompt(self.tokenizer, p.messages, sp.enable_thinking) for p in prompts]
         return self.rollouts([p.prompt_id for p in prompts], ids, step)
+
+    def minibatches(self, step: int) -> list[list[OpdSample]]:
+        """Fresh rollouts of this rank's share of step ``step``'s prompts, split into the PPO
+        mini-batches locally (each rank sampled its own share)."""
+        return split_minis(self.batch(step), self.run.section.mini_batches, 0, 1)
+
+    def before_step(self, step: int, minis: list[list[OpdSample]]) -> dict[str, float]:
+        """Metrics measured before the update: the sampling and scoring times of this batch."""
+        return dict(self.timings)
 
     def close(self) -> None:
         for x in (self.sampler, self.teacher):

@@ -2,7 +2,7 @@
 
 A training job's ``main()``::
 
-    run = TrainRun.start("opd", argv, lambda r: r.opd)          # None: already published
+    run = TrainRun.start("opd", argv)                              # None: already published
     run.build(model_dir)                                           # resume from the latest checkpoint
     run.loop(lambda step: opd_step(...))                          # log, checkpoint every K steps
     run.publish(inputs=..., lineage=..., plot_keys=...)            # HF checkpoint + metrics, manifest last
@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
-from lopd.lineage import InputRef, has_manifest, publish, stage_prefix
-from lopd.recipe import Recipe, load_recipe
-from lopd.stage import log, parser
-from lopd.store import open_store
+from lopd.manifest import InputRef, publish
+from lopd.stage import StageContext, log
+from lopd.stage import start as start_stage
 from lopd.train import checkpoint as ckpt
 from lopd.train.engine import build_engine, init_distributed, lr_at, train_dtype
 from lopd.train.metrics import MetricsLog
@@ -35,31 +33,23 @@ FAULT_ENV = "LOPD_FAULT_KILL_AFTER_STEP"  # fault injection for the resume tests
 
 
 class TrainRun:
-    def __init__(self, stage: str, recipe: Recipe, section: Any, force: bool, argv: list[str]):
-        self.stage, self.recipe, self.section, self.argv = stage, recipe, section, argv
-        self.store = open_store(recipe.store)
-        self.prefix = stage_prefix(recipe.run_id, stage)
+    def __init__(self, ctx: StageContext):
+        self.stage, self.recipe, self.section = ctx.stage, ctx.recipe, ctx.section
+        self.store, self.prefix = ctx.store, ctx.prefix
         self.rank, self.world = init_distributed()
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"lopd-{stage}-r{self.rank}-"))
-        self.total = section.train.steps
+        self.workdir = ctx.workdir
+        self.total = self.section.train.steps
         self.start_step = 0
         self.engine = self.model = self.tokenizer = self.metrics = None
         self.trainer_state: dict[str, Any] = {}
         self.resumed_from: str | None = None
 
     @classmethod
-    def start(cls, stage: str, argv: Sequence[str] | None, section: Callable[[Recipe], Any]) -> TrainRun | None:
-        """Parse arguments and load the recipe; None when the stage output already exists."""
-        args = parser(stage).parse_args(argv)
-        recipe = load_recipe(args.recipe, args.overrides)
-        store = open_store(recipe.store)
-        prefix = stage_prefix(recipe.run_id, stage)
-        if args.force and int(os.environ.get("RANK", "0")) == 0:
-            store.delete(prefix)
-        elif not args.force and has_manifest(store, prefix):
-            log("skip", stage=stage, reason="already published (use --force to redo)", uri=store.url(prefix))
-            return None
-        return cls(stage, recipe, section(recipe), args.force, list(argv or []))
+    def start(cls, stage: str, argv: Sequence[str] | None) -> TrainRun | None:
+        """The stage harness's :func:`lopd.stage.start` (arguments, recipe, section from the
+        registry, skip-if-published, ``--force``); None when the stage output already exists."""
+        ctx = start_stage(stage, argv)
+        return None if ctx is None else cls(ctx)
 
     # ------------------------------------------------------------------ setup
 

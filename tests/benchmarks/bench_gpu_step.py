@@ -146,7 +146,8 @@ def profile(step, out: Path) -> None:
 
 
 def run_variant(name: str, args, world: int) -> dict:
-    from lopd.sections import ImportanceWeightsConfig, OpdConfig, OptimConfig, SftConfig, TrainConfig
+    from lopd.opd_config import ImportanceWeightsConfig, OpdConfig
+    from lopd.sections import OptimConfig, SftConfig, TrainConfig
     from lopd.train.engine import build_engine
     from lopd.train.opd import opd_step, split_minis
     from lopd.train.packing import Seq
@@ -192,7 +193,8 @@ def parity(args, world: int) -> dict:
     """bf16 engine log-probs vs an fp32 copy; the all-reduce backend; OPD's teacher == student identity."""
     import torch.distributed as dist
 
-    from lopd.sections import OpdConfig, OptimConfig, TrainConfig
+    from lopd.opd_config import OpdConfig
+    from lopd.sections import OptimConfig, TrainConfig
     from lopd.train.engine import all_reduce, build_engine, device, forward_logprobs
     from lopd.train.losses import model_logprobs
     from lopd.train.opd import opd_step

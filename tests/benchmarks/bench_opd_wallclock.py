@@ -36,9 +36,9 @@ def main() -> None:
     os.chdir(a.workdir)
     from rich.console import Console
 
-    from lopd.pipeline import run_bootstrap, run_stages
     from lopd.recipe import load_recipe
     from lopd.repro import Study
+    from lopd.runner import run_bootstrap, run_stages
 
     recipe_file = str(REPO / "jobs" / "recipes" / "tiny.yaml")
     recipe = load_recipe(recipe_file)

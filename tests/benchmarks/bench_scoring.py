@@ -228,7 +228,7 @@ def main() -> None:
             model = args.model
             if model is None:
                 from lopd.modelinit import init_model
-                from tests.conftest import write_corpus
+                from tests.helpers.cli import write_corpus
 
                 corpus = write_corpus(Path(tmp) / "corpus.txt")
                 model = init_model(Path(tmp) / "m", size="base", corpus=corpus, vocab_size=2048,

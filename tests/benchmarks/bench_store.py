@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.seaweed import BUCKET, SeaweedServer  # noqa: E402
+from tests.helpers.seaweed import BUCKET, SeaweedServer  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time

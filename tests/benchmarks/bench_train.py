@@ -2,8 +2,8 @@
 
 1. SFT tokens/s, packed vs padded micro-batches under the same token budget, on a long-tailed
    (log-normal) length spread: forward + backward of the assistant-token loss. Packed is the
-   training layout (first-fit-decreasing rows of bounded width); the old one-row-per-micro-batch
-   layout is timed alongside for reference.
+   training layout (first-fit-decreasing rows of bounded width); a layout of one packed row per
+   micro-batch is timed alongside for reference.
 2. Peak memory of chunked vs naive (full [T, V] fp32 logits) log-probs with a 151,936-token
    vocabulary (Qwen3's), forward + backward; each variant in its own subprocess, peak RSS
    above the inputs' baseline (or CUDA peak allocation on a GPU).
@@ -39,7 +39,7 @@ VOCAB_151K = 151_936
 
 def make_models(tmp: Path) -> tuple[Path, Path]:
     from lopd.modelinit import init_model
-    from tests.conftest import write_corpus
+    from tests.helpers.cli import write_corpus
 
     corpus = write_corpus(tmp / "corpus.txt")
     student = init_model(tmp / "student", size="small", corpus=corpus, vocab_size=512, seed=1)
@@ -55,7 +55,7 @@ def bench_packing(model_dir: Path, repeats: int) -> dict:
     (median 160, sigma 0.8, clipped to [16, 1024]), 2048-token micro-batches. Variants, timed
     interleaved (a shared machine's load hits all alike): the training layout (first-fit
     decreasing rows of bounded width), padded rows in data order (the baseline), and for
-    reference the old layout of one packed row per micro-batch (dense ``budget^2`` mask)."""
+    reference one packed row per micro-batch (dense ``budget^2`` mask)."""
     from transformers import AutoModelForCausalLM
 
     from lopd.train import losses as L

@@ -68,12 +68,8 @@ kueue.x-k8s.io/queue-name: {{ .Values.kueue.queueName }}
 
 {{/* ------------------------------------------------------------------ stage kind and command */}}
 
-{{- define "lopd.stage.module" -}}
-{{- get (dict "sft-data" "sft_data" "sft" "sft" "precompute" "precompute" "opd" "opd" "eval" "evaluate") .Values.stage -}}
-{{- end -}}
-
 {{- define "lopd.stage.isTraining" -}}
-{{- if has .Values.stage (list "sft" "opd") -}}true{{- end -}}
+{{- if .Values.training -}}true{{- end -}}
 {{- end -}}
 
 {{/* Job (Indexed) for inference, Job (torchrun, one node) or PyTorchJob (nodes > 1) for training. */}}
@@ -100,9 +96,9 @@ completion, the shard index from JOB_COMPLETION_INDEX. */}}
 {{- else -}}
 {{- $cmd = concat $cmd (list "--standalone" "--nnodes=1") -}}
 {{- end -}}
-{{- $cmd = concat $cmd (list (printf "--nproc-per-node=%s" (include "lopd.stage.nprocPerNode" .)) "-m" (printf "jobs.%s" (include "lopd.stage.module" .))) -}}
+{{- $cmd = concat $cmd (list (printf "--nproc-per-node=%s" (include "lopd.stage.nprocPerNode" .)) "-m" .Values.module) -}}
 {{- else -}}
-{{- $cmd = list "python" "-m" (printf "jobs.%s" (include "lopd.stage.module" .)) -}}
+{{- $cmd = list "python" "-m" .Values.module -}}
 {{- $args = concat $args (list "--num-shards" (toString (int .Values.shards))) -}}
 {{- end -}}
 {{- toYaml (concat $cmd $args .Values.job.extraArgs) -}}

@@ -1,5 +1,5 @@
-# ruff: noqa: F811  (fixtures imported from tests.test_train_opd are used as test arguments)
-"""vLLM in online OPD: weights pushed into a live engine, and the teacher as a real vLLM server.
+"""vLLM in online OPD (lopd.train.online): weights pushed into a live engine, and the teacher as a
+real vLLM server.
 
 vLLM runs in subprocesses (its engine must start under ``if __name__ == "__main__"``): the push
 scenario is this module run as a script, the server is vLLM's own OpenAI-compatible entrypoint.
@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 
 from lopd.train.online import OnlineError, ServerTeacher
-from tests.conftest import REPO
-from tests.test_train_opd import opd_models, teacher_model  # noqa: F401  (fixtures)
+from tests.helpers.cli import REPO
 
 SEEDS = [11, 12, 13, 14]
 
@@ -125,7 +124,7 @@ def test_pushed_weights_replace_the_live_vllm_engine_weights(tmp_path, request, 
     would skip re-packing the experts on an update."""
     w1, w2 = request.getfixturevalue("opd_models" if arch == "dense" else "moe_models")
     out = tmp_path / "push.json"
-    proc = subprocess.run([sys.executable, "-m", "tests.test_online_vllm", "push", str(w1), str(w2), str(out)],
+    proc = subprocess.run([sys.executable, "-m", "tests.test_train_online_vllm", "push", str(w1), str(w2), str(out)],
                           cwd=REPO, env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING=multiprocessing),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

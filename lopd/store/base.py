@@ -1,15 +1,11 @@
-"""Artifact store: ``file://`` and ``s3://`` behind one small interface.
+"""The store's common ground: errors, object info, streamed hashing, the cache and :class:`Store`.
 
-- Keys are ``/``-separated paths relative to the store root (the URI given to :func:`open_store`).
-- Writes are atomic per object: local files go through a temp file and ``os.replace``; S3
-  objects appear only when their (multipart) upload completes.
-- S3 (:mod:`lopd.s3`) goes through boto3's transfer manager (multipart, parallel parts) with
-  botocore's retry modes. Endpoint and credentials come from the standard AWS environment only
-  (``AWS_ENDPOINT_URL``, the credential chain, IRSA); nothing here reads them from a recipe.
+- Keys are ``/``-separated paths relative to the store root (the URI given to
+  :func:`lopd.store.open_store`); :func:`clean_key` rejects ``.`` and ``..`` parts.
 - Everything streams: hashing, uploading and downloading never hold a whole file in memory.
 - :meth:`Store.fetch` downloads into a local cache keyed by sha256 and verifies the hash.
 
-This module knows nothing of torch or of manifests (see :mod:`lopd.lineage`).
+The backends (:mod:`lopd.store.local`, :mod:`lopd.store.s3`) build on this module only.
 """
 
 from __future__ import annotations
@@ -17,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +65,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LOPD_CACHE", Path.home() / ".cache" / "lopd"))
 
 
-def _clean_key(key: str) -> str:
+def clean_key(key: str) -> str:
+    """``key`` without leading/trailing ``/``; raises :class:`StoreError` on ``.`` or ``..`` parts."""
     key = key.strip("/")
     if any(part in ("..", ".") for part in key.split("/")):
         raise StoreError(f"invalid store key {key!r}")
@@ -79,7 +74,7 @@ def _clean_key(key: str) -> str:
 
 
 class Store:
-    """Common interface; use :func:`open_store` to get one."""
+    """Common interface; use :func:`lopd.store.open_store` to get one."""
 
     uri: str
 
@@ -108,14 +103,14 @@ class Store:
         """Delete every object under ``prefix`` (or the object ``prefix``)."""
         raise NotImplementedError
 
+    def child(self, prefix: str) -> Store:
+        """A store rooted at ``prefix`` under this one (the store :meth:`url` of ``prefix`` names)."""
+        raise NotImplementedError
+
     # -- derived
     def url(self, key: str = "") -> str:
-        key = _clean_key(key)
+        key = clean_key(key)
         return self.uri.rstrip("/") + ("/" + key if key else "")
-
-    def child(self, prefix: str) -> Store:
-        """A store rooted at ``prefix`` under this one."""
-        return open_store(self.url(prefix))
 
     def read_bytes(self, key: str) -> bytes:
         with self.open(key) as f:
@@ -147,7 +142,7 @@ class Store:
 
     def get_dir(self, prefix: str, local: str | Path) -> list[Path]:
         """Download every object under ``prefix`` into ``local`` (relative layout kept)."""
-        prefix = _clean_key(prefix)
+        prefix = clean_key(prefix)
         out = []
         for obj in self.list(prefix):
             rel = obj.key[len(prefix) :].lstrip("/") if prefix else obj.key
@@ -177,102 +172,3 @@ class Store:
         """sha256 and size of a stored object, streamed."""
         with self.open(key) as f:
             return sha256_stream(f)
-
-
-class FileStore(Store):
-    """A directory on a local or mounted filesystem."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root).absolute()
-        self.uri = "file://" + self.root.as_posix()
-
-    def _path(self, key: str) -> Path:
-        key = _clean_key(key)
-        return self.root / key if key else self.root
-
-    def _atomic_write(self, key: str, writer) -> None:
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                writer(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    def put_file(self, local: str | Path, key: str) -> None:
-        try:
-            with open(local, "rb") as src:
-                self._atomic_write(key, lambda f: shutil.copyfileobj(src, f, CHUNK))
-        except FileNotFoundError:
-            raise StoreError(f"upload to {self.url(key)}: local file not found: {local}") from None
-
-    def get_file(self, key: str, local: str | Path) -> None:
-        src = self._path(key)
-        if not src.is_file():
-            raise NotFound(f"not found: {self.url(key)}")
-        local = Path(local)
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.part")
-        try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, local)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def open(self, key: str) -> IO[bytes]:
-        try:
-            return open(self._path(key), "rb")
-        except (FileNotFoundError, IsADirectoryError):
-            raise NotFound(f"not found: {self.url(key)}") from None
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        self._atomic_write(key, lambda f: f.write(data))
-
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
-        base = self._path(prefix)
-        if base.is_file():
-            return [ObjectInfo(_clean_key(prefix), base.stat().st_size)]
-        if not base.is_dir():
-            return []
-        out = []
-        for p in base.rglob("*"):
-            if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".part")):
-                out.append(ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size))
-        return sorted(out, key=lambda o: o.key)
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def delete(self, prefix: str) -> None:
-        p = self._path(prefix)
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
-def open_store(uri: str | Path) -> Store:
-    """A store for ``s3://bucket/prefix``, ``file:///path`` or a bare path."""
-    uri = str(uri)
-    if uri.startswith("s3://"):
-        from lopd.s3 import S3Store
-
-        rest = uri[len("s3://") :]
-        bucket, _, prefix = rest.partition("/")
-        if not bucket:
-            raise StoreError(f"bad store URI {uri!r}: no bucket")
-        return S3Store(bucket, prefix)
-    if uri.startswith("file://"):
-        return FileStore(uri[len("file://") :])
-    if "://" in uri:
-        raise StoreError(f"unsupported store URI {uri!r} (use s3:// or file://)")
-    return FileStore(uri)
-
-
-def is_store_uri(ref: str) -> bool:
-    return ref.startswith(("s3://", "file://"))

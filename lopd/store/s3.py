@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from lopd.store import NotFound, ObjectInfo, Store, StoreError, _clean_key
+from lopd.store.base import NotFound, ObjectInfo, Store, StoreError, clean_key
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,11 @@ class S3Store(Store):
         return self._client
 
     def _key(self, key: str) -> str:
-        key = _clean_key(key)
+        key = clean_key(key)
         return f"{self.prefix}/{key}" if self.prefix and key else (self.prefix or key)
+
+    def child(self, prefix: str) -> S3Store:
+        return S3Store(self.bucket, self._key(prefix))
 
     def _err(self, op: str, key: str, e: Exception) -> StoreError:
         from botocore.exceptions import ClientError
@@ -111,7 +114,7 @@ class S3Store(Store):
         out = [ObjectInfo(o["Key"][strip:], o["Size"]) for o in self._iter(prefix)]
         if not out and prefix and self.exists(prefix):
             head = self.client.head_object(Bucket=self.bucket, Key=self._key(prefix))
-            out = [ObjectInfo(_clean_key(prefix), head["ContentLength"])]
+            out = [ObjectInfo(clean_key(prefix), head["ContentLength"])]
         return sorted(out, key=lambda o: o.key)
 
     def exists(self, key: str) -> bool:

@@ -1,7 +1,8 @@
-"""``lopd pipeline`` with the local backend: every stage as a subprocess on this machine.
+"""The local runner: ``lopd run`` and ``lopd pipeline`` (local backend), every stage as a
+subprocess on this machine, exactly as its container runs it.
 
     bootstrap (embedded default only: task data, student base, trained teacher)
-    for stage in sft-data, sft, precompute, opd, eval (those the recipe has):
+    for stage in the registry's order (lopd.stages; those the recipe has):
         skip it if its manifest exists
         run each shard (inference stages) or the torchrun group (training stages)
         check that its manifest now exists
@@ -21,12 +22,11 @@ import time
 from pathlib import Path
 
 from lopd import LopdError
-from lopd.lineage import has_manifest, stage_prefix
+from lopd.layout import local_run_dir, report_prefix, run_logs_dir, stage_prefix
+from lopd.manifest import has_manifest
 from lopd.recipe import Recipe, load_recipe
-from lopd.stages import STAGES, TRAINING_STAGES, stages_of
+from lopd.stages import STAGES, stages_of
 from lopd.store import open_store
-
-TRAINING = set(TRAINING_STAGES)
 
 
 class PipelineError(LopdError):
@@ -34,15 +34,31 @@ class PipelineError(LopdError):
 
 
 def _env() -> dict[str, str]:
+    """This environment with lopd's checkout first on PYTHONPATH (``jobs`` is found from any cwd)."""
     root = str(Path(__file__).resolve().parent.parent)
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+
+
+def stage_command(stage: str, recipe: str, overrides: tuple[str, ...], extra: list[str],
+                  nproc: int = 1) -> list[str]:
+    """The local command line for one stage: ``python -m jobs.<module>``, or torchrun for a
+    training stage with ``nproc > 1`` ranks."""
+    spec = STAGES[stage]
+    args = ["--recipe", recipe, *[a for o in overrides for a in ("--set", o)], *extra]
+    if spec.training and nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={nproc}", "-m", spec.entrypoint, *args]
+    return [sys.executable, "-m", spec.entrypoint, *args]
+
+
+def run_stage_process(stage: str, recipe: str, overrides: tuple[str, ...], extra: list[str], nproc: int = 1) -> int:
+    """``lopd run``: one stage process in the foreground (output to this terminal); its exit code."""
+    return subprocess.call(stage_command(stage, recipe, overrides, extra, nproc), env=_env())
 
 
 def run_job(stage: str, recipe_file: Path, overrides: tuple[str, ...], log_path: Path, extra: list[str],
             nproc: int, label: str, console) -> None:
     """Run one stage process (or torchrun group), its output appended to ``log_path``."""
-    from lopd.cli import stage_command
-
     cmd = stage_command(stage, str(recipe_file), overrides, extra, nproc)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -60,13 +76,9 @@ def run_job(stage: str, recipe_file: Path, overrides: tuple[str, ...], log_path:
     console.print(f"[green]✓[/] {label} ({time.monotonic() - t0:.0f}s)")
 
 
-def local_run_dir(recipe: Recipe) -> Path:
-    """This machine's ``runs/<run_id>`` for logs and reports: under a path store, else under ``.``."""
-    return Path(recipe.store if "://" not in recipe.store else ".") / "runs" / recipe.run_id
-
-
 def logs_dir(recipe: Recipe) -> Path:
-    return local_run_dir(recipe) / "logs"
+    """``<local run dir>/logs``: where the runner writes each stage's output."""
+    return run_logs_dir(local_run_dir(recipe.store, recipe.run_id))
 
 
 def run_stages(recipe: Recipe, recipe_file: str | Path, stages: list[str], overrides: tuple[str, ...] = (),
@@ -79,12 +91,13 @@ def run_stages(recipe: Recipe, recipe_file: str | Path, stages: list[str], overr
         if has_manifest(store, prefix):
             console.print(f"[dim]• {recipe.run_id} {stage}: already published, skipped[/]")
             continue
-        shards = 1 if stage in TRAINING else STAGES[stage].of(recipe).shards
+        spec = STAGES[stage]
+        shards = spec.shards(recipe)
         for i in range(shards):
             label = f"{recipe.run_id} {stage}" + ("" if shards == 1 else f" shard {i + 1}/{shards}")
-            extra = [] if stage in TRAINING else ["--shard-index", str(i), "--num-shards", str(shards)]
+            extra = [] if spec.training else ["--shard-index", str(i), "--num-shards", str(shards)]
             run_job(stage, Path(recipe_file), overrides, logs / f"{stage}.log", extra,
-                    nproc if stage in TRAINING else 1, label, console)
+                    nproc if spec.training else 1, label, console)
         if not has_manifest(store, prefix):
             raise PipelineError(f"{stage} exited 0 but published no manifest at {store.url(prefix)}")
 
@@ -96,7 +109,7 @@ def run_bootstrap(recipe: Recipe, nproc: int = 1, console=None) -> None:
     def run_stage(stage: str, recipe_file: Path) -> None:
         label = f"bootstrap: {teacher_run_id(recipe)} {stage}"
         run_job(stage, recipe_file, (), logs_dir(recipe) / f"bootstrap-{stage}.log", [],
-                nproc if stage in TRAINING else 1, label, console)
+                nproc if STAGES[stage].training else 1, label, console)
 
     bootstrap(recipe, run_stage, console.print)
 
@@ -117,7 +130,7 @@ def run_local(recipe_path: str, overrides: tuple[str, ...] = (), nproc: int = 1,
 def print_eval(recipe: Recipe, console) -> dict | None:
     """Print the eval report's table and where its chart is."""
     store = open_store(recipe.store)
-    prefix = f"{stage_prefix(recipe.run_id, 'eval')}/report"
+    prefix = report_prefix(stage_prefix(recipe.run_id, "eval"))
     if not store.exists(f"{prefix}/summary.json"):
         console.print(f"(no eval report at {store.url(prefix)})")
         return None

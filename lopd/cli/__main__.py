@@ -1,0 +1,3 @@
+from lopd.cli import main
+
+main()

@@ -1,0 +1,109 @@
+"""``lopd recipe validate|show``, ``lopd store ls``, ``lopd init-model``, ``lopd fingerprint``."""
+
+from __future__ import annotations
+
+import click
+
+from lopd.cli.options import recipe_options
+
+
+@click.group()
+def recipe() -> None:
+    """Validate and show recipes."""
+
+
+@recipe.command("validate")
+@recipe_options
+def recipe_validate(recipe: str, overrides: tuple[str, ...]) -> None:
+    """Check a recipe: exit 0 and print 'ok', or one line naming the bad key."""
+    from lopd.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides)
+    click.echo(f"ok: {recipe} (run_id={r.run_id}, recipe_sha256={r.sha256()[:12]})")
+
+
+@recipe.command("show")
+@recipe_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of YAML.")
+def recipe_show(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Print the resolved recipe (defaults filled in, overrides applied)."""
+    import json
+
+    from lopd.recipe import load_recipe, recipe_yaml
+
+    r = load_recipe(recipe, overrides)
+    click.echo(json.dumps(r.model_dump(mode="json"), indent=2) if as_json else recipe_yaml(r), nl=False)
+
+
+@click.group()
+def store() -> None:
+    """Inspect the artifact store."""
+
+
+@store.command("ls")
+@click.argument("uri")
+@click.option("--long", "-l", "long_", is_flag=True, help="Show sizes.")
+def store_ls(uri: str, long_: bool) -> None:
+    """List objects under URI (s3://bucket/prefix, file:///path or a path)."""
+    from lopd.store import open_store
+
+    objs = open_store(uri).list()
+    for o in objs:
+        click.echo(f"{o.size:>14,d}  {o.key}" if long_ else o.key)
+    if not objs:
+        click.echo(f"(nothing under {uri})", err=True)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@click.command("init-model")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--arch", type=click.Choice(["qwen3", "qwen3-moe"]), default="qwen3", show_default=True)
+@click.option("--size", type=click.Choice(["tiny", "small", "base"]), default="tiny", show_default=True)
+@click.option("--corpus", type=click.Path(dir_okay=False), default=None,
+              help="Text file to train the tokenizer on.")
+@click.option("--tokenizer", type=click.Path(file_okay=False), default=None,
+              help="Reuse this model directory's tokenizer instead (teacher and student must share one).")
+@click.option("--vocab-size", type=int, default=512, show_default=True, help="BPE vocabulary size.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--layers", type=int, default=None, help="Override num_hidden_layers.")
+@click.option("--hidden-size", type=int, default=None, help="Override hidden_size.")
+@click.option("--intermediate-size", type=int, default=None, help="Override intermediate_size.")
+@click.option("--heads", type=int, default=None, help="Override num_attention_heads.")
+@click.option("--kv-heads", type=int, default=None, help="Override num_key_value_heads.")
+@click.option("--head-dim", type=int, default=None, help="Override head_dim (32 or 64 for vLLM CPU).")
+@click.option("--experts", type=int, default=4, show_default=True, help="MoE: experts per layer.")
+@click.option("--experts-per-token", type=int, default=2, show_default=True, help="MoE: routed experts.")
+@click.option("--max-positions", type=int, default=4096, show_default=True, help="Context length.")
+def init_model_cmd(out, arch, size, corpus, tokenizer, vocab_size, seed, layers, hidden_size,
+                   intermediate_size, heads, kv_heads, head_dim, experts, experts_per_token,
+                   max_positions) -> None:
+    """Create a random-initialised HF model (Qwen3 or Qwen3-MoE) with a trained tokenizer."""
+    from lopd.modelinit import init_model
+
+    overrides = {k: v for k, v in dict(
+        num_hidden_layers=layers, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim).items() if v is not None}
+    path = init_model(out, arch=arch, size=size, corpus=corpus, tokenizer=tokenizer, vocab_size=vocab_size,
+                      seed=seed, overrides=overrides, max_position_embeddings=max_positions,
+                      num_experts=experts, num_experts_per_tok=experts_per_token)
+    from lopd.manifest import read_manifest
+    from lopd.store import open_store
+
+    m, _ = read_manifest(open_store(path))
+    click.echo(f"{path}  ({arch}/{size}, {m.lineage['parameters']:,} parameters, "
+               f"fingerprint {m.lineage['fingerprint'][:16]})")
+
+
+@click.command("fingerprint")
+@click.argument("model")
+@click.option("--revision", default=None, help="Hub revision (for hub ids).")
+def fingerprint_cmd(model: str, revision: str | None) -> None:
+    """Print the fingerprint of MODEL (store URI, directory or hub id)."""
+    from lopd.fingerprint import fingerprint
+
+    click.echo(fingerprint(model, revision))
+
+
+COMMANDS = [recipe, store, init_model_cmd, fingerprint_cmd]

@@ -1,0 +1,77 @@
+"""The opd stage's recipe section: offline (Lightning) or online OPD, its loss and its batches.
+
+One pydantic model per component, a docstring per field; defaults are the paper's (see
+:mod:`lopd.sections`, whose shared models these build on).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from lopd.sections import InferenceConfig, OptimConfig, ResourcesConfig, SamplingConfig, Section, TrainConfig
+
+
+class ImportanceWeightsConfig(Section):
+    """Truncated importance weights from the stored rollout log-probs."""
+
+    enabled: bool = False
+    """Weight each token by min(p_current / p_rollout, cap) (off in the paper)."""
+    cap: float = Field(2.0, gt=0.0)
+    """Truncation cap of the weight."""
+
+
+class OnlineConfig(Section):
+    """Standard (online) OPD: fresh rollouts each step, scored by a live teacher."""
+
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=4096)
+    """Student sampling for fresh rollouts."""
+    teacher_url: str | None = None
+    """OpenAI-compatible vLLM server of the teacher; None scores in-process."""
+    prompts: str | None = None
+    """OPD prompts (JSONL or parquet; path or store URI); None = ``precompute.prompts``."""
+    inference: InferenceConfig = InferenceConfig()
+    """Engine for student sampling."""
+
+
+class OpdConfig(Section):
+    """Stage ``opd``: policy-gradient distillation with advantage log p_teacher − log p_student."""
+
+    mode: Literal["offline", "online"] = "offline"
+    """offline = Lightning OPD on the precomputed rollouts; online = standard OPD."""
+    student: str | None = None
+    """The SFT checkpoint to train (store URI or directory); None = the model that sampled the
+    precomputed rollouts (offline) or this run's ``sft`` stage output (online)."""
+    rollouts: str | None = None
+    """Offline mode: the precompute output to train on, as a key prefix in the recipe's store
+    (``runs/<run>/precompute``); None = this run's precompute stage. Lets several OPD variants
+    (``lopd repro``) share one set of precomputed rollouts."""
+    logprob_chunk_tokens: int = Field(1024, ge=1)
+    """Positions per LM-head chunk when computing log-probs (bounds the fp32 [T, vocab] logits)."""
+    grad_discrepancy_every: int = Field(0, ge=0)
+    """Every this many steps, log the cosine and norm ratio between the offline gradient (this
+    step's precomputed rollouts) and the online gradient (fresh rollouts of the same prompts)
+    at the current weights; 0 = never. Offline mode only; it starts a sampler and a teacher."""
+    optim: OptimConfig = OptimConfig()
+    """Optimizer (paper: lr 2e-6 constant, betas (0.9, 0.98), wd 0.1, clip 1.0)."""
+    train: TrainConfig = TrainConfig()
+    """Steps and batching (paper: ~150 steps of 256 sequences)."""
+    clip_low: float = Field(0.2, ge=0.0)
+    """PPO ratio clip below 1."""
+    clip_high: float = Field(0.2, ge=0.0)
+    """PPO ratio clip above 1."""
+    mini_batches: int = Field(1, ge=1)
+    """Optimizer updates per global batch (PPO mini-batches). ``log p_old`` is computed once at the
+    start of the batch, so updates after the first are off-policy and the clip acts; with 1 the
+    ratio is exactly 1 and the loss is plain REINFORCE on A_t."""
+    loss_agg: Literal["token-mean", "sample-mean"] = "token-mean"
+    """Aggregate per-token losses over all tokens, or per sequence then over sequences."""
+    importance_weights: ImportanceWeightsConfig = ImportanceWeightsConfig()
+    """Truncated importance weights (off by default)."""
+    kl_coef: float = Field(0.0, ge=0.0)
+    """Coefficient of a KL-to-reference (SFT policy) penalty; 0 disables it."""
+    online: OnlineConfig = OnlineConfig()
+    """Settings used when mode is online."""
+    resources: ResourcesConfig = ResourcesConfig()
+    """Pod resources."""
