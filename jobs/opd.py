@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if run is None:
         return
     source = rollout_source(run)
-    run.build(source.student.path)  # resumes from the latest checkpoint
+    run.build(source.student)  # resumes from the latest checkpoint
     source.attach(run)
 
     def step(i: int, lr: float) -> dict[str, float]:

@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not teacher_fp:
         raise TrainDataError(f"{run.store.url(manifest_key(prefix))}: lineage.teacher_fingerprint is missing")
     stage.log("data", stage=STAGE, conversations=len(seqs), uri=run.store.url(prefix))
-    run.build(student.path)
+    run.build(student)
 
     def batch(step: int):
         idx = global_batch_indices(len(seqs), step, cfg.train.global_batch, cfg.train.seed)

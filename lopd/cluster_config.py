@@ -10,7 +10,10 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from lopd.sections import Section
+from lopd.sections import MAX_GPUS, MAX_SECONDS, Section
+
+MAX_INT32 = 2**31 - 1
+"""Kubernetes int32 fields (backoffLimit, ttlSecondsAfterFinished, runAsUser) stay below this."""
 
 IMAGE_RE = re.compile(r"^[a-z0-9]+([._/:-][a-zA-Z0-9]+)*(:[\w][\w.-]{0,127})?(@sha256:[0-9a-f]{64})?$")
 DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -27,8 +30,8 @@ class Toleration(Section):
     """Taint value when operator is Equal."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     """Taint effect to tolerate; None tolerates all effects."""
-    toleration_seconds: int | None = Field(None, ge=0)
-    """NoExecute only: how long the pod stays bound after the taint appears."""
+    toleration_seconds: int | None = Field(None, ge=0, le=MAX_SECONDS)
+    """NoExecute only: how long the pod stays bound after the taint appears (at most 10^9 s)."""
 
 
 class TeacherServerConfig(Section):
@@ -37,14 +40,14 @@ class TeacherServerConfig(Section):
     enabled: bool = True
     """Deploy the teacher server with the ``opd`` stage when ``opd.mode`` is online (and
     ``opd.online.teacher_url`` is unset); the CLI points ``teacher_url`` at its Service."""
-    gpus: int = Field(8, ge=0)
-    """``nvidia.com/gpu`` of the teacher pod (also its tensor parallel size when > 0)."""
+    gpus: int = Field(8, ge=0, le=MAX_GPUS)
+    """``nvidia.com/gpu`` of the teacher pod (also its tensor parallel size when > 0; at most 1024)."""
     cpu: str = "32"
     """CPU request of the teacher pod."""
     memory: str = "400Gi"
     """Memory request of the teacher pod."""
     port: int = Field(8000, ge=1, le=65535)
-    """HTTP port of the OpenAI-compatible server."""
+    """HTTP port of the OpenAI-compatible server (1 to at most 65535)."""
 
 
 class KubernetesConfig(Section):
@@ -74,12 +77,12 @@ class KubernetesConfig(Section):
     """Kueue LocalQueue name (``kueue.x-k8s.io/queue-name`` label); None submits without Kueue."""
     priority_class: str | None = None
     """PriorityClass of the pods; None uses the cluster default."""
-    ttl_seconds_after_finished: int | None = Field(86400, ge=0)
-    """Delete finished Jobs (and their pods) after this many seconds; None keeps them."""
-    backoff_limit: int = Field(3, ge=0)
-    """Pod failures before the Job fails (preemptions and evictions do not count)."""
-    run_as_user: int = Field(1000, ge=1)
-    """Non-root UID of the containers (the image's ``lopd`` user)."""
+    ttl_seconds_after_finished: int | None = Field(86400, ge=0, le=MAX_INT32)
+    """Delete finished Jobs (and their pods) after this many seconds (at most 2^31-1); None keeps them."""
+    backoff_limit: int = Field(3, ge=0, le=10**4)
+    """Pod failures before the Job fails (preemptions and evictions do not count; at most 10^4)."""
+    run_as_user: int = Field(1000, ge=1, le=MAX_INT32)
+    """Non-root UID of the containers (the image's ``lopd`` user; at most 2^31-1)."""
     cache_size: str = "200Gi"
     """Size limit of the model/HF cache volume (an emptyDir unless ``cache_pvc`` is set)."""
     cache_pvc: str | None = None

@@ -4,11 +4,16 @@ models, and the ``repro`` study (the paper's table at toy scale, :mod:`lopd.repr
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lopd.sections import Section, SftConfig
+from lopd.sections import MAX_TOKENS, Section, SftConfig
+
+MAX_TASK_ROWS = 10**6
+"""Most rows of one synthetic task file (far above what a toy run needs)."""
+MAX_OVERRIDE = 2**16
+"""Largest value of an ``init-model`` config override (layers, widths, heads)."""
 
 
 class InitModelSpec(Section):
@@ -20,8 +25,8 @@ class InitModelSpec(Section):
     """Size preset."""
     seed: int = 0
     """Initialisation seed."""
-    overrides: dict[str, int] = {}
-    """Config overrides on the preset, e.g. ``{num_hidden_layers: 3}``."""
+    overrides: dict[str, Annotated[int, Field(ge=0, le=MAX_OVERRIDE)]] = {}
+    """Config overrides on the preset, e.g. ``{num_hidden_layers: 3}``; each value 0..2^16."""
 
 
 class BootstrapConfig(Section):
@@ -37,22 +42,22 @@ class BootstrapConfig(Section):
     """Directory for the task files (sft/opd prompts, benchmark, teacher chats, corpus)."""
     seed: int = 0
     """Task seed."""
-    n_teacher: int = Field(4000, ge=1)
-    """Ground-truth chats to train the teacher on."""
-    n_sft: int = Field(2000, ge=1)
-    """SFT prompts (the teacher answers them in sft-data)."""
-    n_opd: int = Field(1000, ge=1)
-    """OPD prompts (the SFT student answers them in precompute)."""
-    n_eval: int = Field(300, ge=1)
-    """Held-out benchmark problems."""
-    min_terms: int = Field(3, ge=2)
-    """Fewest numbers added per problem."""
-    max_terms: int = Field(4, ge=2)
-    """Most numbers added per problem."""
-    max_value: int = Field(99, ge=2)
-    """Largest number in a problem (numbers are drawn from 1..max_value)."""
-    vocab_size: int = Field(512, ge=300)
-    """Tokenizer vocabulary (trained on the task corpus; teacher and student share it)."""
+    n_teacher: int = Field(4000, ge=1, le=MAX_TASK_ROWS)
+    """Ground-truth chats to train the teacher on (at most 10^6)."""
+    n_sft: int = Field(2000, ge=1, le=MAX_TASK_ROWS)
+    """SFT prompts (the teacher answers them in sft-data; at most 10^6)."""
+    n_opd: int = Field(1000, ge=1, le=MAX_TASK_ROWS)
+    """OPD prompts (the SFT student answers them in precompute; at most 10^6)."""
+    n_eval: int = Field(300, ge=1, le=MAX_TASK_ROWS)
+    """Held-out benchmark problems (at most 10^6)."""
+    min_terms: int = Field(3, ge=2, le=64)
+    """Fewest numbers added per problem (at most 64)."""
+    max_terms: int = Field(4, ge=2, le=64)
+    """Most numbers added per problem (at most 64)."""
+    max_value: int = Field(99, ge=2, le=10**9)
+    """Largest number in a problem (numbers are drawn from 1..max_value; at most 10^9)."""
+    vocab_size: int = Field(512, ge=300, le=MAX_TOKENS)
+    """Tokenizer vocabulary (trained on the task corpus; teacher and student share it; at most 2^20)."""
     teacher_style: Literal["chain", "words"] = "chain"
     """How the ground-truth solutions the teacher learns are written."""
     teacher: InitModelSpec = InitModelSpec(size="small", seed=1)
@@ -90,10 +95,10 @@ class ReproConfig(Section):
     """``lopd repro``: every variant trains from the same SFT checkpoint for the same number of
     updates, once per seed; one eval per seed scores the SFT student and every variant."""
 
-    seeds: list[int] = Field([0, 1, 2], min_length=1)
-    """Seeds; each sets the OPD data order and sampling, and the eval's sampling."""
-    variants: dict[str, ReproVariant] = Field(min_length=1)
-    """Row name (lowercase, digits, '-') -> variant. The SFT student is always the first row."""
+    seeds: list[int] = Field([0, 1, 2], min_length=1, max_length=100)
+    """Seeds (at most 100); each sets the OPD data order and sampling, and the eval's sampling."""
+    variants: dict[str, ReproVariant] = Field(min_length=1, max_length=100)
+    """Row name (lowercase, digits, '-') -> variant (at most 100). The SFT student is always the first row."""
     teacher_b_style: Literal["chain", "words"] = "words"
     """Solution style teacher B learns (for ``teacher: inconsistent`` variants)."""
 

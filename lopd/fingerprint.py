@@ -3,19 +3,25 @@
 A fingerprint is a sha256 over the sorted (path, sha256) pairs of ``config.json`` and the weight
 files, so the same weights fingerprint the same in a local directory and published (read from
 the manifest, no download); a hub model's is over ``hub:<id>@<commit>``.
+
+A local directory's fingerprint always rests on its files' content. A MANIFEST.json beside the
+files is never taken on trust (a weight file overwritten in place keeps its size); hashes are
+reused only from the stat cache (:func:`hash_local`), which records each hash together with
+the file's :func:`stat_signature` at the time it was computed. :func:`verify_local` rehashes a
+directory against its manifest (``lopd verify``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from lopd.layout import MANIFEST
 from lopd.manifest import FileEntry, Manifest, ManifestError, read_manifest
-from lopd.store import is_store_uri, open_store, sha256_file
+from lopd.store import cache_dir, is_store_uri, open_store, sha256_file
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 FINGERPRINT_FILES = ("config.json",)
@@ -42,33 +48,130 @@ def model_files(entries: list[FileEntry]) -> list[tuple[str, str]]:
     return sel
 
 
-def fingerprint_local(path: str | Path, use_manifest: bool = True) -> str:
-    """Fingerprint of a local HF model directory: config.json + weight files, hashed streaming.
+# --------------------------------------------------------------------------- stat cache
 
-    When the directory carries a MANIFEST.json whose recorded sizes and mtimes-independent
-    hashes cover the files, the recorded hashes are reused (a size check guards staleness);
-    otherwise each file is hashed.
+
+def stat_signature(p: Path) -> list[int]:
+    """What a cached hash of ``p`` is trusted under: ``[size, mtime_ns, ctime_ns, inode, device]``.
+
+    A write in place changes ``ctime_ns`` (which no tool can set back) even when the size and a
+    restored ``mtime_ns`` stay the same; a replacement file has a new inode. Any difference
+    means the file is hashed again.
     """
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _cache_file(path: Path) -> Path:
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    return cache_dir() / "stat" / f"{key}.json"
+
+
+def _load_cache(path: Path) -> dict[str, dict]:
+    try:
+        data = json.loads(_cache_file(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _save_cache(path: Path, data: dict[str, dict]) -> None:
+    """Write the directory's stat cache atomically; a read-only cache only costs rehashing."""
+    f = _cache_file(path)
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        os.replace(tmp, f)
+    except OSError:
+        pass
+
+
+def hash_local(path: str | Path, rels: list[str], use_cache: bool = True) -> dict[str, FileEntry]:
+    """FileEntry (size, sha256) of each existing file ``rels`` under ``path``.
+
+    With ``use_cache`` a hash recorded earlier is reused only when the file's
+    :func:`stat_signature` is exactly the one recorded with it; every other file is hashed
+    (streamed) and its signature recorded.
+    """
+    path = Path(path)
+    cache = _load_cache(path) if use_cache else {}
+    out, changed = {}, False
+    for rel in rels:
+        p = path / rel
+        if not p.is_file():
+            continue
+        sig = stat_signature(p)
+        rec = cache.get(rel)
+        if isinstance(rec, dict) and rec.get("sig") == sig and isinstance(rec.get("sha256"), str):
+            sha = rec["sha256"]
+        else:
+            sha = sha256_file(p)
+            if stat_signature(p) == sig:  # not written to while being hashed
+                cache[rel], changed = {"sig": sig, "sha256": sha}, True
+        out[rel] = FileEntry(path=rel, bytes=sig[0], sha256=sha)
+    if changed:
+        _save_cache(path, {**_load_cache(path), **cache})
+    return out
+
+
+def remember_hashes(path: str | Path, entries: list[FileEntry]) -> None:
+    """Record ``entries``' hashes under the files' current stat signatures, for files just
+    written and verified against those hashes (a fetched artifact), when their sizes agree."""
+    path = Path(path)
+    cache = _load_cache(path)
+    for f in entries:
+        p = path / f.path
+        if p.is_file() and (sig := stat_signature(p))[0] == f.bytes:
+            cache[f.path] = {"sig": sig, "sha256": f.sha256}
+    _save_cache(path, cache)
+
+
+def _model_rels(path: Path) -> list[str]:
+    return [rel for p in sorted(path.rglob("*"))
+            if p.is_file() and ((rel := p.relative_to(path).as_posix()) in FINGERPRINT_FILES or _is_weight(rel))]
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def fingerprint_local(path: str | Path, use_cache: bool = True) -> str:
+    """Fingerprint of a local HF model directory from the content of config.json and its weight
+    files (hashed streaming, or taken from the stat cache: see :func:`hash_local`)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ManifestError(f"{path}: not a model directory (no config.json)")
-    recorded: dict[str, FileEntry] = {}
-    if use_manifest and (path / MANIFEST).is_file():
-        try:
-            m = Manifest.model_validate_json((path / MANIFEST).read_bytes())
-            recorded = {f.path: f for f in m.files}
-        except ValidationError:
-            recorded = {}
-    entries = []
-    for p in sorted(path.rglob("*")):
-        rel = p.relative_to(path).as_posix()
-        if not p.is_file() or not (rel in FINGERPRINT_FILES or _is_weight(rel)):
-            continue
-        rec = recorded.get(rel)
-        size = p.stat().st_size
-        entries.append(FileEntry(path=rel, bytes=size, sha256=rec.sha256 if rec and rec.bytes == size
-                                 else sha256_file(p)))
-    return _fingerprint_of(model_files(entries))
+    return _fingerprint_of(model_files(list(hash_local(path, _model_rels(path), use_cache).values())))
+
+
+def verify_local(path: str | Path, use_cache: bool = False) -> list[str]:
+    """Compare a local directory with its MANIFEST.json, rehashing every file (``use_cache``:
+    trust hashes recorded under an unchanged stat signature). Returns one line per problem:
+    ``<file>: missing``, ``<file>: N bytes, manifest says M``, ``<file>: sha256 differs from the
+    manifest``, ``<file>: not listed in the manifest``. Raises :class:`ManifestError` when
+    there is no readable manifest."""
+    path = Path(path)
+    m = read_local_manifest(path)
+    listed = {f.path: f for f in m.files}
+    present = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+    got = hash_local(path, [r for r in present if r in listed], use_cache)
+    problems = []
+    for rel, want in sorted(listed.items()):
+        have = got.get(rel)
+        if have is None:
+            problems.append(f"{rel}: missing")
+        elif have.bytes != want.bytes:
+            problems.append(f"{rel}: {have.bytes} bytes, manifest says {want.bytes}")
+        elif have.sha256 != want.sha256:
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    problems += [f"{rel}: not listed in the manifest" for rel in present if rel not in listed]
+    return problems
+
+
+def read_local_manifest(path: str | Path) -> Manifest:
+    """The MANIFEST.json of a local directory; :class:`ManifestError` (naming it) if absent or bad."""
+    m, _ = read_manifest(open_store(str(Path(path).resolve())))
+    return m
 
 
 def fingerprint_manifest(m: Manifest) -> str:
@@ -117,6 +220,8 @@ def fingerprint(ref: str, revision: str | None = None) -> str:
             if ref.startswith("file://") and Path(ref[7:]).is_dir():
                 return fingerprint_local(ref[7:])
             raise
+        if ref.startswith("file://") and (Path(ref[7:]) / "config.json").is_file():
+            return fingerprint_local(ref[7:])  # local files: their content, not the manifest's word
         return fingerprint_manifest(m)
     if Path(ref).exists():
         return fingerprint_local(ref)
@@ -127,5 +232,6 @@ def fingerprint(ref: str, revision: str | None = None) -> str:
 
 __all__ = [
     "FINGERPRINT_FILES", "HUB_ID_RE", "WEIGHT_PATTERNS", "fingerprint", "fingerprint_hub", "fingerprint_local",
-    "fingerprint_manifest", "model_files", "resolve_hub_revision",
+    "fingerprint_manifest", "hash_local", "model_files", "read_local_manifest", "remember_hashes",
+    "resolve_hub_revision", "stat_signature", "verify_local",
 ]

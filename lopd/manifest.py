@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -176,11 +177,14 @@ def merge_metrics(shard_metrics: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def finalize_shards(store: Store, stage_prefix: str, count: int) -> Manifest | None:
+def finalize_shards(store: Store, stage_prefix: str, count: int,
+                    check: Callable[[Manifest], None] | None = None) -> Manifest | None:
     """Write the stage manifest if all ``count`` shard manifests exist; else return None.
 
     Idempotent and race-safe: the stage manifest is a pure function of the shard manifests
     (``created_at`` is the latest shard's), so concurrent finishers write identical bytes.
+    ``check`` sees the stage manifest before it is written and may raise to refuse it. A
+    ``rows`` metric is summed only when every shard records one.
     """
     stage_prefix = stage_prefix.strip("/")
     shards = []
@@ -209,6 +213,10 @@ def finalize_shards(store: Store, stage_prefix: str, count: int) -> Manifest | N
         lineage={**first.lineage, "shards": {sp[rel:]: sha for sp, _, sha in shards}},
         metrics=merge_metrics([m.metrics for _, m, _ in shards]),
     )
+    if any("rows" not in m.metrics for _, m, _ in shards):
+        stage.metrics.pop("rows", None)
+    if check is not None:
+        check(stage)
     store.write_bytes(manifest_key(stage_prefix), manifest_bytes(stage))
     return stage
 

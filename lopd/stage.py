@@ -37,7 +37,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from lopd.manifest import (
     now,
 )
 from lopd.models import ResolvedModel, resolve_model
+from lopd.parts import EmptyOutputError, Lazy, Part, keys_sha256, require_rows, total_rows
 from lopd.progress import Progress, log
 from lopd.recipe import ModelSpec, Recipe, load_recipe
 from lopd.stages import get as get_stage
@@ -66,37 +67,6 @@ class StageError(LopdError):
 
 
 # --------------------------------------------------------------------------- parts
-
-
-@dataclass
-class Part:
-    """A finished part of a shard: its data file (relative to the shard prefix) and metrics."""
-
-    index: int
-    file: FileEntry
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
-class Lazy:
-    """Builds a value (e.g. an inference engine) on first use, so a resumed shard whose parts
-    are all done never starts an engine; ``close()`` releases it if it was built."""
-
-    def __init__(self, factory: Callable[[], Any]):
-        self._factory, self._value = factory, None
-
-    def get(self) -> Any:
-        if self._value is None:
-            self._value = self._factory()
-        return self._value
-
-    def close(self) -> None:
-        if self._value is not None and hasattr(self._value, "close"):
-            self._value.close()
-        self._value = None
-
-
-def keys_sha256(keys: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
 def prompt_seed(base_seed: int, prompt_id: str) -> int:
@@ -166,7 +136,7 @@ class StageContext:
             fname, marker = self._part_names(name, i)
             done = self._read_marker(marker)
             if done and done.get("recipe_sha256") == recipe_sha and done.get("items_sha256") == items_sha:
-                parts.append(Part(i, FileEntry(**done["file"]), done.get("metrics", {})))
+                parts.append(Part(i, FileEntry(**done["file"]), done.get("metrics", {}), done.get("rows")))
                 bar.update(1, resumed=True, part=i)
                 continue
             table, metrics = work(chunk, i)
@@ -175,9 +145,10 @@ class StageContext:
             entry = FileEntry(path=fname, bytes=local.stat().st_size, sha256=sha256_file(local))
             self.store.put_file(local, f"{self.shard}/{fname}")
             self.store.write_json(marker, {"file": entry.model_dump(), "metrics": metrics, "items": len(chunk),
-                                           "recipe_sha256": recipe_sha, "items_sha256": items_sha})
+                                           "rows": table.num_rows, "recipe_sha256": recipe_sha,
+                                           "items_sha256": items_sha})
             local.unlink()
-            parts.append(Part(i, entry, metrics))
+            parts.append(Part(i, entry, metrics, table.num_rows))
             bar.update(1, resumed=False, part=i, **{k: v for k, v in metrics.items() if isinstance(v, int)})
         bar.close()
         return parts
@@ -191,22 +162,31 @@ class StageContext:
             return None
 
     def read_part(self, part: Part):
-        """The pyarrow Table of a finished part (downloaded via the verified sha256 cache)."""
+        """The pyarrow Table of a finished part, read from a copy verified against the part's
+        sha256 and size (:meth:`lopd.store.Store.open_verified`)."""
         import pyarrow.parquet as pq
 
-        return pq.read_table(self.store.fetch(f"{self.shard}/{part.file.path}", part.file.sha256, part.file.bytes))
+        with self.store.open_verified(f"{self.shard}/{part.file.path}", part.file.sha256, part.file.bytes) as f:
+            return pq.read_table(f)
 
     # -- publish
 
     def publish(self, parts: list[Part], inputs: dict[str, InputRef], lineage: dict[str, Any],
                 metrics: dict[str, Any] | None = None) -> Manifest | None:
         """Write this shard's manifest (listing the part files; metrics = summed part metrics plus
-        ``metrics``), then the stage manifest if every shard is done. Returns the stage manifest
-        or None when other shards are still missing."""
+        ``metrics``, ``parts`` and ``rows``), then the stage manifest if every shard is done.
+        Returns the stage manifest or None when other shards are still missing. A stage whose
+        parts hold no rows at all raises :class:`lopd.parts.EmptyOutputError` (a one-shard stage
+        before its shard manifest; otherwise the last shard, before the stage manifest)."""
         from lopd.manifest import merge_metrics
 
         total = merge_metrics([p.metrics for p in parts] + [metrics or {}])
         total["parts"] = len(parts)
+        rows = total_rows(parts)
+        if rows is not None:
+            total["rows"] = rows
+        if self.num_shards == 1:
+            require_rows(self.stage, rows, total, self.store.url(self.prefix))
         m = Manifest(stage=self.stage, run_id=self.recipe.run_id, created_at=now(),
                      recipe_sha256=self.recipe.sha256(), inputs=inputs, files=[p.file for p in parts],
                      lineage=lineage, metrics=total, shard=ShardInfo(index=self.shard_index, count=self.num_shards))
@@ -216,7 +196,10 @@ class StageContext:
         return self.finalize()
 
     def finalize(self) -> Manifest | None:
-        out = finalize_shards(self.store, self.prefix, self.num_shards)
+        """Write the stage manifest when every shard manifest exists, unless they hold no rows."""
+        out = finalize_shards(self.store, self.prefix, self.num_shards,
+                              check=lambda m: require_rows(self.stage, m.metrics.get("rows"), m.metrics,
+                                                           self.store.url(self.prefix)))
         if out is not None:
             log("stage_published", stage=self.stage, uri=self.store.url(self.prefix))
         return out
@@ -268,6 +251,7 @@ def start(stage: str, argv: Sequence[str] | None = None) -> StageContext | None:
     workdir = Path(tempfile.mkdtemp(prefix=f"lopd-{stage}-"))
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     ctx = StageContext(stage, recipe, sec, store, idx, num, args.force, workdir)
+    store.check_within(ctx.prefix)
     own = ctx.prefix if spec.training else ctx.shard  # what this process resumes from
     if args.force:
         if int(os.environ.get("RANK", "0")) == 0:
@@ -295,3 +279,9 @@ def entrypoint(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] 
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+
+
+__all__ = [
+    "EmptyOutputError", "Lazy", "Part", "StageContext", "StageError", "entrypoint", "keys_sha256", "log", "parser",
+    "prompt_seed", "start",
+]

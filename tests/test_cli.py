@@ -93,3 +93,23 @@ def test_init_model_refuses_non_empty_dir(tmp_path, corpus):
     (tmp_path / "m" / "x").write_text("1")
     res = lopd_cli("init-model", "--out", str(tmp_path / "m"), "--corpus", str(corpus), check=False)
     assert res.returncode == 2 and "output directory is not empty" in res.stderr
+
+
+def test_verify_names_each_file_that_differs_from_the_manifest(tiny_model, tmp_path):
+    import shutil
+
+    from tests.helpers.models import overwrite_in_place
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model, model)
+    assert lopd_cli("verify", str(model)).stdout.startswith("ok: ")
+    overwrite_in_place(model / "model.safetensors")
+    overwrite_in_place(model / "tokenizer.json", offset=8)
+    res = lopd_cli("verify", f"file://{model}", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stdout.splitlines() == ["mismatch: model.safetensors: sha256 differs from the manifest",
+                                       "mismatch: tokenizer.json: sha256 differs from the manifest"]
+    assert res.stderr.strip() == f"error: verify: 2 file(s) of {model} differ from its MANIFEST.json"
+    (model / "MANIFEST.json").unlink()
+    missing = lopd_cli("verify", str(model), check=False)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: no manifest at")

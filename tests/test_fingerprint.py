@@ -1,5 +1,6 @@
 """Model fingerprints (lopd.fingerprint): stable, location-independent and weight-sensitive, read
-from a published model's manifest without a download, and a hub model's from the local cache."""
+from a published model's manifest without a download, and a hub model's from the local cache; a
+local directory's rests on its content (a hash is reused only under an unchanged stat signature)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from lopd.fingerprint import fingerprint, fingerprint_hub, fingerprint_local
 from lopd.manifest import ManifestError, publish
 from lopd.store import open_store
+from tests.helpers.models import overwrite_in_place
 
 
 def test_fingerprint_stable_and_sensitive(tiny_model, tmp_path):
@@ -17,9 +19,9 @@ def test_fingerprint_stable_and_sensitive(tiny_model, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    a = fingerprint_local(tiny_model, use_manifest=False)
-    b = fingerprint_local(tiny_model, use_manifest=False)
-    assert a == b == fingerprint_local(tiny_model)  # cached in the model's manifest
+    a = fingerprint_local(tiny_model, use_cache=False)
+    b = fingerprint_local(tiny_model, use_cache=False)
+    assert a == b == fingerprint_local(tiny_model) == fingerprint_local(tiny_model)  # hashed, then cached
     assert a == json.loads((tiny_model / "MANIFEST.json").read_text())["lineage"]["fingerprint"]
     copy = tmp_path / "copy"
     shutil.copytree(tiny_model, copy)
@@ -51,3 +53,40 @@ def test_fingerprint_hub_from_local_cache(tmp_path, monkeypatch):
     assert fingerprint_hub("Qwen/Qwen3-8B", "b" * 40)[0] != fp
     with pytest.raises(ManifestError, match="not a store URI, an existing directory, or a hub id"):
         fingerprint("not a model")
+
+
+def test_fingerprint_rests_on_content_not_manifest_or_size(tiny_model, tmp_path):
+    """A weight file overwritten in place (same size, inode and mtime) changes the fingerprint,
+    although the directory's MANIFEST.json still lists the old hash and a hash was cached."""
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model, copy)
+    before = fingerprint_local(copy)  # hashes recorded in the stat cache
+    assert before == json.loads((copy / "MANIFEST.json").read_text())["lineage"]["fingerprint"]
+    overwrite_in_place(copy / "model.safetensors")
+    after = fingerprint_local(copy)
+    assert after != before and after == fingerprint_local(copy, use_cache=False)
+    assert fingerprint(f"file://{copy}") == after
+
+
+def test_verify_local_names_each_differing_file(tiny_model, tmp_path):
+    import shutil
+
+    from lopd.fingerprint import verify_local
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model, copy)
+    assert verify_local(copy) == []
+    overwrite_in_place(copy / "model.safetensors")
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    (copy / "tokenizer.json").unlink()
+    (copy / "extra.bin").write_bytes(b"x")
+    assert verify_local(copy) == [
+        f"config.json: {(tiny_model / 'config.json').stat().st_size + 1} bytes, manifest says "
+        f"{(tiny_model / 'config.json').stat().st_size}",
+        "model.safetensors: sha256 differs from the manifest", "tokenizer.json: missing",
+        "extra.bin: not listed in the manifest"]
+    (copy / "MANIFEST.json").unlink()
+    with pytest.raises(ManifestError, match="no manifest at"):
+        verify_local(copy)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+import re
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
 
-from lopd.recipe import Recipe, RecipeError, apply_set, load_recipe, parse_set, validate_recipe
+from lopd.recipe import Recipe, RecipeError, apply_set, load_recipe, load_recipe_data, parse_set, validate_recipe
 from tests.helpers.cli import REPO, lopd_cli
 
 TINY = REPO / "jobs" / "recipes" / "tiny.yaml"
@@ -180,3 +184,121 @@ def test_cli_validate_one_line_and_exit_code(tmp_path):
     assert yaml.safe_load(shown.stdout)["opd"]["optim"]["lr"] == 3e-6
     bad_set = lopd_cli("recipe", "show", "-r", str(TINY), "--set", "opd.nope=1", check=False)
     assert bad_set.returncode == 2 and bad_set.stderr.strip() == "error: recipe error: opd.nope: unknown key"
+
+
+# --------------------------------------------------------------------------- absurd sizes and alias bombs
+
+
+def _refused_fast(fn, match: str) -> str:
+    """Run ``fn``; it must raise a one-line RecipeError matching ``match`` within a second."""
+    t0 = time.perf_counter()
+    with pytest.raises(RecipeError, match=match) as exc:
+        fn()
+    assert time.perf_counter() - t0 < 1.0
+    assert "\n" not in str(exc.value)
+    return str(exc.value)
+
+
+def test_every_size_field_has_an_upper_bound():
+    """Every integer field of the recipe (seeds aside) has an upper bound, named in its docstring."""
+    import annotated_types
+    from pydantic import BaseModel
+
+    unbounded = []
+
+    def walk(model: type[BaseModel], path: str):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            args = getattr(ann, "__args__", (ann,))
+            if int in args and bool not in args and "seed" not in name:
+                if not any(isinstance(m, (annotated_types.Le, annotated_types.Lt)) for m in field.metadata):
+                    unbounded.append(f"{path}{name}")
+                elif "at most" not in " ".join((field.description or "").split()):
+                    unbounded.append(f"{path}{name} (bound not documented)")
+            for sub in args:
+                if isinstance(sub, type) and issubclass(sub, BaseModel):
+                    walk(sub, f"{path}{name}.")
+            for sub in getattr(args[-1], "__args__", ()) if getattr(ann, "__origin__", None) is dict else ():
+                if isinstance(sub, type) and issubclass(sub, BaseModel):
+                    walk(sub, f"{path}{name}.*.")
+
+    walk(Recipe, "")
+    assert unbounded == []
+
+
+ABSURD = ["opd.train.global_batch", "sft.train.steps", "opd.train.micro_batch_tokens", "opd.train.max_seq_len",
+          "precompute.shards", "sft_data.part_size", "eval.k", "eval.part_size", "precompute.sampling.max_tokens",
+          "precompute.sampling.n", "opd.mini_batches", "opd.logprob_chunk_tokens", "eval.inference.max_num_seqs",
+          "opd.resources.nodes", "kubernetes.backoff_limit"]
+
+
+@pytest.mark.parametrize("path", ABSURD)
+def test_absurd_size_refused_fast_naming_the_key(path):
+    data = _mut(_set(path, 10**12))
+    msg = _refused_fast(lambda: validate_recipe(data), re.escape(path) + ": Input should be less than or equal to")
+    assert msg.startswith("recipe error: ")
+
+
+def test_huge_integers_in_a_recipe_file_are_one_line(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(base()) + "opd: {train: {steps: 1" + "0" * 5000 + "}}\n")
+    _refused_fast(lambda: load_recipe(p), r"r.yaml line \d+: integer too long")
+    p.write_text(yaml.safe_dump(base()) + "opd: {train: {steps: 0x1" + "f" * 5000 + "}}\n")
+    msg = _refused_fast(lambda: load_recipe(p), r"opd.train.steps: Input should be less than or equal to 10000000")
+    assert len(msg) < 200
+
+
+def test_set_index_may_at_most_append():
+    d = {"eval": {"benchmarks": ["a"]}}
+    apply_set(d, "eval.benchmarks[1]=b")  # appends
+    assert d["eval"]["benchmarks"] == ["a", "b"]
+    apply_set(d, "new[0].x=1")  # a new list may take index 0
+    assert d["new"] == [{"x": 1}]
+    _refused_fast(lambda: apply_set(d, "eval.benchmarks[3]=c"),
+                  r"eval.benchmarks\[3\]: index past the end of the list \(length 2")
+    _refused_fast(lambda: apply_set(d, "eval.datasets[100000000000].name=x"),
+                  r"eval.datasets\[100000000000\]: index past the end of the list \(length 0")
+    _refused_fast(lambda: apply_set(d, "eval.benchmarks[" + "9" * 5000 + "]=x"),
+                  r"list index \[9+\.\.\.\] is too large")
+
+
+def test_cli_set_index_bomb_exit_2(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(base()))
+    proc = lopd_cli("recipe", "validate", "-r", str(p), "--set", "eval.datasets[100000000000].name=x", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: --set 'eval.datasets[100000000000].name=x': eval.datasets[100000000000]: index past the end of "
+        "the list (length 0; an index may at most append)"]
+
+
+def alias_bomb(levels: int) -> str:
+    """A recipe whose free-form ``repro.variants.v.opd`` holds 10**levels strings in ~80 bytes a level."""
+    lines = ["        a0: &a0 [" + ", ".join(["lol"] * 10) + "]"]
+    lines += [f"        a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels)]
+    return yaml.safe_dump(base()) + "repro:\n  variants:\n    v:\n      opd:\n" + "\n".join(lines) + "\n"
+
+
+def test_alias_bomb_refused_fast(tmp_path):
+    p = tmp_path / "bomb.yaml"
+    p.write_text(alias_bomb(7))  # 10^7 strings: seconds to hash without the limit
+    assert len(p.read_bytes()) < 1000
+    _refused_fast(lambda: load_recipe(p).sha256(), r"bomb.yaml line \d+: aliases expand to more than 100000 nodes")
+    p.write_text(yaml.safe_dump(base()) + "opd: &x {train: *x}\n")
+    _refused_fast(lambda: load_recipe(p), r"bomb.yaml line \d+: recursive alias")
+    p.write_text(yaml.safe_dump(base()) + "x: " + "[" * 50000 + "\n")
+    _refused_fast(lambda: load_recipe(p), r"bomb.yaml( line \d+)?: .*(nesting depth|nested too deeply)")
+    p.write_bytes(b"run_id: r\xff1\n")
+    _refused_fast(lambda: load_recipe(p), r"bomb.yaml: not UTF-8 text \(byte 10\)")
+    p.write_text(yaml.safe_dump(base()) + "x: &a [1, 2]\ny: *a\nsft: {train: {steps: 7}}\n")
+    assert load_recipe_data(p)["y"] == [1, 2]  # a few aliases are fine
+
+
+def test_cli_billion_laughs_exit_2(tmp_path):
+    p = tmp_path / "bomb.yaml"
+    p.write_text(alias_bomb(9))  # 10^9 strings
+    proc = subprocess.run([sys.executable, "-m", "lopd.cli", "recipe", "validate", "-r", str(p)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-500:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: recipe error: {p} line 20: aliases expand to more than 100000 nodes"]

@@ -177,9 +177,10 @@ out = {{"caps": capabilities()}}
 for name, src in [("ok", "print(int(input()) * 2)"),
                   ("setsid", "import os, time\\nif os.fork() == 0:\\n    os.setsid(); time.sleep(30)\\nprint(42)"),
                   ("env", "import os; print(sorted(os.environ))"),
-                  ("net", "import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)")]:
+                  ("net", "import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)"),
+                  ("tmp", "open({tmp_file!r}, 'w').write('x'); print(42)")]:
     r = run_program(python_argv(), stdin=b"21\\n", limits=lim, files={{"main.py": src.encode()}})
-    out[name] = [r.status, r.stdout.decode(), r.isolation["network"]]
+    out[name] = [r.status, r.stdout.decode(), r.isolation["network"], r.isolation["tmp"]]
 out["children_left"] = [d for d in os.listdir("/proc") if d.isdigit() and os.path.exists(f"/proc/{{d}}/stat")
                         and int(open(f"/proc/{{d}}/stat").read().rsplit(")", 1)[1].split()[1]) == os.getpid()]
 print(repr(out))
@@ -188,12 +189,13 @@ print(repr(out))
 
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"), reason="needs root to drop to nobody")
 def test_non_root_fallback(listener):
-    """The grader itself unprivileged (as in a non-root pod): no uid switch, a user+network namespace
-    where allowed, leftovers killed through the subreaper, still no environment."""
+    """The grader itself unprivileged (as in a non-root pod): no uid switch, a user+network(+mount)
+    namespace where allowed, leftovers killed through the subreaper, still no environment."""
     from pathlib import Path
 
     repo = str(Path(__file__).resolve().parents[1])
-    script = NONROOT_SCRIPT.format(repo=repo, port=listener[0])
+    tmp_file = f"/tmp/lopd-nonroot-{uuid.uuid4().hex}"
+    script = NONROOT_SCRIPT.format(repo=repo, port=listener[0], tmp_file=tmp_file)
     proc = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3",
                            "-c", script], capture_output=True, text=True, timeout=60, cwd="/tmp",
                           env={"AWS_SECRET_ACCESS_KEY": SECRET})
@@ -204,3 +206,106 @@ def test_non_root_fallback(listener):
     assert out["children_left"] == []
     if out["caps"]["network"] != "none":
         assert out["net"][0] == "exit" and listener[1] == []
+    if out["caps"]["tmp"] == "private":  # written to the program's own /tmp, gone with it
+        assert out["tmp"][:2] == ["ok", "42\n"] and out["tmp"][3] == "private"
+        assert not os.path.exists(tmp_file)
+
+
+UNIX_CLIENT = ("import socket\ns = socket.socket(socket.AF_UNIX)\ns.settimeout(1)\ns.connect({path!r})\n"
+               "s.sendall(b'leak')\nprint(int(input()) * 2)\n")
+
+
+def test_host_unix_socket_unreachable():
+    """A world-writable AF_UNIX socket under /tmp is out of reach (the network namespace alone does not
+    cover path-based sockets)."""
+    path = f"/tmp/lopd-sock-{uuid.uuid4().hex}"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    os.chmod(path, 0o777)
+    srv.listen(4)
+    srv.settimeout(0.2)
+    try:
+        src = UNIX_CLIENT.format(path=path)
+        r = run_program(python_argv(), stdin=b"21\n", limits=LIMITS, files={"main.py": src.encode()})
+        try:
+            conn, _ = srv.accept()
+            conn.close()
+            reached = True
+        except OSError:
+            reached = False
+        assert not reached and r.status == "exit", r
+        if capabilities()["tmp"] == "private":
+            assert r.isolation["tmp"] == "private"
+    finally:
+        srv.close()
+        os.unlink(path)
+
+
+NESTED_WRITER = ("import os\nd = {path!r} + '/a/b/c'\nos.makedirs(d, exist_ok=True)\n"
+                 "open(d + '/file', 'w').write('left behind')\nos.symlink('/etc', d + '/link')\n"
+                 "os.mkdir(d + '/mine')\nopen(d + '/mine/f', 'w').write('x')\nprint(int(input()) * 2)\n")
+
+
+@pytest.fixture
+def nested_world_writable():
+    """/tmp/<unique>/a/b/c, every directory mode 1777 and owned by root (not by any sandbox uid)."""
+    top = f"/tmp/lopd-nested-{uuid.uuid4().hex}"
+    deep = os.path.join(top, "a", "b", "c")
+    os.makedirs(deep)
+    for d in (top, f"{top}/a", f"{top}/a/b", deep):
+        os.chmod(d, 0o1777)
+    yield top, deep
+    subprocess.run(["rm", "-rf", top], check=True)
+
+
+def _leftovers(top: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, n), top) for d, dirs, files in os.walk(top) for n in dirs + files
+                  if os.path.relpath(os.path.join(d, n), top) not in ("a", "a/b", "a/b/c"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the grader must be root to drop to a private uid")
+def test_nested_world_writable_files_removed(nested_world_writable):
+    """What a program writes deep in world-writable directories it did not create is gone after the run."""
+    top, _ = nested_world_writable
+    src = NESTED_WRITER.format(path=top)
+    r = run_program(python_argv(), stdin=b"21\n", limits=LIMITS, files={"main.py": src.encode()})
+    assert r.status == "ok" and r.stdout.strip() == b"42", r
+    assert _leftovers(top) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the grader must be root to drop to a private uid")
+def test_nested_files_removed_without_mount_namespace(nested_world_writable, monkeypatch):
+    """Where no mount namespace can be made, the program's files are found by its uid, at any depth."""
+    from lopd.eval import isolation
+
+    monkeypatch.setattr(isolation, "_CAPS", {**capabilities(), "tmp": "shared"})
+    top, deep = nested_world_writable
+    src = NESTED_WRITER.format(path=top)
+    r = run_program(python_argv(), stdin=b"21\n", limits=LIMITS, files={"main.py": src.encode()})
+    assert r.status == "ok" and r.stdout.strip() == b"42", r
+    assert r.isolation["tmp"] == "shared"
+    assert _leftovers(top) == []
+    assert os.path.isdir("/etc")  # the program's symlink was removed, not followed
+
+
+def test_remove_owned_walks_by_uid_without_following_symlinks(tmp_path):
+    """Only the given uid's entries go, at any depth; a symlink is removed, never followed."""
+    from lopd.eval.reaper import remove_owned
+
+    uid = 1_999_999
+    root, outside = tmp_path / "ww", tmp_path / "outside"
+    deep = root / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    outside.mkdir()
+    for p in ((outside / "keep"), (root / "a" / "other"), (deep / "mine"), (deep / "mine-dir" / "x")):
+        p.parent.mkdir(exist_ok=True)
+        p.write_text("x")
+    (deep / "link").symlink_to(outside)
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    for p in (outside / "keep", deep / "mine", deep / "mine-dir", deep / "mine-dir" / "x"):
+        os.chown(p, uid, uid)
+    os.lchown(deep / "link", uid, uid)
+    remove_owned(uid, (str(root),))
+    assert sorted(p.name for p in root.rglob("*")) == ["a", "b", "c", "other"]
+    assert (outside / "keep").exists()

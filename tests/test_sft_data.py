@@ -23,6 +23,7 @@ from lopd.manifest import ManifestError, read_manifest
 from lopd.store import open_store
 from tests.helpers.cli import REPO, lopd_cli
 from tests.helpers.inference import write_prompts
+from tests.helpers.prompts import write_non_utf8_jsonl, write_truncated_parquet
 
 RUN = "sd"
 
@@ -117,6 +118,24 @@ def test_sft_data_cli_error_is_one_line(tiny_model, tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in proc.stderr
     assert "row 1: missing column 'messages'" in proc.stderr
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_sft_data_damaged_prompts_exit_2_before_model_load(kind, tiny_model, tmp_path):
+    """A non-UTF-8 JSONL or truncated parquet prompts file: the entrypoint prints one ``error:``
+    line naming the file (and the line) and exits 2, before any model is loaded."""
+    prompts = (write_non_utf8_jsonl(tmp_path / "p.jsonl") if kind == "jsonl"
+               else write_truncated_parquet(tmp_path / "p.parquet"))
+    r = sft_recipe(tmp_path / "r.yaml", str(tmp_path / "store"), tiny_model, prompts)
+    proc = subprocess.run([sys.executable, "-m", "jobs.sft_data", "--recipe", str(r)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
+    want = (f"error: {prompts}: line 2: not UTF-8 text" if kind == "jsonl"
+            else f"error: {prompts}: not a readable parquet file (")
+    assert errors[0].startswith(want), errors[0]
+    assert not (tmp_path / "store").exists() or not any(p.is_file() for p in (tmp_path / "store").rglob("*"))
 
 
 # --------------------------------------------------------------------------- kill and resume

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from lopd.store import FileStore, IntegrityError, NotFound, StoreError, open_store, sha256_file
+from lopd.store import FileStore, IntegrityError, NotFound, StoreError, cache_dir, open_store, sha256_file
 
 
 def test_open_store_schemes(tmp_path):
@@ -104,3 +104,77 @@ def test_file_store_hides_partial_temp_files(tmp_path):
     s.write_bytes("a", b"1")
     (tmp_path / ".b.123.part").write_bytes(b"partial")
     assert [o.key for o in s.list()] == ["a"]
+
+
+def _corrupt_in_place(path, data: bytes) -> None:
+    """Overwrite ``path`` with ``data`` (same size) and put its mtime back."""
+    st = path.stat()
+    path.chmod(0o644)
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_fetch_cache_hit_rests_on_content(store_uri):
+    s = open_store(store_uri)
+    s.write_bytes("blob", b"payload")
+    good = hashlib.sha256(b"payload").hexdigest()
+    p = s.fetch("blob", good, 7)
+    _corrupt_in_place(p, b"PAYLOAD")  # same name, same size, same mtime, other bytes
+    assert s.fetch("blob", good, 7).read_bytes() == b"payload"  # re-verified, downloaded again
+    with s.open_verified("blob", good, 7) as f:
+        assert f.read() == b"payload"
+    # when the stored object went bad too, the bad bytes are never returned
+    _corrupt_in_place(p, b"PAYLOAD")
+    s.write_bytes("blob", b"xayload")
+    with pytest.raises(IntegrityError, match=f"blob: sha256 [0-9a-f]{{64}} does not match the manifest's {good}"):
+        s.fetch("blob", good, 7)
+    assert not p.exists()
+
+
+def test_open_verified_rejects_a_rewritten_object(store_uri):
+    s = open_store(store_uri)
+    data = os.urandom(3 * (1 << 20) + 5)
+    sha = hashlib.sha256(data).hexdigest()
+    other = os.urandom(len(data))  # rewritten after the record was made: same size, other bytes
+    s.write_bytes("part.parquet", other)
+    with pytest.raises(IntegrityError) as e:
+        s.open_verified("part.parquet", sha, len(data))
+    msg = str(e.value)
+    assert "\n" not in msg and "part.parquet" in msg and sha in msg and hashlib.sha256(other).hexdigest() in msg
+    assert not list((cache_dir() / "blobs").rglob(f"*{sha}*"))
+    s.write_bytes("part.parquet", data)
+    with s.open_verified("part.parquet", sha, len(data)) as f:
+        assert f.seekable() and f.read() == data
+    with pytest.raises(IntegrityError, match=r"short: 2 bytes, the manifest says 7"):
+        s.write_bytes("short", b"ab")
+        s.open_verified("short", good_sha := hashlib.sha256(b"payload").hexdigest(), 7)
+    assert not list((cache_dir() / "blobs").rglob(f"*{good_sha}*"))  # nothing half-written is cached
+
+
+def test_file_store_delete_never_follows_symlinks(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sentinel").write_text("keep")
+    (outside / "sub" / "sentinel").write_text("keep")
+    s = FileStore(tmp_path / "store")
+    s.write_bytes("a/b/x.txt", b"1")
+    (tmp_path / "store/a/b/link").symlink_to(outside / "sub")  # a link inside a directory
+    (tmp_path / "store/a/file-link").symlink_to(outside / "sentinel")
+    (tmp_path / "store/dir-link").symlink_to(outside)
+    s.delete("a/file-link")  # the link goes, its target stays
+    assert not (tmp_path / "store/a/file-link").is_symlink() and (outside / "sentinel").exists()
+    s.delete("dir-link")
+    assert not (tmp_path / "store/dir-link").is_symlink() and (outside / "sentinel").exists()
+    s.delete("a")  # recursion removes the link without entering it
+    assert not (tmp_path / "store/a").exists() and (outside / "sub" / "sentinel").exists()
+    (tmp_path / "store/runs").symlink_to(outside)  # a directory that resolves outside the root
+    with pytest.raises(StoreError, match=r"resolves to .*outside/sentinel, outside the store root") as e:
+        s.delete("runs/sentinel")
+    assert "\n" not in str(e.value)
+    with pytest.raises(StoreError, match="outside the store root"):
+        s.delete("runs/sub")
+    assert (outside / "sentinel").exists() and (outside / "sub" / "sentinel").exists()
+    with pytest.raises(StoreError, match="outside the store root"):
+        s.check_within("runs/t/sft-data")
+    s.check_within("a/b")  # inside (and absent): fine

@@ -1,5 +1,6 @@
 """Training data (lopd.train.data): bad precomputed data, each case a one-line TrainDataError naming
-the row and column (also through the real entrypoint), and the deterministic global batch order."""
+the row and column (also through the real entrypoint); parts verified against the manifest when
+read; duplicated and empty data refused; and the deterministic global batch order."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from lopd.data.schemas import PRECOMPUTE
+from lopd.data.schemas import PRECOMPUTE, SFT_DATA, write_table
 from lopd.layout import stage_prefix
-from lopd.store import open_store
+from lopd.manifest import publish
+from lopd.store import IntegrityError, open_store, sha256_file
 from lopd.train.data import (
     TrainDataError,
     global_batch_indices,
     load_opd_samples,
+    load_sft_seqs,
     open_precompute,
 )
 from tests.helpers.training import RUN, make_run, publish_precompute, run_job
@@ -131,3 +134,78 @@ def test_batches_are_deterministic_and_cover_epochs():
     assert a == global_batch_indices(10, 3, 4, seed=1) and len(a) == 4
     first_epoch = sum((global_batch_indices(10, s, 5, seed=1) for s in range(2)), [])
     assert sorted(first_epoch) == list(range(10))
+
+
+def test_a_part_rewritten_after_publishing_is_refused(tmp_path):
+    uri = f"file://{tmp_path / 'store'}"
+    publish_precompute(uri, _rows(), tmp_path, GOOD, shards=2)
+    rows = _rows()
+    rows["teacher_logprobs"] = [[-0.5] * 4 for _ in range(6)]  # valid data, but not what was published
+    part = tmp_path / "store" / stage_prefix(RUN, "precompute") / "shards/1-of-2/part-00000.parquet"
+    write_table(pa.table({k: pa.array(v[1::2], type=PRECOMPUTE.field(k).type) for k, v in rows.items()}),
+                part, PRECOMPUTE)
+    with pytest.raises(IntegrityError) as e:
+        _load(uri)
+    msg = str(e.value)
+    assert "\n" not in msg and "shards/1-of-2/part-00000.parquet" in msg and sha256_file(part) in msg
+
+
+def test_duplicate_rows_name_both(tmp_path):
+    def mutate(r):
+        for k in r:
+            r[k][3] = copy.deepcopy(r[k][0])  # p0 sample 0 again, in the other shard
+    rows = copy.deepcopy(_rows())
+    mutate(rows)
+    uri = f"file://{tmp_path / 'store'}"
+    publish_precompute(uri, rows, tmp_path, GOOD, shards=3)
+    with pytest.raises(TrainDataError) as e:
+        _load(uri)
+    msg = str(e.value)
+    assert "\n" not in msg and "duplicate (prompt_id, sample_index) ('p0', 0)" in msg
+    assert "shards/0-of-3/part-00000.parquet: row 0 and " in msg and "shards/0-of-3/part-00000.parquet: row 1" in msg
+
+
+def _publish_table(uri: str, tmp, stage: str, table: pa.Table, schema, **fields) -> None:
+    local = tmp / f"{stage}-out"
+    (local / "shards/0-of-1").mkdir(parents=True)
+    write_table(table, local / "shards/0-of-1/part-00000.parquet", schema)
+    publish(open_store(uri), stage_prefix(RUN, stage), local, stage=stage, run_id=RUN, **fields)
+
+
+def test_empty_precompute_data_is_refused(tmp_path):
+    uri = f"file://{tmp_path / 'store'}"
+    _publish_table(uri, tmp_path, "precompute", PRECOMPUTE.empty_table(), PRECOMPUTE, lineage=GOOD)
+    with pytest.raises(TrainDataError, match=r"runs/t/precompute: the published precompute data holds no rows$"):
+        _load(uri)
+
+
+def _sft_table(ids: list[str]) -> pa.Table:
+    convs = [[{"role": "user", "content": "Compute 1+1."}, {"role": "assistant", "content": "2"}] for _ in ids]
+    return pa.table({"prompt_id": ids, "messages": convs, "num_tokens": [1] * len(ids),
+                     "finish_reason": ["stop"] * len(ids)}, schema=SFT_DATA)
+
+
+def test_sft_data_duplicates_and_empty_are_refused(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prefix = stage_prefix(RUN, "sft-data")
+    uri = f"file://{tmp_path / 'a'}"
+    _publish_table(uri, tmp_path / "a", "sft-data", _sft_table(["s0", "s1", "s0"]), SFT_DATA,
+                   metrics={"prompts": 3, "skipped_too_long": 0, "samples": 3})
+    with pytest.raises(TrainDataError) as e:
+        load_sft_seqs(open_store(uri), prefix, tok, 64)
+    msg = str(e.value)
+    assert "\n" not in msg and "duplicate prompt_id 's0'" in msg and "part-00000.parquet: row 0 and " in msg
+    assert msg.endswith("part-00000.parquet: row 2")
+    # two samples per prompt (teacher sampling n=2) are not duplicates; a third is
+    uri = f"file://{tmp_path / 'b'}"
+    _publish_table(uri, tmp_path / "b", "sft-data", _sft_table(["s0", "s0", "s1", "s1"]), SFT_DATA,
+                   metrics={"prompts": 2, "skipped_too_long": 0, "samples": 4})
+    seqs, _, _ = load_sft_seqs(open_store(uri), prefix, tok, 64)
+    assert len(seqs) == 4
+    uri = f"file://{tmp_path / 'c'}"
+    _publish_table(uri, tmp_path / "c", "sft-data", _sft_table([]), SFT_DATA,
+                   metrics={"prompts": 2, "skipped_too_long": 2, "samples": 0})
+    with pytest.raises(TrainDataError, match="runs/t/sft-data: the published SFT data holds no rows$"):
+        load_sft_seqs(open_store(uri), prefix, tok, 64)

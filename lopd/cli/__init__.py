@@ -4,7 +4,7 @@ Every user-facing error is one line on stderr and a non-zero exit: :class:`lopd.
 subclasses carry their own message; nothing prints a traceback unless ``LOPD_DEBUG=1``.
 Nothing in lopd imports this package; its modules import the runners:
 
-- :mod:`lopd.cli.artifacts`  recipe validate/show, store ls, init-model, fingerprint
+- :mod:`lopd.cli.artifacts`  recipe validate/show, store ls, init-model, fingerprint, verify
 - :mod:`lopd.cli.local`      stages, run, pipeline (local or k8s backend), report, repro
 - :mod:`lopd.cli.k8s`        render, deploy, status, logs
 """

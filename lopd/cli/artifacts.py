@@ -1,9 +1,11 @@
-"""``lopd recipe validate|show``, ``lopd store ls``, ``lopd init-model``, ``lopd fingerprint``."""
+"""``lopd recipe validate|show``, ``lopd store ls``, ``lopd init-model``, ``lopd fingerprint``,
+``lopd verify``."""
 
 from __future__ import annotations
 
 import click
 
+from lopd import LopdError
 from lopd.cli.options import recipe_options
 
 
@@ -106,4 +108,26 @@ def fingerprint_cmd(model: str, revision: str | None) -> None:
     click.echo(fingerprint(model, revision))
 
 
-COMMANDS = [recipe, store, init_model_cmd, fingerprint_cmd]
+class VerifyError(LopdError):
+    """A directory whose files differ from its MANIFEST.json."""
+
+
+@click.command("verify")
+@click.argument("path", type=click.Path(file_okay=False))
+def verify_cmd(path: str) -> None:
+    """Rehash every file of PATH (a local directory or file:// URI) against its MANIFEST.json.
+
+    Prints one line per file that is missing, has another size or sha256, or is not listed,
+    and exits 2 when there is any; prints 'ok' otherwise."""
+    from lopd.fingerprint import verify_local
+
+    local = path[7:] if path.startswith("file://") else path
+    problems = verify_local(local)
+    for line in problems:
+        click.echo(f"mismatch: {line}")
+    if problems:
+        raise VerifyError(f"verify: {len(problems)} file(s) of {local} differ from its MANIFEST.json")
+    click.echo(f"ok: {local} matches its MANIFEST.json")
+
+
+COMMANDS = [recipe, store, init_model_cmd, fingerprint_cmd, verify_cmd]

@@ -32,21 +32,38 @@ def read_rows(path: Path, error: type[LopdError] = PromptDataError, label: str |
     """Rows of a local JSONL or parquet file; problems raise ``error`` naming ``label`` (default: the path)."""
     where = label or str(path)
     if path.suffix in (".jsonl", ".json"):
-        rows = []
-        with open(path) as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise error(f"{where}: line {i + 1}: not valid JSON ({e.msg})") from None
-        return rows
+        return _jsonl_rows(path, where, error)
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:  # truncated or not parquet at all
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise error(f"{where}: not a readable parquet file ({reason})") from None
     raise error(f"{where}: unsupported file type (use .jsonl or .parquet)")
+
+
+def _jsonl_rows(path: Path, where: str, error: type[LopdError]) -> list[Any]:
+    """One JSON value per non-blank line of a UTF-8 file (a leading byte-order mark is allowed)."""
+    rows = []
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8-sig" if i == 0 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"{where}: line {i + 1}: not UTF-8 text (byte {e.start + 1} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise error(f"{where}: line {i + 1}: not valid JSON ({e.msg})") from None
+            except (ValueError, RecursionError) as e:  # an integer too long to convert; nesting too deep
+                reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+                raise error(f"{where}: line {i + 1}: not usable JSON ({reason})") from None
+    return rows
 
 
 def local_path(uri: str) -> Path:

@@ -2,8 +2,8 @@
 
 - as root, each program has a private uid (see :mod:`lopd.eval.sandbox`), so "everything it
   left" is "every process of that uid": :func:`reap_uid` kills them all with ``kill(-1)``
-  from a helper that takes the uid, and :func:`remove_owned` deletes that uid's files at
-  the top of the world-writable directories;
+  from a helper that takes the uid, and :func:`remove_owned` deletes that uid's files at any
+  depth below the world-writable directories (where they are not private to the program);
 - grader workers are child subreapers (:func:`enable_subreaper`), so orphans come back to
   them and are waited for (:func:`reap_zombies`), and, without root, whatever is still a
   child of the worker after a run is a leftover of it (:func:`kill_my_children`).
@@ -15,6 +15,7 @@ import ctypes
 import os
 import shutil
 import signal
+import stat
 import time
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -133,19 +134,30 @@ def reap_zombies(uid: int) -> None:
 
 
 def remove_owned(uid: int, dirs: tuple[str, ...]) -> None:
-    """Delete what ``uid`` left at the top of the world-writable directories."""
-    for d in dirs:
+    """Delete everything ``uid`` owns anywhere below ``dirs`` (the world-writable temp trees).
+
+    Found by owner, not by place: a program can write deep inside world-writable directories
+    it did not create. Only directories others may enter are descended into (the uid cannot
+    have reached anything else); symlinks are removed, never followed, and a directory the uid
+    owns goes as a whole (``shutil.rmtree`` does not follow links either).
+    """
+    stack = list(dirs)
+    while stack:
+        d = stack.pop()
         try:
             entries = list(os.scandir(d))
         except OSError:
             continue
         for e in entries:
             try:
-                if e.stat(follow_symlinks=False).st_uid != uid:
-                    continue
-                if e.is_dir(follow_symlinks=False):
-                    shutil.rmtree(e.path, ignore_errors=True)
-                else:
-                    os.unlink(e.path)
+                st = e.stat(follow_symlinks=False)
+                is_dir = stat.S_ISDIR(st.st_mode)
+                if st.st_uid == uid:
+                    if is_dir:
+                        shutil.rmtree(e.path, ignore_errors=True)
+                    else:
+                        os.unlink(e.path)
+                elif is_dir and st.st_mode & stat.S_IXOTH:
+                    stack.append(e.path)
             except OSError:
                 pass

@@ -3,8 +3,10 @@
 Every run gets:
 
 - **a fresh working directory** (``mkdtemp``, mode 0700, owned by the sandbox uid), removed
-  afterwards together with anything the program's uid left in the world-writable
-  directories (``/tmp``, ``/var/tmp``, ``/dev/shm``);
+  afterwards;
+- **private temp directories**: a mount namespace with a fresh tmpfs over ``/tmp``,
+  ``/var/tmp`` and ``/dev/shm`` (:mod:`lopd.eval.isolation`), so the host's Unix sockets and
+  files there are out of reach and whatever the program writes there vanishes with it;
 - **an empty environment** (no credentials, no proxies, no ``AWS_*``);
 - **its own session / process group**, killed as a whole on timeout;
 - **resource limits**: CPU seconds (``RLIMIT_CPU``), address space (``RLIMIT_AS``),
@@ -26,20 +28,25 @@ Fallbacks, where the kernel or container forbids a step (all recorded in the res
   counts the grader's own processes too, so it is set to (current count + ``max_procs``);
   processes that left the process group are found because grader workers are child
   subreapers (:func:`enable_subreaper`): whatever is still a child of the worker after a run
-  is killed. Files the program wrote to world-writable places are not cleaned up, and the
-  program could signal the grader's other processes of the same uid: run eval pods'
-  grader as root inside the pod (it drops to a private uid per program) when you can.
+  is killed. Files the program wrote to world-writable places outside its private temp
+  directories are not cleaned up, and the program could signal the grader's other processes
+  of the same uid: run eval pods' grader as root inside the pod (it drops to a private uid
+  per program) when you can.
 - ``unshare(CLONE_NEWNET)`` refused (no CAP_SYS_ADMIN): a user namespace plus network
   namespace (``CLONE_NEWUSER | CLONE_NEWNET``) is tried; if that is refused too (seccomp
   default profiles, ``kernel.unprivileged_userns_clone=0``) the program runs **with** the
   host network and ``isolation.network`` is ``"none"``. On Kubernetes, give eval pods a
   NetworkPolicy that denies egress; ``SandboxLimits.require_network_isolation=True`` turns
-  the fallback into an error instead.
+  the fallback into an error instead. In the user-namespace case the program's own uid is
+  mapped into it, so it can write to its private temp directories.
+- mount namespace or tmpfs refused: the program sees the host's temp directories (and can
+  reach Unix sockets there) and ``isolation.tmp`` is ``"shared"``. As root, every file and
+  directory its private uid owns anywhere below them is removed after the run (found by
+  owner at any depth, symlinks removed but never followed); without root nothing is.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
 import shutil
@@ -52,13 +59,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lopd import LopdError
-from lopd.eval import reaper
-from lopd.eval.reaper import enable_subreaper  # noqa: F401  (re-exported for grader workers)
+from lopd.eval import isolation, reaper
+from lopd.eval.isolation import capabilities
+from lopd.eval.reaper import enable_subreaper
 
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
+__all__ = ["RunResult", "SandboxError", "SandboxLimits", "capabilities", "enable_subreaper", "run_program"]
 UID_BASE = 1_500_000
-WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")
 
 
 class SandboxError(LopdError):
@@ -97,12 +103,6 @@ class RunResult:
 
 # --------------------------------------------------------------------------- child setup
 
-_libc = reaper.libc
-
-
-def _unshare(flags: int) -> bool:
-    return _libc.unshare(ctypes.c_int(flags)) == 0
-
 
 def _setrlimits(lim: SandboxLimits, nproc: int) -> None:
     mem = lim.memory_mb << 20
@@ -126,14 +126,23 @@ def _count_my_processes() -> int:
     return n
 
 
-def _make_preexec(lim: SandboxLimits, workdir: str, as_root: bool, net_flags: int, status_w: int):
-    """The function run in the forked child before exec (as root when the grader is root)."""
+def _make_preexec(lim: SandboxLimits, workdir: str, as_root: bool, net_flags: int, private_tmp: bool,
+                  status_w: int):
+    """The function run in the forked child before exec (as root when the grader is root).
+
+    It reports what it set up as two bytes on ``status_w``: network (``s`` netns, ``u`` userns,
+    ``n`` none) and temp dirs (``p`` private, ``h`` the host's).
+    """
 
     def setup() -> None:  # runs in the child: keep to plain syscalls
         code = b"n"
-        if net_flags and _unshare(net_flags):
-            code = b"u" if net_flags & CLONE_NEWUSER else b"s"
-        os.write(status_w, code)
+        if net_flags and isolation.unshare(net_flags):
+            code = b"u" if net_flags & isolation.CLONE_NEWUSER else b"s"
+        tmp = b"h"
+        if private_tmp and (code != b"u" or isolation.map_own_ids()) \
+                and isolation.private_temp_dirs(workdir, lim.memory_mb):
+            tmp = b"p"
+        os.write(status_w, code + tmp)
         os.close(status_w)
         if as_root:
             uid = UID_BASE + os.getpid()
@@ -147,31 +156,6 @@ def _make_preexec(lim: SandboxLimits, workdir: str, as_root: bool, net_flags: in
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
     return setup
-
-
-# --------------------------------------------------------------------------- capabilities
-
-_CAPS: dict | None = None
-
-
-def capabilities() -> dict:
-    """What this machine allows: ``{"root": bool, "network": "netns"|"userns"|"none"}`` (probed once)."""
-    global _CAPS
-    if _CAPS is None:
-        root = os.geteuid() == 0
-        network = "none"
-        for flags, name in ((CLONE_NEWNET, "netns"), (CLONE_NEWUSER | CLONE_NEWNET, "userns")):
-            if name == "userns" and root:
-                continue
-            pid = os.fork()
-            if pid == 0:
-                os._exit(0 if _unshare(flags) else 1)
-            _, st = os.waitpid(pid, 0)
-            if os.waitstatus_to_exitcode(st) == 0:
-                network = name
-                break
-        _CAPS = {"root": root, "network": network}
-    return _CAPS
 
 
 def _read_capped(path: Path, cap: int) -> bytes:
@@ -196,7 +180,8 @@ def run_program(argv: list[str], stdin: bytes = b"", limits: SandboxLimits = San
     caps = capabilities()
     if limits.require_network_isolation and caps["network"] == "none":
         raise SandboxError("sandbox: no network namespace can be created here and isolation is required")
-    net_flags = {"netns": CLONE_NEWNET, "userns": CLONE_NEWUSER | CLONE_NEWNET}.get(caps["network"], 0)
+    net_flags = {"netns": isolation.CLONE_NEWNET,
+                 "userns": isolation.CLONE_NEWUSER | isolation.CLONE_NEWNET}.get(caps["network"], 0)
     base = os.environ.get("LOPD_SANDBOX_DIR") or None
     workdir = tempfile.mkdtemp(prefix="lopd-sbx-", dir=base)
     io_dir = tempfile.mkdtemp(prefix="lopd-sbx-io-", dir=base)  # grader-only: stdin/stdout/stderr files
@@ -213,9 +198,10 @@ def run_program(argv: list[str], stdin: bytes = b"", limits: SandboxLimits = San
             proc = subprocess.Popen(
                 argv, cwd=workdir, env={}, stdin=fin, stdout=fout, stderr=ferr, close_fds=True,
                 pass_fds=(w_status,), start_new_session=True,
-                preexec_fn=_make_preexec(limits, workdir, caps["root"], net_flags, w_status))
+                preexec_fn=_make_preexec(limits, workdir, caps["root"], net_flags, caps["tmp"] == "private",
+                                         w_status))
         os.close(w_status)
-        net_code = os.read(r_status, 1)
+        codes = os.read(r_status, 2)
         os.close(r_status)
         timed_out = threading.Event()
 
@@ -242,7 +228,8 @@ def run_program(argv: list[str], stdin: bytes = b"", limits: SandboxLimits = San
         if caps["root"]:
             reaper.reap_uid(uid)
             reaper.reap_zombies(uid)
-            reaper.remove_owned(uid, WORLD_WRITABLE)
+            if codes[1:] != b"p":
+                reaper.remove_owned(uid, tuple(isolation.temp_dirs()))
         elif reaper.is_subreaper():
             reaper.kill_my_children()
         cpu = ru.ru_utime + ru.ru_stime
@@ -266,9 +253,10 @@ def run_program(argv: list[str], stdin: bytes = b"", limits: SandboxLimits = San
             status = "signal"
         else:
             status = "exit"
-        isolation = {"uid": uid if caps["root"] else os.getuid(),
-                     "network": {b"s": "netns", b"u": "userns"}.get(net_code, "none")}
-        return RunResult(status, rc, stdout, stderr, wall, cpu, isolation)
+        setup = {"uid": uid if caps["root"] else os.getuid(),
+                     "network": {b"s": "netns", b"u": "userns"}.get(codes[:1], "none"),
+                     "tmp": "private" if codes[1:] == b"p" else "shared"}
+        return RunResult(status, rc, stdout, stderr, wall, cpu, setup)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(io_dir, ignore_errors=True)

@@ -7,7 +7,9 @@
   with botocore's retry modes. Endpoint and credentials come from the standard AWS environment
   only (``AWS_ENDPOINT_URL``, the credential chain, IRSA); nothing here reads them from a recipe.
 - Everything streams: hashing, uploading and downloading never hold a whole file in memory.
-- :meth:`Store.fetch` downloads into a local cache keyed by sha256 and verifies the hash.
+- :meth:`Store.fetch` streams an object once into a local cache keyed by sha256, hashing it on
+  the way, and :meth:`Store.open_verified` hands readers that verified copy; a cache hit rests
+  on content, not on the name.
 
 Modules: :mod:`lopd.store.base` (errors, hashing, :class:`Store`), :mod:`lopd.store.local`
 (:class:`FileStore`), :mod:`lopd.store.s3` (``S3Store``, imported only for ``s3://`` URIs).
@@ -27,6 +29,7 @@ from lopd.store.base import (
     StoreError,
     cache_dir,
     clean_key,
+    copy_hashing,
     sha256_file,
     sha256_stream,
 )
@@ -57,5 +60,5 @@ def is_store_uri(ref: str) -> bool:
 
 __all__ = [
     "CHUNK", "FileStore", "IntegrityError", "NotFound", "ObjectInfo", "Store", "StoreError", "cache_dir",
-    "clean_key", "is_store_uri", "open_store", "sha256_file", "sha256_stream",
+    "clean_key", "copy_hashing", "is_store_uri", "open_store", "sha256_file", "sha256_stream",
 ]

@@ -3,7 +3,9 @@
 - Keys are ``/``-separated paths relative to the store root (the URI given to
   :func:`lopd.store.open_store`); :func:`clean_key` rejects ``.`` and ``..`` parts.
 - Everything streams: hashing, uploading and downloading never hold a whole file in memory.
-- :meth:`Store.fetch` downloads into a local cache keyed by sha256 and verifies the hash.
+- :meth:`Store.fetch` streams an object once into a local cache keyed by sha256, hashing it on
+  the way; :meth:`Store.open_verified` hands readers that verified copy. A cache hit rests on
+  content (see :meth:`Store.fetch`).
 
 The backends (:mod:`lopd.store.local`, :mod:`lopd.store.s3`) build on this module only.
 """
@@ -58,6 +60,59 @@ def sha256_stream(f: IO[bytes]) -> tuple[str, int]:
         h.update(chunk)
         n += len(chunk)
     return h.hexdigest(), n
+
+
+def copy_hashing(src: IO[bytes], dst: IO[bytes]) -> tuple[str, int]:
+    """Copy ``src`` to ``dst`` in 1 MiB chunks; returns the sha256 and byte count of what passed.
+
+    One sequential pass (a reader thread ahead of the hashing measured slower on a small
+    machine, where the CPU, not the wait for bytes, is the limit)."""
+    h, n = hashlib.sha256(), 0
+    while chunk := src.read(CHUNK):
+        h.update(chunk)
+        dst.write(chunk)
+        n += len(chunk)
+    return h.hexdigest(), n
+
+
+def _signature(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
+
+
+def _sig_path(blob: Path) -> Path:
+    return blob.with_name(f".{blob.name}.verified")
+
+
+def _record_signature(blob: Path) -> None:
+    """Record ``blob``'s stat signature as verified (atomically)."""
+    sig = _sig_path(blob)
+    tmp = sig.with_name(f"{sig.name}.{uuid.uuid4().hex}.part")
+    tmp.write_text(_signature(blob))
+    os.replace(tmp, sig)
+
+
+def _cache_hit(blob: Path, sha256: str, size: int | None) -> bool:
+    """Whether the cached ``blob`` holds ``sha256``'s bytes (re-hashed when its signature moved);
+    a blob that does not is removed."""
+    try:
+        if size is not None and blob.stat().st_size != size:
+            blob.unlink(missing_ok=True)
+            return False
+        current = _signature(blob)
+    except FileNotFoundError:
+        return False
+    try:
+        if _sig_path(blob).read_text() == current:
+            return True
+    except FileNotFoundError:
+        pass
+    if sha256_file(blob) == sha256:
+        _record_signature(blob)
+        return True
+    blob.unlink(missing_ok=True)
+    _sig_path(blob).unlink(missing_ok=True)
+    return False
 
 
 def cache_dir() -> Path:
@@ -151,22 +206,52 @@ class Store:
             out.append(dest)
         return out
 
+    def check_within(self, key: str) -> None:
+        """Raise :class:`StoreError` when ``key`` lies outside this store (a no-op where keys cannot)."""
+
+    def _stream_into(self, key: str, dest: Path) -> tuple[str, int]:
+        """Stream ``key`` into the local file ``dest`` in one pass; returns its sha256 and size
+        (a backend may retry the whole pass)."""
+        with self.open(key) as src, open(dest, "wb") as out:
+            return copy_hashing(src, out)
+
+    def _copy_verified(self, key: str, dest: Path, sha256: str, size: int | None) -> None:
+        """Copy ``key`` into ``dest``, hashing as it streams, then check the hash and size."""
+        got, n = self._stream_into(key, dest)
+        if size is not None and n != size:
+            raise IntegrityError(f"{self.url(key)}: {n} bytes, the manifest says {size} "
+                                 f"(sha256 {got}, the manifest's {sha256})")
+        if got != sha256:
+            raise IntegrityError(f"{self.url(key)}: sha256 {got} does not match the manifest's {sha256}")
+
     def fetch(self, key: str, sha256: str, size: int | None = None) -> Path:
-        """Download ``key`` into the sha256-keyed cache (once) and verify it; returns the path."""
+        """A verified local copy of ``key`` in the sha256-keyed cache; returns its path.
+
+        A miss streams the object once into the cache, hashing the bytes as they pass (no second
+        pass), and raises :class:`IntegrityError` naming the file and both hashes (or sizes) on a
+        mismatch; nothing is left in the cache then. A hit rests on content, not on the name: when
+        a blob is verified its stat signature (size, mtime_ns, ctime_ns, inode) is recorded beside
+        it, and a hit whose signature differs (the file was written, touched, replaced or
+        hard-linked since) is re-hashed; a blob that no longer matches is dropped and downloaded
+        again. Re-hashing every hit would cost a full read of the file each time.
+        """
         dest = cache_dir() / "blobs" / sha256[:2] / sha256
-        if dest.exists() and (size is None or dest.stat().st_size == size):
+        if _cache_hit(dest, sha256, size):
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
         try:
-            self.get_file(key, tmp)
-            got = sha256_file(tmp)
-            if got != sha256:
-                raise IntegrityError(f"{self.url(key)}: sha256 {got} does not match the manifest's {sha256}")
+            self._copy_verified(key, tmp, sha256, size)
             os.replace(tmp, dest)
+            _record_signature(dest)
         finally:
             tmp.unlink(missing_ok=True)
         return dest
+
+    def open_verified(self, key: str, sha256: str, size: int | None = None) -> IO[bytes]:
+        """A seekable local binary file holding ``key``'s bytes, verified against ``sha256`` and
+        ``size`` before it is returned (via :meth:`fetch`); close it."""
+        return open(self.fetch(key, sha256, size), "rb")
 
     def hash_object(self, key: str) -> tuple[str, int]:
         """sha256 and size of a stored object, streamed."""

@@ -1,7 +1,8 @@
 """The filesystem backend of the artifact store: a directory on a local or mounted filesystem.
 
 Writes are atomic per object: each goes through a temp file (``.<name>.*.part``, fsynced) and
-``os.replace``, so a reader never sees a partial object.
+``os.replace``, so a reader never sees a partial object. Deletes never follow a symlink out of
+the root (:meth:`FileStore.delete`).
 """
 
 from __future__ import annotations
@@ -88,9 +89,23 @@ class FileStore(Store):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def check_within(self, key: str) -> None:
+        """Raise :class:`StoreError` when ``key`` resolves (through a symlink) outside the root."""
+        real, root = self._path(key).resolve(), self.root.resolve()
+        if real != root and not real.is_relative_to(root):
+            raise StoreError(f"{self.url(key)} resolves to {real}, outside the store root {root}; refusing to use it")
+
     def delete(self, prefix: str) -> None:
+        """Delete the object or directory ``prefix``, never through a symlink: a symlink is
+        unlinked itself (its target is left alone), links inside a directory are removed, not
+        followed, and a ``prefix`` that resolves outside the root through a parent is refused."""
         p = self._path(prefix)
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
+        if p.is_symlink():
+            self.check_within(prefix.strip("/").rpartition("/")[0])
             p.unlink()
+        elif p.exists():
+            self.check_within(prefix)
+            if p.is_dir():
+                shutil.rmtree(p)  # removes the symlinks it meets without following them
+            else:
+                p.unlink()

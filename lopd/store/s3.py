@@ -54,7 +54,7 @@ class S3Store(Store):
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         return StoreError(f"{op} {self.url(key)} failed: {msg}")
 
-    def _transfer(self, op: str, key: str, fn) -> None:
+    def _transfer(self, op: str, key: str, fn):
         """Run a whole transfer; botocore retries each request, and when those retries are
         exhausted by a connection-level fault (endpoint restarting) the transfer is retried
         from scratch a few times (``LOPD_S3_TRANSFER_RETRIES``, default 3) before failing."""
@@ -67,6 +67,8 @@ class S3Store(Store):
                     log.warning("%s %s: transient failure (%s); retrying the transfer", op, self.url(key), e)
                     time.sleep(2.0 * (attempt + 1))
                     continue
+                if isinstance(e, StoreError):  # already one line naming the object
+                    raise
                 raise self._err(op, key, e) from e
 
     def put_file(self, local: str | Path, key: str) -> None:
@@ -85,6 +87,9 @@ class S3Store(Store):
             os.replace(tmp, local)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _stream_into(self, key: str, dest: Path) -> tuple[str, int]:
+        return self._transfer("download of", key, lambda: super(S3Store, self)._stream_into(key, dest))
 
     def open(self, key: str) -> IO[bytes]:
         try:

@@ -6,7 +6,12 @@ A resumable checkpoint is a directory published under ``<stage prefix>/checkpoin
 - ``model.safetensors`` + ``config.json`` + tokenizer: the full fp32 weights (a valid HF model);
 - ``optimizer.safetensors``: AdamW ``exp_avg`` / ``exp_avg_sq`` per parameter name, gathered
   from the ZeRO partitions (any stage) with DeepSpeed's tensor-fragment API;
-- ``state.json``: step, optimizer step count and the trainer's own JSON state (metrics so far).
+- ``state.json``: step, optimizer step count and the trainer's own JSON state (metrics so far);
+- its manifest records the recipe's sha256 and, in its lineage, ``base_fingerprint``: the
+  fingerprint of the model the run started from.
+
+A checkpoint is resumed only by the run that made it (:func:`check_resumable`): the same base
+model and the same recipe; anything else is refused, and ``--force`` starts over.
 
 Resuming loads the weights into the model *before* DeepSpeed wraps it, then scatters the
 optimizer state back with the same API, so a killed run continues bit-for-bit (same data
@@ -25,9 +30,14 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from lopd import LopdError
 from lopd.layout import checkpoint_prefix, checkpoint_step, checkpoints_prefix
-from lopd.manifest import fetch, has_manifest, publish
+from lopd.manifest import fetch, has_manifest, publish, read_manifest
 from lopd.store import Store
+
+
+class ResumeError(LopdError):
+    """The latest checkpoint belongs to another run (another base model or recipe)."""
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -122,6 +132,22 @@ def latest_checkpoint(store: Store, stage_prefix: str) -> str | None:
         if has_manifest(store, prefix):
             return prefix
     return None
+
+
+def check_resumable(store: Store, prefix: str, base_fingerprint: str, recipe_sha256: str) -> None:
+    """Refuse (:class:`ResumeError`, naming both values) to resume the checkpoint at ``prefix``
+    unless its manifest records this run's base model fingerprint and recipe sha256: weights
+    trained from another base, or under another learning rate, schedule or data, are not this
+    run's."""
+    m, _ = read_manifest(store, prefix)
+    where = store.url(prefix)
+    had = m.lineage.get("base_fingerprint")
+    if had != base_fingerprint:
+        raise ResumeError(f"{where}: checkpoint was trained from base model {had or '(not recorded)'}, this run "
+                          f"starts from {base_fingerprint}; refusing to resume (--force starts over)")
+    if m.recipe_sha256 != recipe_sha256:
+        raise ResumeError(f"{where}: checkpoint was made under recipe sha256 {m.recipe_sha256 or '(not recorded)'}, "
+                          f"this run's is {recipe_sha256}; refusing to resume (--force starts over)")
 
 
 def fetch_checkpoint(store: Store, prefix: str, dest: Path) -> Path:

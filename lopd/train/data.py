@@ -1,7 +1,10 @@
 """Training inputs: the precompute parquet (OPD) and the SFT data, read via their manifests.
 
-Everything is validated while it streams in (``pyarrow`` record batches per file); a bad row
-is a :class:`TrainDataError` naming the file, the row, the prompt and the column. The
+Every file is verified against the manifest's sha256 and size before any row is used, then
+validated while it streams in (``pyarrow`` record batches per file); a bad row is a
+:class:`TrainDataError` naming the file, the row, the prompt and the column. A duplicated row
+identity (``(prompt_id, sample_index)``; a prompt id in SFT data) names both rows, and an empty
+published dataset is refused. The
 precompute manifest's lineage must record a consistent teacher unless the recipe allows the
 ablation (``allow_inconsistent_teacher``).
 """
@@ -19,7 +22,7 @@ import pyarrow.parquet as pq
 from lopd import LopdError
 from lopd.data.schemas import PRECOMPUTE, SFT_DATA
 from lopd.layout import manifest_key
-from lopd.manifest import Manifest, ManifestError, read_manifest
+from lopd.manifest import FileEntry, Manifest, ManifestError, read_manifest
 from lopd.store import Store
 from lopd.train.packing import Seq
 
@@ -57,7 +60,12 @@ class OpdSample:
 
 
 def data_files(m: Manifest) -> list[str]:
-    return sorted(f.path for f in m.files if f.path.endswith(".parquet"))
+    return [f.path for f in data_entries(m)]
+
+
+def data_entries(m: Manifest) -> list[FileEntry]:
+    """The manifest's parquet files (path, size, sha256), sorted by path."""
+    return sorted((f for f in m.files if f.path.endswith(".parquet")), key=lambda f: f.path)
 
 
 def open_precompute(store: Store, prefix: str, allow_inconsistent_teacher: bool) -> tuple[Manifest, str]:
@@ -92,9 +100,11 @@ def _check_schema(schema: pa.Schema, want: pa.Schema, where: str) -> None:
 
 def _batches(store: Store, prefix: str, m: Manifest, schema: pa.Schema, columns: list[str]
              ) -> Iterator[tuple[str, int, dict[str, list]]]:
-    for path in data_files(m):
-        where = store.url(f"{prefix}/{path}")
-        with store.open(f"{prefix}/{path}") as fh:
+    """Record batches of every data file, each read from a local copy verified against the
+    manifest's sha256 and size before any row is used (:meth:`Store.open_verified`)."""
+    for f in data_entries(m):
+        where = store.url(f"{prefix}/{f.path}")
+        with store.open_verified(f"{prefix}/{f.path}", f.sha256, f.bytes) as fh:
             pf = pq.ParquetFile(fh)
             _check_schema(pf.schema_arrow, schema, where)
             row0 = 0
@@ -141,18 +151,31 @@ def load_opd_samples(store: Store, prefix: str, m: Manifest, max_seq_len: int,
     """Stream and validate every precompute row; returns (samples, number skipped as too long)."""
     cols = ["prompt_id", "sample_index", "prompt_token_ids", "response_token_ids", *LOGPROB_COLUMNS]
     out, skipped = [], 0
+    seen: dict[tuple[str, int], tuple[str, int]] = {}
     for where, row0, batch in _batches(store, prefix, m, PRECOMPUTE, cols):
         n = len(batch["prompt_id"])
         for i in range(n):
             s = validate_opd_row({c: batch[c][i] for c in cols}, f"{where}: row {row0 + i}", vocab_size)
+            _unique(seen, (s.prompt_id, s.sample_index), f"{where}: row {row0 + i}", "(prompt_id, sample_index)")
             if len(s) > max_seq_len:
                 skipped += 1
                 continue
             out.append(s)
+    if not seen:
+        raise TrainDataError(f"{store.url(prefix)}: the published precompute data holds no rows")
     if not out:
         raise TrainDataError(f"{store.url(prefix)}: no usable rows (all {skipped} longer than max_seq_len)")
     out.sort(key=lambda s: (s.prompt_id, s.sample_index))  # independent of shard / file order
     return out, skipped
+
+
+def _unique(seen: dict, key: Any, where: str, what: str, limit: int = 1) -> None:
+    """Record ``key`` at ``where``; raise naming the first and this row when it is seen more than
+    ``limit`` times."""
+    first, count = seen.get(key, (where, 0))
+    if count >= limit:
+        raise TrainDataError(f"duplicate {what} {key!r}: {first} and {where}")
+    seen[key] = (first, count + 1)
 
 
 # --------------------------------------------------------------------------- SFT data
@@ -172,8 +195,22 @@ def encode_sft_row(tokenizer, messages: list[dict], max_seq_len: int, where: str
     return Seq(ids, mask)
 
 
+def samples_per_prompt(m: Manifest) -> int:
+    """Rows each prompt may have in SFT data: ``samples / (prompts - skipped_too_long)`` from the
+    sft-data manifest's metrics when that divides exactly (teacher sampling ``n`` > 1), else 1."""
+    mt = m.metrics
+    answered = mt.get("prompts", 0) - mt.get("skipped_too_long", 0)
+    samples = mt.get("samples", 0)
+    if isinstance(answered, int) and isinstance(samples, int) and answered > 0 and samples % answered == 0:
+        return max(1, samples // answered)
+    return 1
+
+
 def load_sft_seqs(store: Store, prefix: str, tokenizer, max_seq_len: int) -> tuple[list[Seq], Manifest, str]:
-    """Read the sft-data stage (via its manifest) into tokenised sequences, sorted by prompt id."""
+    """Read the sft-data stage (via its manifest) into tokenised sequences, sorted by prompt id.
+
+    Each file is verified against the manifest before use; an empty dataset and a prompt id with
+    more rows than the teacher sampled per prompt (:func:`samples_per_prompt`) are refused."""
     try:
         m, sha = read_manifest(store, prefix)
     except ManifestError as e:
@@ -181,10 +218,15 @@ def load_sft_seqs(store: Store, prefix: str, tokenizer, max_seq_len: int) -> tup
     if not data_files(m):
         raise TrainDataError(f"{store.url(prefix)}: the SFT data manifest lists no parquet files")
     rows = []
+    seen: dict[str, tuple[str, int]] = {}
+    per_prompt = samples_per_prompt(m)
     for where, row0, batch in _batches(store, prefix, m, SFT_DATA, ["prompt_id", "messages"]):
         for i, (pid, msgs) in enumerate(zip(batch["prompt_id"], batch["messages"], strict=True)):
+            _unique(seen, str(pid), f"{where}: row {row0 + i}", "prompt_id", per_prompt)
             rows.append((str(pid), encode_sft_row(tokenizer, msgs or [], max_seq_len,
                                                   f"{where}: row {row0 + i} (prompt_id={pid!r})")))
+    if not rows:
+        raise TrainDataError(f"{store.url(prefix)}: the published SFT data holds no rows")
     rows.sort(key=lambda r: r[0])
     return [s for _, s in rows], m, sha
 

@@ -3,12 +3,14 @@
 A training job's ``main()``::
 
     run = TrainRun.start("opd", argv)                              # None: already published
-    run.build(model_dir)                                           # resume from the latest checkpoint
+    run.build(student)                                             # resume from the latest checkpoint
     run.loop(lambda step: opd_step(...))                          # log, checkpoint every K steps
     run.publish(inputs=..., lineage=..., plot_keys=...)            # HF checkpoint + metrics, manifest last
 
 Checkpoints go to ``runs/<run_id>/<stage>/checkpoints/step-NNNNNN`` (see
-:mod:`lopd.train.checkpoint`); the stage output (manifest last) is the final Hugging Face
+:mod:`lopd.train.checkpoint`), each recording the base model's fingerprint and the recipe's
+sha256; a run resumes only a checkpoint that records its own (else it stops, and ``--force``
+starts over); the stage output (manifest last) is the final Hugging Face
 checkpoint plus ``metrics.jsonl``, ``curves.png`` and TensorBoard events.
 """
 
@@ -17,12 +19,12 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
 from lopd.manifest import InputRef, publish
+from lopd.models import ResolvedModel
 from lopd.stage import StageContext, log
 from lopd.stage import start as start_stage
 from lopd.train import checkpoint as ckpt
@@ -43,6 +45,7 @@ class TrainRun:
         self.engine = self.model = self.tokenizer = self.metrics = None
         self.trainer_state: dict[str, Any] = {}
         self.resumed_from: str | None = None
+        self.base_fingerprint: str | None = None
 
     @classmethod
     def start(cls, stage: str, argv: Sequence[str] | None) -> TrainRun | None:
@@ -53,15 +56,18 @@ class TrainRun:
 
     # ------------------------------------------------------------------ setup
 
-    def build(self, model_dir: Path) -> None:
-        """Load the model (from the latest checkpoint when one exists), wrap it in DeepSpeed,
-        restore the optimizer state."""
+    def build(self, base: ResolvedModel) -> None:
+        """Load the model (from the latest checkpoint when one exists and was made by this run:
+        same base model, by its fingerprint, and same recipe), wrap it in DeepSpeed, restore the
+        optimizer state."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if self.world > 1:
             dist.barrier()  # rank 0 may have just deleted the prefix (--force)
+        model_dir, self.base_fingerprint = base.path, base.fingerprint
         latest = ckpt.latest_checkpoint(self.store, self.prefix)
         if latest is not None:
+            ckpt.check_resumable(self.store, latest, self.base_fingerprint, self.recipe.sha256())
             model_dir = ckpt.fetch_checkpoint(self.store, latest, self.workdir / "resume")
             self.resumed_from = self.store.url(latest)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -99,7 +105,8 @@ class TrainRun:
         where = ckpt.save_checkpoint(self.engine, self.tokenizer, self.store, self.prefix, done,
                                      {"history": self.metrics.history}, self.workdir,
                                      stage=f"{self.stage}-checkpoint", run_id=self.recipe.run_id,
-                                     recipe_sha256=self.recipe.sha256(), metrics={"step": done})
+                                     recipe_sha256=self.recipe.sha256(), metrics={"step": done},
+                                     lineage={"base_fingerprint": self.base_fingerprint})
         if where:
             log("checkpoint", stage=self.stage, step=done, uri=self.store.url(where))
 
