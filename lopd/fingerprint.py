@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lopd.layout import MANIFEST
 from lopd.manifest import FileEntry, Manifest, ManifestError, read_manifest
-from lopd.store import cache_dir, is_store_uri, open_store, sha256_file
+from lopd.store import cache_dir, is_store_uri, open_store, sha256_file, stat_signature
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 FINGERPRINT_FILES = ("config.json",)
@@ -49,17 +49,6 @@ def model_files(entries: list[FileEntry]) -> list[tuple[str, str]]:
 
 
 # --------------------------------------------------------------------------- stat cache
-
-
-def stat_signature(p: Path) -> list[int]:
-    """What a cached hash of ``p`` is trusted under: ``[size, mtime_ns, ctime_ns, inode, device]``.
-
-    A write in place changes ``ctime_ns`` (which no tool can set back) even when the size and a
-    restored ``mtime_ns`` stay the same; a replacement file has a new inode. Any difference
-    means the file is hashed again.
-    """
-    st = p.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
 def _cache_file(path: Path) -> Path:

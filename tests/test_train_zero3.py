@@ -13,20 +13,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 import yaml
 
-from lopd.data.schemas import SFT_DATA, write_table
-from lopd.layout import stage_prefix
-from lopd.manifest import publish
-from lopd.store import open_store
 from lopd.train.data import encode_sft_row, global_batch_indices, rank_share
 from lopd.train.losses import chunk_count, chunked_logprobs
 from lopd.train.opd import split_minis
 from lopd.train.packing import Seq, make_micro_batches
-from tests.helpers.training import RUN, logprobs_of, make_run, read_metrics, run_job, sample_responses
+from tests.helpers.training import (
+    RUN,
+    logprobs_of,
+    make_run,
+    publish_sft_data,
+    read_metrics,
+    run_job,
+    sample_responses,
+)
 
 # one PPO mini-batch per step: on-policy, the ratio is exactly 1, so no token sits at the clip
 # boundary where rounding could flip it (see tests/test_train_opd.py's two-rank test)
@@ -153,14 +156,8 @@ def long_conversations() -> list[list[dict]]:
 
 def sft_run(tmp: Path, model: Path, zero_stage: int) -> tuple[Path, str]:
     store_uri = f"file://{tmp / 'store'}"
-    local = tmp / "sft-data-out" / "shards" / "0-of-1"
-    local.mkdir(parents=True)
     convs = long_conversations()
-    table = pa.table({"prompt_id": [f"s{i:03d}" for i in range(len(convs))], "messages": convs,
-                      "num_tokens": [len(c[1]["content"]) for c in convs], "finish_reason": ["stop"] * len(convs)})
-    write_table(table, local / "part-00000.parquet", SFT_DATA)
-    publish(open_store(store_uri), stage_prefix(RUN, "sft-data"), tmp / "sft-data-out", stage="sft-data", run_id=RUN,
-            lineage={"teacher_fingerprint": "f" * 64})
+    publish_sft_data(store_uri, tmp, convs=convs)
     train = {"steps": 2, "global_batch": len(convs), "micro_batch_tokens": SFT_BUDGET, "max_seq_len": SFT_BUDGET,
              "zero_stage": zero_stage, "gradient_checkpointing": False, "checkpoint_every": 100}
     recipe = {"run_id": RUN, "store": store_uri,

@@ -32,6 +32,7 @@ from lopd.store.base import (
     copy_hashing,
     sha256_file,
     sha256_stream,
+    stat_signature,
 )
 from lopd.store.local import FileStore
 
@@ -60,5 +61,5 @@ def is_store_uri(ref: str) -> bool:
 
 __all__ = [
     "CHUNK", "FileStore", "IntegrityError", "NotFound", "ObjectInfo", "Store", "StoreError", "cache_dir",
-    "clean_key", "copy_hashing", "is_store_uri", "open_store", "sha256_file", "sha256_stream",
+    "clean_key", "copy_hashing", "is_store_uri", "open_store", "sha256_file", "sha256_stream", "stat_signature",
 ]

@@ -75,9 +75,20 @@ def copy_hashing(src: IO[bytes], dst: IO[bytes]) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
+def stat_signature(p: Path) -> list[int]:
+    """What a recorded hash of ``p`` is trusted under: ``[size, mtime_ns, ctime_ns, inode, device]``.
+
+    A write in place changes ``ctime_ns`` (which no tool can set back) even when the size and a
+    restored ``mtime_ns`` stay the same; a replacement file has a new inode. Any difference
+    means the file is hashed again (the download cache here, model fingerprints in
+    :mod:`lopd.fingerprint`).
+    """
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
 def _signature(path: Path) -> str:
-    st = path.stat()
-    return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
+    return " ".join(map(str, stat_signature(path)))
 
 
 def _sig_path(blob: Path) -> Path:
@@ -230,7 +241,7 @@ class Store:
         A miss streams the object once into the cache, hashing the bytes as they pass (no second
         pass), and raises :class:`IntegrityError` naming the file and both hashes (or sizes) on a
         mismatch; nothing is left in the cache then. A hit rests on content, not on the name: when
-        a blob is verified its stat signature (size, mtime_ns, ctime_ns, inode) is recorded beside
+        a blob is verified its :func:`stat_signature` is recorded beside
         it, and a hit whose signature differs (the file was written, touched, replaced or
         hard-linked since) is re-hashed; a blob that no longer matches is dropped and downloaded
         again. Re-hashing every hit would cost a full read of the file each time.

@@ -192,10 +192,12 @@ def conversations(n: int, seed: int = 0) -> list[list[dict]]:
     return out
 
 
-def publish_sft_data(store_uri: str, tmp: Path, n: int = 32) -> None:
+def publish_sft_data(store_uri: str, tmp: Path, n: int = 32, convs: list[list[dict]] | None = None) -> None:
+    """Publish ``convs`` (default: ``n`` arithmetic conversations) as run ``t``'s sft-data stage."""
     local = tmp / "sft-data-out"
     (local / "shards" / "0-of-1").mkdir(parents=True)
-    convs = conversations(n)
+    convs = convs if convs is not None else conversations(n)
+    n = len(convs)
     table = pa.table({"prompt_id": [f"s{i:03d}" for i in range(n)], "messages": convs,
                       "num_tokens": [len(c[1]["content"]) for c in convs], "finish_reason": ["stop"] * n})
     write_table(table, local / "shards" / "0-of-1" / "part-00000.parquet", SFT_DATA)
