@@ -18,8 +18,6 @@ class OfflineSource:
     """This rank's share of each global batch of the precomputed rollouts (and, every
     ``grad_discrepancy_every`` steps, the offline-vs-online gradient diagnostic)."""
 
-    timings: dict[str, float] = {}
-
     def __init__(self, run, student, samples: list[OpdSample], inputs: dict, lineage: dict, summary: dict):
         self.run, self.cfg, self.student, self.samples = run, run.section, student, samples
         self.inputs, self.lineage, self.summary = inputs, lineage, summary
