@@ -7,7 +7,7 @@ RECIPE ?= jobs/recipes/tiny.yaml
 PYTEST_ARGS ?=
 
 .PHONY: setup lock test lint bench demo repro-tiny clean
-.PHONY: status logs manifests image
+.PHONY: status logs manifests image deploy-pipeline cancel
 
 # Every install is pinned by requirements/constraints.txt (direct and transitive; `make lock`
 # refreshes it), so a fresh machine installs what was tested. The venv is rebuilt when
@@ -65,6 +65,12 @@ MANIFESTS_OUT ?= manifests/rendered/qwen3-8b
 
 deploy-%:  ## install one stage's Helm release from RECIPE (deploy-sft-data, deploy-sft, … : `lopd stages`)
 	$(PY) -m lopd.cli deploy $* --recipe $(RECIPE) $(DEPLOY_ARGS)
+
+deploy-pipeline:  ## submit the in-cluster pipeline driver for RECIPE and return (`make status` follows it)
+	$(PY) -m lopd.cli pipeline --backend k8s --detach --recipe $(RECIPE)
+
+cancel:  ## stop RECIPE's run on the cluster: the driver and every workload of it (outputs stay)
+	$(PY) -m lopd.cli cancel --recipe $(RECIPE)
 
 status:  ## the run's stages: Job/PyTorchJob state, pods, shard manifests done/total
 	$(PY) -m lopd.cli status --recipe $(RECIPE)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from lopd import stage
 from lopd.data.schemas import EVAL_RECORD
 from lopd.eval.checkpoints import checkpoint_refs
+from lopd.eval.grading import grading_rules
 from lopd.eval.problems import benchmark_uri, load_problems
 from lopd.eval.report import report_from_store
 from lopd.eval.sampling import eval_part
@@ -59,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # publish: shard manifest, stage manifest when all shards are in, then the report
     lineage = {"run_id": recipe.run_id, "k": cfg.k, "kinds": kinds, "sampling": cfg.sampling.model_dump(),
                "checkpoint_uris": {lb: ref for lb, ref in refs},
-               "checkpoint_fingerprints": {lb: m.fingerprint for lb, m in models}}
+               "checkpoint_fingerprints": {lb: m.fingerprint for lb, m in models}, "grading": grading_rules(cfg)}
     done = ctx.publish(parts, inputs={f"checkpoint:{lb}": m.input_ref() for lb, m in models}
                        | {f"benchmark:{b}": InputRef(uri=benchmark_uri(b, cfg)) for b in kinds},
                        lineage=lineage)

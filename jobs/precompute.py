@@ -8,7 +8,11 @@
 
 The consistency record (``lopd.lineage.check_teacher_consistency``) goes into the lineage, so
 ``allow_inconsistent_teacher`` is visible in every downstream manifest. Prompts longer than
-the context are skipped and counted (``skipped_too_long``). Both phases resume from their
+the context are skipped and counted (``skipped_too_long``); rollouts cut at ``max_tokens`` are
+kept, marked ``finish_reason: length`` and counted (``truncated``). ``rollout_logprobs`` are the
+student's raw (temperature-1) log-probs whatever the sampling parameters; the lineage records that
+(``rollout_logprobs: raw``) and the sampling parameters, which opd checks before it uses them for
+importance weights or the KL guard. Both phases resume from their
 last complete part after a kill; phase-1 parts are intermediates (``rollouts-NNNNN.parquet``)
 that the manifest does not list.
 
@@ -33,6 +37,7 @@ from lopd.manifest import InputRef
 
 STAGE = "precompute"
 ROLLOUTS = pa.schema([f for f in PRECOMPUTE if f.name != "teacher_logprobs"])
+SAMPLING_KEYS = {"temperature", "top_p", "n", "max_tokens", "seed"}  # recorded in the lineage
 
 
 def rollout_part(part: list[Prompt], tokenizer, student: stage.Lazy, cfg, ctx_len: int) -> tuple[pa.Table, dict]:
@@ -40,7 +45,7 @@ def rollout_part(part: list[Prompt], tokenizer, student: stage.Lazy, cfg, ctx_le
     kept, skipped = sample_chats(student.get, tokenizer, part, cfg.sampling, ctx_len)
     rows: dict[str, list] = {k: [] for k in ROLLOUTS.names}
     metrics = {"prompts": len(part), "skipped_too_long": skipped, "rollouts": 0, "response_tokens": 0,
-               "finished_stop": 0}
+               "finished_stop": 0, "truncated": 0}
     for p, ids, comps in kept:
         for k, c in enumerate(comps):
             for name, v in (("prompt_id", p.prompt_id), ("sample_index", k), ("prompt_token_ids", ids),
@@ -50,6 +55,7 @@ def rollout_part(part: list[Prompt], tokenizer, student: stage.Lazy, cfg, ctx_le
             metrics["rollouts"] += 1
             metrics["response_tokens"] += len(c.token_ids)
             metrics["finished_stop"] += c.finish_reason == "stop"
+            metrics["truncated"] += c.finish_reason == "length"
     return pa.table(rows, schema=ROLLOUTS), metrics
 
 
@@ -108,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ctx.publish(parts, inputs={"student": student.input_ref(), "teacher": teacher.input_ref(),
                                "prompts": InputRef(uri=cfg.prompts)},
                 lineage={**consistency, "student_fingerprint": student.fingerprint,
-                         "student": student_ref, "teacher": recipe.models.teacher.uri, "context_length": ctx_len})
+                         "student": student_ref, "teacher": recipe.models.teacher.uri, "context_length": ctx_len,
+                         "rollout_logprobs": "raw", "sampling": cfg.sampling.model_dump(include=SAMPLING_KEYS)})
     for r in rollouts:  # the phase-1 intermediates are now inside the scored parts
         ctx.store.delete(f"{ctx.shard}/{r.file.path}")
 

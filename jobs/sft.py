@@ -1,8 +1,10 @@
 """Stage ``sft``: full fine-tuning of the student base on the teacher's SFT data, on DeepSpeed.
 
-    parse → resolve inputs (the sft-data manifest and its teacher fingerprint, the student base)
+    parse → resolve inputs (the sft-data manifest and its teacher fingerprint, the student base;
+    the student's chat template must render like the teacher's, as the sft-data lineage records)
     → build the engine (resuming from the latest checkpoint) → for each step: the global batch's
-    conversations, packed without cross-sequence attention, loss on the assistant tokens only,
+    conversations, packed without cross-sequence attention, loss on the teacher's answer only
+    (answers cut by the length limit dropped or masked: ``sft.truncated``),
     cosine schedule with warm-up → publish the HF checkpoint with the teacher fingerprint in
     its lineage (what precompute's teacher-consistency check reads).
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lopd import stage
+from lopd.data.chat import check_same_rendering
 from lopd.layout import manifest_key, stage_prefix
 from lopd.manifest import InputRef
 from lopd.train.data import TrainDataError, global_batch_indices, load_sft_seqs, rank_share
@@ -33,12 +36,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
     prefix = (cfg.data or stage_prefix(recipe.run_id, "sft-data")).strip("/")
-    seqs, m, sha = load_sft_seqs(run.store, prefix, AutoTokenizer.from_pretrained(student.path),
-                                 cfg.train.max_seq_len)
+    tokenizer = AutoTokenizer.from_pretrained(student.path)
+    seqs, m, sha, counts = load_sft_seqs(run.store, prefix, tokenizer, cfg.train.max_seq_len, cfg.truncated)
     teacher_fp = m.lineage.get("teacher_fingerprint")
     if not teacher_fp:
         raise TrainDataError(f"{run.store.url(manifest_key(prefix))}: lineage.teacher_fingerprint is missing")
-    stage.log("data", stage=STAGE, conversations=len(seqs), uri=run.store.url(prefix))
+    if m.lineage.get("chat_rendering"):
+        check_same_rendering(m.lineage["chat_rendering"], tokenizer, "teacher (sft-data)", "student base")
+    stage.log("data", stage=STAGE, conversations=len(seqs), uri=run.store.url(prefix), **counts)
     run.build(student)
 
     def batch(step: int):
@@ -49,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.publish({"student_base": student.input_ref(),
                  "sft_data": InputRef(uri=run.store.url(prefix), manifest_sha256=sha)},
                 {"teacher_fingerprint": teacher_fp, "student_base_fingerprint": student.fingerprint},
-                PLOT_KEYS, {"conversations": len(seqs)})
+                PLOT_KEYS, {"conversations": len(seqs), **counts})
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
     parse → resolve the teacher (fingerprint) and the prompts → for each part of this shard:
     render prompts with the chat template, sample the teacher, keep its token ids' text as the
-    assistant turn → publish parts, shard manifest (lineage: teacher fingerprint), stage manifest.
+    assistant turn (with its ``finish_reason``: ``stop`` or ``length``) → publish parts, shard
+    manifest (lineage: teacher fingerprint, ``enable_thinking`` and the teacher's chat rendering,
+    which the sft stage checks the student against), stage manifest.
 
 Prompts longer than the context are skipped and counted (``skipped_too_long``). A killed
 shard resumes from its last complete part (see :mod:`lopd.stage`).
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 
 from lopd import stage
+from lopd.data.chat import chat_rendering
 from lopd.data.prompts import Prompt, load_prompts
 from lopd.data.schemas import SFT_DATA
 from lopd.inference import context_length, load_backend, sample_chats
@@ -55,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
     ctx_len = context_length(teacher.path, cfg.inference)
+    rendering = chat_rendering(tokenizer, cfg.sampling.enable_thinking)  # what sft checks the student against
     # run: the teacher answers, part by part (engine started only if a part is left to do)
     engine = stage.Lazy(lambda: load_backend(teacher.path, cfg.inference, models.teacher.dtype,
                                              seed=cfg.sampling.seed))
@@ -67,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     # publish
     ctx.publish(parts, inputs={"teacher": teacher.input_ref(), "prompts": InputRef(uri=cfg.prompts)},
                 lineage={"teacher_fingerprint": teacher.fingerprint, "teacher": models.teacher.uri,
-                         "context_length": ctx_len})
+                         "context_length": ctx_len, "enable_thinking": cfg.sampling.enable_thinking,
+                         "chat_rendering": rendering})
 
 
 if __name__ == "__main__":

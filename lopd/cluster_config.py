@@ -6,7 +6,7 @@ Pure configuration (pydantic); the CLI turns it into Helm values in :mod:`lopd.k
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
@@ -48,6 +48,10 @@ class TeacherServerConfig(Section):
     """Memory request of the teacher pod."""
     port: int = Field(8000, ge=1, le=65535)
     """HTTP port of the OpenAI-compatible server (1 to at most 65535)."""
+    replicas: int = Field(1, ge=1, le=64)
+    """Teacher pods behind the Service (each with ``gpus`` GPUs; at most 64)."""
+    pod_monitor: bool = False
+    """Create a Prometheus Operator PodMonitor scraping vLLM's ``/metrics`` (needs its CRDs)."""
 
 
 class KubernetesConfig(Section):
@@ -77,6 +81,16 @@ class KubernetesConfig(Section):
     """Kueue LocalQueue name (``kueue.x-k8s.io/queue-name`` label); None submits without Kueue."""
     priority_class: str | None = None
     """PriorityClass of the pods; None uses the cluster default."""
+    workload_priority_class: str | None = None
+    """Kueue WorkloadPriorityClass (``kueue.x-k8s.io/priority-class`` label; needs ``queue``):
+    the order and preemption of the run's workloads in the queue; None uses Kueue's default."""
+    driver_service_account: str = "lopd-deployer"
+    """ServiceAccount of the in-cluster pipeline driver (``lopd pipeline --backend k8s --detach``);
+    manifests/rbac.yaml binds it to the Role it needs."""
+    store_egress_cidrs: list[str] = ["0.0.0.0/0"]
+    """Eval pods' NetworkPolicy: the address ranges of the artifact store (with DNS, all they may reach)."""
+    store_egress_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field([443], min_length=1, max_length=16)
+    """Eval pods' NetworkPolicy: the artifact store's TCP ports (each at most 65535; at most 16 ports)."""
     ttl_seconds_after_finished: int | None = Field(86400, ge=0, le=MAX_INT32)
     """Delete finished Jobs (and their pods) after this many seconds (at most 2^31-1); None keeps them."""
     backoff_limit: int = Field(3, ge=0, le=10**4)
@@ -97,7 +111,8 @@ class KubernetesConfig(Section):
             raise ValueError(f"{v!r} is not an image reference (registry/repository:tag)")
         return v
 
-    @field_validator("namespace", "service_account", "storage_secret", "queue", "priority_class", "cache_pvc")
+    @field_validator("namespace", "service_account", "storage_secret", "queue", "priority_class", "cache_pvc",
+                     "workload_priority_class", "driver_service_account")
     @classmethod
     def _dns_label(cls, v: str | None) -> str | None:
         if v is not None and not DNS_LABEL_RE.match(v):

@@ -40,6 +40,17 @@ def stage_prefix(run_id: str, stage: str) -> str:
     return f"{run_prefix(run_id)}/{stage}"
 
 
+def driver_prefix(run_id: str) -> str:
+    """``runs/<run_id>/_driver``: the in-cluster pipeline driver's progress (``progress.json``)
+    and cancel request (``cancel.json``); not a stage (a stage name cannot start with ``_``)."""
+    return f"{run_prefix(run_id)}/_driver"
+
+
+def stage_log_key(prefix: str, shard: str = "") -> str:
+    """``<prefix>/logs/<shard or "all">.log``: a stage process's log, uploaded beside its outputs."""
+    return f"{prefix.strip('/')}/logs/{shard or 'all'}.log"
+
+
 def manifest_key(prefix: str = "") -> str:
     """``<prefix>/MANIFEST.json`` (just ``MANIFEST.json`` at the root)."""
     return f"{prefix.strip('/')}/{MANIFEST}" if prefix.strip("/") else MANIFEST

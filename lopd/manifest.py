@@ -154,7 +154,8 @@ def fetch(store: Store, prefix: str, dest: str | Path, m: Manifest | None = None
         blob = store.fetch(f"{base}/{f.path}" if base else f.path, f.sha256, f.bytes)
         out = dest / f.path
         out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists() and out.stat().st_size == f.bytes and sha256_file(out) == f.sha256:
+        if out.exists() and (os.path.samefile(out, blob)  # a link to the verified blob: not re-read
+                             or out.stat().st_size == f.bytes and sha256_file(out) == f.sha256):
             continue
         out.unlink(missing_ok=True)
         try:
@@ -165,6 +166,28 @@ def fetch(store: Store, prefix: str, dest: str | Path, m: Manifest | None = None
             shutil.copyfile(blob, out)
     (dest / MANIFEST).write_bytes(manifest_bytes(m))
     return dest
+
+
+def read_verified(store: Store, prefix: str, path: str, m: Manifest | None = None) -> bytes:
+    """The bytes of the artifact file ``path`` under ``prefix``, read from a copy verified against
+    its manifest entry (:meth:`Store.open_verified`: sha256 and size); a file the manifest does
+    not list, or bytes that differ from it, raise a one-line error naming the file."""
+    if m is None:
+        m, _ = read_manifest(store, prefix)
+    entry = next((f for f in m.files if f.path == path), None)
+    key = f"{prefix.strip('/')}/{path}" if prefix.strip("/") else path
+    if entry is None:
+        raise ManifestError(f"{store.url(key)}: not listed in {store.url(manifest_key(prefix))}")
+    with store.open_verified(key, entry.sha256, entry.bytes) as f:
+        return f.read()
+
+
+def read_verified_json(store: Store, prefix: str, path: str, m: Manifest | None = None) -> Any:
+    """:func:`read_verified`, parsed as JSON (a one-line error naming the file when it is not)."""
+    try:
+        return json.loads(read_verified(store, prefix, path, m))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{store.url(prefix)}/{path}: not valid JSON ({e})") from None
 
 
 def merge_metrics(shard_metrics: list[dict[str, Any]]) -> dict[str, Any]:
@@ -223,5 +246,6 @@ def finalize_shards(store: Store, stage_prefix: str, count: int,
 
 __all__ = [
     "FileEntry", "InputRef", "Manifest", "ManifestError", "ShardInfo", "describe_dir", "fetch", "finalize_shards",
-    "has_manifest", "manifest_bytes", "merge_metrics", "now", "publish", "read_manifest", "verify_files",
+    "has_manifest", "manifest_bytes", "merge_metrics", "now", "publish", "read_manifest", "read_verified",
+    "read_verified_json", "verify_files",
 ]

@@ -5,6 +5,10 @@ tokenizer trained on a given text corpus (with Qwen-style chat special tokens an
 template that honours ``enable_thinking``), and a Qwen3 dense or Qwen3-MoE model of a given
 size with random weights, saved in HF format (safetensors + config + tokenizer) with a
 MANIFEST.json carrying file hashes and the fingerprint.
+
+``--tokenizer qwen3`` (when no directory of that name exists) gives the model Qwen3's real
+tokenizer instead — its 151,643 BPE ranks, special tokens at their real ids and the stock Qwen3
+chat template (:mod:`lopd.qwen_vocab`) — and Qwen3's 151,936-row embedding.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lopd import LopdError, __version__
+from lopd import LopdError, __version__, qwen_vocab
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -45,16 +49,21 @@ class InitModelError(LopdError):
     pass
 
 
+def check_corpus(corpus: str | Path, vocab_size: int) -> None:
+    """The tokenizer corpus exists and is not empty; the vocabulary holds the byte alphabet."""
+    if not Path(corpus).is_file() or Path(corpus).stat().st_size == 0:
+        raise InitModelError(f"init-model: corpus file not found or empty: {corpus}")
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise InitModelError(f"init-model: --vocab-size must be >= {256 + len(SPECIAL_TOKENS)} (byte alphabet)")
+
+
 def train_tokenizer(corpus: str | Path, vocab_size: int, out_dir: str | Path):
     """Train a byte-level BPE on ``corpus`` and save it as a fast HF tokenizer with a chat template."""
+    check_corpus(corpus, vocab_size)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     corpus = Path(corpus)
-    if not corpus.is_file() or corpus.stat().st_size == 0:
-        raise InitModelError(f"init-model: corpus file not found or empty: {corpus}")
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise InitModelError(f"init-model: --vocab-size must be >= {256 + len(SPECIAL_TOKENS)} (byte alphabet)")
     tok = Tokenizer(models.BPE())
     # one token per digit (as Qwen's tokenizer does): arithmetic stays learnable by small models
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -127,32 +136,37 @@ def init_model(
     num_experts_per_tok: int = 2,
 ) -> Path:
     """Create the model directory ``out`` and return it (see module docstring)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    from lopd.fingerprint import fingerprint_local
-    from lopd.layout import MANIFEST
-    from lopd.manifest import Manifest, describe_dir, manifest_bytes, now
-
     out = Path(out)
     if arch not in ARCHS:
         raise InitModelError(f"init-model: unknown --arch {arch!r} (choose from {', '.join(ARCHS)})")
     if size not in PRESETS:
         raise InitModelError(f"init-model: unknown --size {size!r} (choose from {', '.join(PRESETS)})")
     if (corpus is None) == (tokenizer is None):
-        raise InitModelError("init-model: give exactly one of --corpus (train a tokenizer) or --tokenizer DIR")
+        raise InitModelError("init-model: give exactly one of --corpus (train a tokenizer) or --tokenizer DIR|qwen3")
     if out.exists() and any(out.iterdir()):
         raise InitModelError(f"init-model: output directory is not empty: {out}")
+    if corpus is not None:
+        check_corpus(corpus, vocab_size)
+    import torch  # after the arguments are checked: a bad one is an error within a second
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from lopd.fingerprint import fingerprint_local
+    from lopd.layout import MANIFEST
+    from lopd.manifest import Manifest, describe_dir, manifest_bytes, now
+
     out.mkdir(parents=True, exist_ok=True)
+    rows = None
     if corpus is not None:
         tok = train_tokenizer(corpus, vocab_size, out)
+    elif str(tokenizer) == qwen_vocab.NAME and not Path(tokenizer).is_dir():
+        tok, rows = qwen_vocab.qwen3_tokenizer(out), qwen_vocab.VOCAB_ROWS
     else:
         if not Path(tokenizer).is_dir():
             raise InitModelError(f"init-model: tokenizer directory not found: {tokenizer}")
         tok = AutoTokenizer.from_pretrained(str(tokenizer))
         tok.save_pretrained(str(out))
     sizes = {**PRESETS[size], **(overrides or {})}
-    vocab = (len(tok) + 63) // 64 * 64
+    vocab = rows or (len(tok) + 63) // 64 * 64
     cfg = build_config(arch, vocab, tok, max_position_embeddings, num_experts, num_experts_per_tok, **sizes)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

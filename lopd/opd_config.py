@@ -36,7 +36,11 @@ class OnlineConfig(Section):
     """Standard (online) OPD: fresh rollouts each step, scored by a live teacher."""
 
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=4096)
-    """Student sampling for fresh rollouts."""
+    """Student sampling for fresh rollouts; ``n`` samples per prompt (``train.global_batch`` counts
+    sequences, so a step takes ``global_batch / n`` prompts; paper: 64 prompts × 4 at T=0.8)."""
+    train_temperature: float | None = Field(None, gt=0.0)
+    """Temperature the trained student's logits are divided by in every training forward (log p_old
+    and log p); None = 1, the model's own distribution (paper's code: the sampling temperature)."""
     teacher_url: str | None = None
     """OpenAI-compatible vLLM server of the teacher; None scores in-process."""
     prompts: str | None = None

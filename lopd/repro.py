@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from lopd.layout import local_run_dir, report_prefix, repro_dir, stage_prefix, teacher_sft_prefix
+from lopd.manifest import read_verified, read_verified_json
 from lopd.recipe import Recipe, load_recipe
 from lopd.repro_results import SFT_ROW, ReproError, mean_ci, write_results
 from lopd.store import open_store
@@ -184,18 +185,20 @@ def run(recipe_path: str, overrides: tuple[str, ...] = (), seeds: list[int] | No
 def _train_seconds(store, run_id: str, stage: str) -> float:
     """Seconds one run spent in its training loop: per step, the update plus (online OPD) the
     weight sync, the sampling and the teacher's scoring."""
-    text = store.read_bytes(f"{stage_prefix(run_id, stage)}/metrics.jsonl").decode()
+    text = read_verified(store, stage_prefix(run_id, stage), "metrics.jsonl").decode()
     keys = ("step_time_s", "sync_s", "sample_s", "score_s")
     return sum(sum(json.loads(x).get(k, 0.0) for k in keys) for x in text.splitlines() if x.strip())
 
 
 def collect(study: Study) -> dict[str, Any]:
-    """Accuracy per row and seed from the eval summaries, training time per OPD run."""
+    """Accuracy per row and seed from the eval summaries, training time per OPD run (every file
+    read verified against its stage's manifest)."""
     rows: dict[str, dict[str, Any]] = {SFT_ROW: {"acc": {}, "train_s": {}}}
     rows.update({n: {"acc": {}, "train_s": {}} for n in study.cfg.variants})
     bench = None
     for seed in study.cfg.seeds:
-        s = study.store.read_json(f"{report_prefix(stage_prefix(study.eval_run_id(seed), 'eval'))}/summary.json")
+        report = report_prefix(stage_prefix(study.eval_run_id(seed), "eval"))
+        s = read_verified_json(study.store, report, "summary.json")
         bench = bench or s["benchmarks"][0]
         for name in rows:
             rows[name]["acc"][str(seed)] = s["results"][name]["benchmarks"][bench]["avg"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lopd import LopdError
 from lopd.layout import local_run_dir, report_prefix, run_logs_dir, stage_prefix
-from lopd.manifest import has_manifest
+from lopd.manifest import has_manifest, read_manifest, read_verified, read_verified_json
 from lopd.recipe import Recipe, load_recipe
 from lopd.stages import STAGES, stages_of
 from lopd.store import open_store
@@ -128,14 +128,16 @@ def run_local(recipe_path: str, overrides: tuple[str, ...] = (), nproc: int = 1,
 
 
 def print_eval(recipe: Recipe, console) -> dict | None:
-    """Print the eval report's table and where its chart is."""
+    """Print the eval report's table and where its chart is (its files read verified against the
+    report's manifest)."""
     store = open_store(recipe.store)
     prefix = report_prefix(stage_prefix(recipe.run_id, "eval"))
-    if not store.exists(f"{prefix}/summary.json"):
+    if not has_manifest(store, prefix):
         console.print(f"(no eval report at {store.url(prefix)})")
         return None
-    summary = store.read_json(f"{prefix}/summary.json")
-    table = store.read_bytes(f"{prefix}/report.md").decode()
+    m, _ = read_manifest(store, prefix)  # both files verified against the report's manifest
+    summary = read_verified_json(store, prefix, "summary.json", m)
+    table = read_verified(store, prefix, "report.md", m).decode(errors="replace")
     print(table, file=sys.stdout)
     console.print(f"report: {store.url(prefix)}/report.md, chart: {store.url(prefix)}/accuracy.png")
     return json.loads(json.dumps(summary))

@@ -146,7 +146,10 @@ class OptimConfig(Section):
     eps: float = Field(1e-8, gt=0.0)
     """Adam epsilon."""
     weight_decay: float = Field(0.1, ge=0.0)
-    """Decoupled weight decay."""
+    """Decoupled weight decay (of the linear and embedding weights; see ``decay_norms_and_biases``)."""
+    decay_norms_and_biases: bool = False
+    """Also decay norm weights and biases. Off by default: they are kept out of weight decay, as
+    in the paper's code (Megatron's default parameter groups exclude biases and 1-D weights)."""
     grad_clip: float = Field(1.0, gt=0.0)
     """Global gradient-norm clip."""
 
@@ -213,6 +216,10 @@ class SftConfig(Section):
     """The sft-data output to train on, as a key prefix in the recipe's store
     (``runs/<run>/sft-data``); None = this run's sft-data stage. Lets ``lopd repro``'s SFT control
     row continue training on the study's SFT data."""
+    truncated: Literal["drop", "mask"] = "drop"
+    """Teacher answers that stopped on the length limit (``finish_reason: length``): drop them, or
+    mask = train on the partial answer with no end-of-turn target and nothing after the cut (the
+    manifest's metrics count ``truncated_dropped`` / ``truncated_masked``)."""
     resources: ResourcesConfig = ResourcesConfig()
     """Pod resources."""
 
@@ -241,7 +248,8 @@ class EvalDatasetConfig(Section):
     """A benchmark read from a local file or store object instead of the hub (see lopd/eval/benchmarks.py)."""
 
     path: str = Field(min_length=1)
-    """JSONL or parquet file: a path or a store URI (s3://…, file://…)."""
+    """JSONL or parquet file: a path or a store URI (s3://…, file://…); or a local directory (a copy
+    of the hub dataset: every .jsonl / .parquet file below it)."""
     kind: Literal["math", "code"] | None = None
     """math (graded with math-verify) or code (executed tests); None = the registry benchmark's kind."""
     fields: dict[str, str] = {}
@@ -265,7 +273,8 @@ class EvalConfig(Section):
     """Checkpoints to evaluate (store URIs or paths, each with a MANIFEST.json; ``label=uri`` names the
     column in the report); empty = this run's sft and opd outputs."""
     code_timeout_s: float = Field(6.0, gt=0.0, le=3600.0)
-    """Wall-clock and CPU-time limit per program run on one test (LiveCodeBench uses ~6 s; at most 3600)."""
+    """Timeout per test, LiveCodeBench's rule (its default 6 s; at most 3600); a program's whole run also
+    has LiveCodeBench's global limit ``(timeout + 1) * tests + 5`` s (docs/eval.md)."""
     code_memory_mb: int = Field(1024, ge=64, le=2**20)
     """Address-space limit of a program under test, in MiB (at most 2^20, i.e. 1 TiB)."""
     grader_workers: int = Field(0, ge=0, le=MAX_GPUS)

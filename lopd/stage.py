@@ -55,6 +55,7 @@ from lopd.manifest import (
 )
 from lopd.models import ResolvedModel, resolve_model
 from lopd.parts import EmptyOutputError, Lazy, Part, keys_sha256, require_rows, total_rows
+from lopd.podlog import start_stage_log, termination_log, undumpable_if_asked
 from lopd.progress import Progress, log
 from lopd.recipe import ModelSpec, Recipe, load_recipe
 from lopd.stages import get as get_stage
@@ -265,20 +266,30 @@ def start(stage: str, argv: Sequence[str] | None = None) -> StageContext | None:
         log("skip", stage=stage, reason="shard already published", uri=store.url(ctx.shard))
         ctx.finalize()
         return None
+    start_stage_log(store, ctx.prefix, idx, num, spec.training)  # LOPD_LOG_TO_STORE=1: the log beside the outputs
     log("start", stage=stage, run_id=recipe.run_id, shard=ctx.shard, store=store.url())
     return ctx
 
 
+undumpable_if_asked()  # on import too: processes a stage spawns import its main module
+
+
 def entrypoint(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
     """Run ``main(argv)``; a :class:`LopdError` becomes ``error: <message>`` on stderr and exit 2
-    (``LOPD_DEBUG=1`` shows the traceback instead)."""
+    (``LOPD_DEBUG=1`` shows the traceback instead). Either way a failure's one line also goes to
+    the termination log (:func:`termination_log`), which ``lopd status`` shows."""
+    undumpable_if_asked()
     try:
         main(argv)
     except LopdError as e:
+        termination_log(f"error: {e}")
         if os.environ.get("LOPD_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+    except Exception as e:
+        termination_log(f"{type(e).__name__}: {e}")
+        raise
 
 
 __all__ = [

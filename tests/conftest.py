@@ -7,6 +7,7 @@ test module uses lives here.
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def s3_server(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
     yield server
-    server.stop()
+    server.stop(signal.SIGKILL)  # its data is a temp dir; a graceful stop can take 20 s
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -64,6 +65,16 @@ def teacher_model(tmp_path_factory, tiny_model) -> Path:
     """Another tiny random Qwen3 (other seed) sharing the tiny model's tokenizer (session-wide, read-only)."""
     out = tmp_path_factory.mktemp("models") / "teacher"
     lopd_cli("init-model", "--out", str(out), "--tokenizer", str(tiny_model), "--seed", "7")
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen3_model(tmp_path_factory) -> Path:
+    """A tiny random Qwen3 with Qwen3's real tokenizer, stock chat template and 151,936-row
+    embedding, made by ``lopd init-model --tokenizer qwen3`` (session-wide, read-only)."""
+    out = tmp_path_factory.mktemp("qwen3") / "tiny"
+    lopd_cli("init-model", "--out", str(out), "--tokenizer", "qwen3", "--seed", "1",
+             env={"LOPD_CACHE": str(out.parent / "cache")})
     return out
 
 

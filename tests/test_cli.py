@@ -13,7 +13,7 @@ DESIGN_COMMANDS = ["run", "pipeline", "render", "deploy", "status", "logs", "rep
 
 def test_help_lists_design_commands():
     out = lopd_cli("--help").stdout
-    for cmd in DESIGN_COMMANDS + ["recipe", "store"]:
+    for cmd in DESIGN_COMMANDS + ["recipe", "store", "prompts"]:
         assert f"  {cmd} " in out, cmd
 
 

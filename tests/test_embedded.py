@@ -3,7 +3,7 @@
 1. ``lopd repro`` (one seed, a few steps) runs every variant, writes its table, and
    ``lopd repro check`` passes against the committed CI expected-results file;
 2. ``lopd pipeline`` killed (SIGKILL to the whole process group, as a node loss would) in the
-   middle of each stage once, then re-run, ends with the same eval table as an uninterrupted
+   middle of each of the five stages once, then re-run, ends with the same eval table as an uninterrupted
    run (the run made by (1) plus its own opd and eval stages).
 
 The study and the pipelines run in temporary directories with the recipe's relative paths.
@@ -106,8 +106,8 @@ def test_pipeline_killed_in_each_stage_then_rerun_gives_the_same_table(study, tm
     deadline = time.monotonic() + SLOWDOWN * PIPELINE_S
     finish(lopd(study, "pipeline"), deadline)
     expected = eval_table(study)
-    stages = [("tiny-teacher", "sft"), ("tiny", "sft-data"), ("tiny", "sft"), ("tiny", "precompute"),
-              ("tiny", "opd"), ("tiny", "eval")]
+    # the bootstrap's teacher SFT runs the same training entrypoint as the sft stage killed below
+    stages = [("tiny", "sft-data"), ("tiny", "sft"), ("tiny", "precompute"), ("tiny", "opd"), ("tiny", "eval")]
     for run, stage in stages:
         proc = lopd(tmp_path, "pipeline")
         while not _started(tmp_path, run, stage):

@@ -109,3 +109,38 @@ def test_report_side_by_side(tmp_path):
     img = matplotlib.image.imread(tmp_path / "accuracy.png")
     assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
     assert len(np.unique(img.reshape(-1, img.shape[2]), axis=0)) > 10  # bars, text: not a blank canvas
+
+
+def _lcb_pass_at_k(per_problem: dict[str, list[list]], ks: list[int]) -> dict[str, float]:
+    """LiveCodeBench's computation (evaluation/pass_k_utils.py): a generation is correct when every test
+    result is > 0; per problem ``1 - C(n - c, k) / C(n, k)`` (1 when ``n - c < k``), averaged over
+    problems, for the k that every problem has samples for. Written here with exact binomials."""
+    totals, corrects = [], []
+    for gens in per_problem.values():
+        totals.append(len(gens))
+        corrects.append(sum(all(r is True or (not isinstance(r, bool) and r > 0) for r in g) for g in gens))
+    out = {}
+    for k in ks:
+        if all(n >= k for n in totals):
+            vals = [1.0 if n - c < k else 1 - math.comb(n - c, k) / math.comb(n, k)
+                    for n, c in zip(totals, corrects, strict=True)]
+            out[str(k)] = sum(vals) / len(vals)
+    return out
+
+
+def test_pass_at_k_and_avg_at_k_match_livecodebench():
+    """lopd's pass@k / avg@k on EVAL rows equal LiveCodeBench's unbiased estimator on the same graded lists
+    (its per-test result codes: True passed, -2 wrong answer, -3 timeout, -4 runtime error)."""
+    rng = random.Random(7)
+    codes = [True, True, True, -2, -3, -4, False]
+    per_problem = {f"p{i}": [[rng.choice(codes) for _ in range(rng.randint(1, 4))] for _ in range(16)]
+                   for i in range(12)}
+    rows = [{"problem_id": p, "correct": all(r is True for r in g), "num_tokens": 1, "finish_reason": "stop"}
+            for p, gens in per_problem.items() for g in gens]
+    m = benchmark_metrics(rows)
+    ref = _lcb_pass_at_k(per_problem, [1, 2, 4, 8, 16, 32])
+    assert set(m["pass_at_k"]) == set(ref) == {"1", "2", "4", "8", "16"}
+    for k, v in ref.items():
+        assert m["pass_at_k"][k] == pytest.approx(v, abs=1e-12), k
+    assert m["avg"] == pytest.approx(ref["1"], abs=1e-12)
+    assert 0 < ref["1"] < ref["16"] <= 1

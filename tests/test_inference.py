@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from lopd import LopdError
 from lopd.data.chat import (
     TokenizerMismatchError,
     check_same_vocab,
@@ -23,7 +24,7 @@ from lopd.inference import context_length, load_backend
 from lopd.inference.hf_backend import chunked_token_logprobs, top_p_filter
 from lopd.recipe import InferenceConfig, SamplingConfig
 from lopd.stage import prompt_seed
-from tests.helpers.inference import bias_eos
+from tests.helpers.inference import bias_eos, sampling_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +126,29 @@ def test_hf_generate_reproducible_batch_independent_and_scored_exactly(hf):
     scores = hf.score([p for p, _ in flat], [c.token_ids for _, c in flat])
     diff = max(float(np.abs(np.asarray(c.logprobs) - s).max()) for (_, c), s in zip(flat, scores, strict=True))
     assert diff <= 1e-4, diff  # the sampler's raw log-probs are the model's log-probs of its tokens
+
+
+def test_hf_processed_logprobs_are_the_sampling_distribution(eos_model, hf):
+    """logprobs_mode="processed": each sampled token's log-prob under log_softmax(logits / T)
+    restricted to the top-p set and renormalised, as an uncached full forward computes it; the
+    default (raw) mode gives the untempered log-probs of the same tokens."""
+    proc = load_backend(eos_model, InferenceConfig(backend="hf", max_model_len=256), logprobs_mode="processed")
+    ids = prompts_for(hf.tokenizer, 3)
+    sp = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=12)
+    seeds = [3, 4, 5]
+    outs, raw = [o[0] for o in proc.generate(ids, sp, seeds)], [o[0] for o in hf.generate(ids, sp, seeds)]
+    ref = sampling_logprobs(eos_model, ids, [c.token_ids for c in outs], 0.7, 0.9)
+    diff = max(float(np.abs(np.asarray(c.logprobs) - r).max()) for c, r in zip(outs, ref, strict=True))
+    assert diff <= 1e-5, diff
+    assert all(np.isfinite(c.logprobs).all() for c in outs)
+    # the raw mode's log-probs of its own tokens are the model's, not the tempered ones
+    raw_ref = hf.score(ids, [c.token_ids for c in raw])
+    assert max(float(np.abs(np.asarray(c.logprobs) - r).max()) for c, r in zip(raw, raw_ref, strict=True)) <= 1e-4
+    tempered = sampling_logprobs(eos_model, ids, [c.token_ids for c in raw], 0.7, 0.9)
+    assert max(float(np.abs(np.asarray(c.logprobs) - r).max()) for c, r in zip(raw, tempered, strict=True)) > 0.05
+    print(f"hf processed log-probs vs reference: max|diff|={diff:.2e}")
+    with pytest.raises(LopdError, match="logprobs_mode: 'scaled'"):
+        load_backend(eos_model, InferenceConfig(backend="hf"), logprobs_mode="scaled")
 
 
 def test_hf_greedy_and_context_limit(hf):

@@ -69,8 +69,9 @@ def test_every_stage_renders_and_validates(name):
         kinds[stage] = sorted(o["kind"] for o in objs)
     multi_node_sft = r.sft.resources.nodes > 1
     assert kinds["sft"] == sorted(["ConfigMap", "ServiceAccount", "PyTorchJob" if multi_node_sft else "Job"])
-    for stage in ("sft-data", "precompute", "eval", "opd"):
+    for stage in ("sft-data", "precompute", "opd"):
         assert kinds[stage] == ["ConfigMap", "Job", "ServiceAccount"]
+    assert kinds["eval"] == ["ConfigMap", "Job", "NetworkPolicy", "ServiceAccount"]
 
 
 def test_validation_rejects_unknown_fields(paper8b):
@@ -144,12 +145,14 @@ def test_inference_stage_objects(paper8b):
         assert labels["lopd.io/run"] == "qwen3-8b" and labels["lopd.io/stage"] == "precompute"
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "lopd"
     assert "kueue.x-k8s.io/queue-name" not in job["spec"]["template"]["metadata"]["labels"]
-    # retries: disruptions ignored, bad input (exit 2) fails at once; TTL and backoff from the recipe
+    # retries per shard: disruptions ignored, bad input (exit 2) fails its shard at once; TTL and
+    # backoff from the recipe
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
-    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
+    assert rules[1]["action"] == "FailIndex" and rules[1]["onExitCodes"]["values"] == [2]
     assert pod["restartPolicy"] == "Never"
-    assert job["spec"]["backoffLimit"] == 3 and job["spec"]["ttlSecondsAfterFinished"] == 86400
+    assert job["spec"]["backoffLimitPerIndex"] == 3 and "backoffLimit" not in job["spec"]
+    assert job["spec"]["maxFailedIndexes"] == 4 and job["spec"]["ttlSecondsAfterFinished"] == 86400
     assert "activeDeadlineSeconds" not in job["spec"]
 
 
@@ -190,7 +193,8 @@ def test_online_opd_gets_a_teacher_server():
     k = objs_by_kind(r, "opd")
     validate_objects([o for objs in k.values() for o in objs])
     dep, svc = k["Deployment"][0], k["Service"][0]
-    assert dep["spec"]["strategy"] == {"type": "Recreate"}  # never two 8-GPU teachers at once
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}  # never two sets of 8-GPU teachers at once
+    assert dep["spec"]["replicas"] == 1 and "PodMonitor" not in k
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     assert c["command"][:3] == ["python", "-m", "lopd.k8s.teacher"]

@@ -4,6 +4,7 @@ cluster prerequisites under manifests/, and the paper recipes."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -114,10 +115,27 @@ def test_makefile_targets():
         assert out.strip() == f"py -m lopd.cli deploy {stage} --recipe r.yaml"
     for target, want in [("status", "py -m lopd.cli status --recipe r.yaml"),
                          ("logs", "py -m lopd.cli logs opd --recipe r.yaml"),
-                         ("image", "docker build -t ghcr.io/lopd/lopd:0.1.0 .")]:
+                         ("image", "docker build -t ghcr.io/lopd/lopd:0.1.0 ."),
+                         ("deploy-pipeline", "py -m lopd.cli pipeline --backend k8s --detach --recipe r.yaml"),
+                         ("cancel", "py -m lopd.cli cancel --recipe r.yaml")]:
         out = subprocess.run([*MAKE, "-n", target, "RECIPE=r.yaml", "PY=py", "STAGE=opd"], cwd=REPO, env=MAKE_ENV,
                              capture_output=True, text=True, check=True).stdout
         assert out.strip() == want
+
+
+def test_ci_repro_on_cluster_script():
+    """The CI example submits and walks away: --detach, a bounded wait on the driver, cancel on
+    timeout, the eval summary compared with an expected file; it is not the test entrypoint."""
+    script = REPO / ".ci" / "repro-on-cluster.sh"
+    assert script.stat().st_mode & 0o111
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    for part in ("pipeline --backend k8s --detach", "status --recipe", "cancel --recipe", "report --recipe",
+                 "TIMEOUT_S", "EXPECTED"):
+        assert part in text, part
+    assert "repro-on-cluster" not in (REPO / ".ci" / "run").read_text()
+    expected = json.loads((REPO / ".ci" / "repro-on-cluster.expected.json").read_text())
+    assert expected["results"] and expected["tolerance"] > 0
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -175,7 +193,7 @@ def test_cluster_prerequisites():
     granted = {(g, r) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]}
     assert {("batch", "jobs"), ("kubeflow.org", "pytorchjobs"), ("", "pods/log"), ("", "secrets")} <= granted
     kueue = {d["kind"]: d for d in yaml.safe_load_all((REPO / "manifests" / "kueue.yaml").read_text()) if d}
-    assert set(kueue) == {"ResourceFlavor", "ClusterQueue", "LocalQueue"}
+    assert set(kueue) == {"ResourceFlavor", "ClusterQueue", "LocalQueue", "WorkloadPriorityClass"}
     r = load_recipe(PAPER["qwen3-8b"])
     assert kueue["LocalQueue"]["metadata"]["name"] == r.kubernetes.queue
     assert kueue["LocalQueue"]["metadata"]["namespace"] == r.kubernetes.namespace

@@ -87,6 +87,18 @@ class Replay:
                 items = [i for i in body["items"] if _matches(i["metadata"].get("labels", {}), q.get("labelSelector"))]
                 return self._send(200, {**body, "items": items})
 
+            def do_DELETE(self):  # a Job / PyTorchJob / Deployment by name: gone from its list
+                url = urlparse(self.path)
+                replay.requests.append(f"DELETE {url.path}")
+                collection, name = url.path.rsplit("/", 1)
+                body = replay.scenario["responses"].get(collection) or {"items": []}
+                keep = [i for i in body["items"] if i["metadata"]["name"] != name]
+                if len(keep) == len(body["items"]):
+                    return self._send(404, {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404,
+                                            "message": f'"{name}" not found'})
+                body["items"] = keep
+                return self._send(200, {"kind": "Status", "status": "Success", "code": 200})
+
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

@@ -58,6 +58,61 @@ def test_chunked_equals_unchunked_values_and_grads():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [0.8, 1.7])
+def test_tempered_chunked_equals_unchunked_logits_divided_by_temperature(temperature):
+    torch.manual_seed(1)
+    h = torch.randn(23, 16, requires_grad=True)
+    w = torch.randn(101, 16, requires_grad=True)
+    t = torch.randint(0, 101, (23,))
+    z = (h @ w.t()) / temperature
+    ref, ref_ent = L.gather_logprobs(z, t), -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    torch.testing.assert_close(L.gather_logprobs(h @ w.t(), t, temperature), ref)
+    g_ref = torch.autograd.grad(ref.sum(), (h, w))
+    assert (ref - L.gather_logprobs(h @ w.t(), t)).abs().max() > 0.1  # the temperature matters
+    for chunk in (1, 5, 23, 1000):
+        lp, ent = L.chunked_logprobs(h, w, t, chunk_size=chunk, temperature=temperature)
+        torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(lp.sum(), (h, w)), g_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_train_temperature_changes_the_opd_loss_as_dividing_the_logits(model):
+    """The model attribute online OPD sets (opd.online.train_temperature): log p_old, log p, the
+    OPD loss and its gradient are those of the logits divided by T, chunked or not."""
+    import copy
+
+    m = copy.deepcopy(model).double()  # float64: the two paths differ only by rounding
+    ids, pos, tgt, sel, seq = _batch(m.config.vocab_size, seed=5)
+    T = 0.8
+    teacher = torch.randn(int(sel.sum()), generator=torch.Generator().manual_seed(2), dtype=torch.float64) - 3.0
+
+    def loss_from(lp, old):
+        per_tok, _ = L.opd_loss_per_token(lp, old, teacher, clip_low=0.2, clip_high=0.2)
+        return L.aggregate(per_tok, L.token_weights(torch.ones_like(lp), seq[sel]))
+
+    def ref_logprobs():  # the full logits divided by T, no chunking
+        return L.gather_logprobs(m(input_ids=ids, position_ids=pos, use_cache=False).logits[sel] / T, tgt[sel])
+
+    with torch.no_grad():
+        old_ref = ref_logprobs() + 0.05  # an older policy, so the ratio is not 1
+    m.zero_grad()
+    loss_ref = loss_from(ref_logprobs(), old_ref)
+    loss_ref.backward()
+    g_ref = _grads(m).clone()
+
+    setattr(m, L.LOGIT_TEMPERATURE_ATTR, T)
+    m.zero_grad()
+    lp, _ = L.model_logprobs(m, ids, pos, tgt, sel, chunk_size=3)
+    loss = loss_from(lp, old_ref)
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-9, atol=1e-9)
+    assert (_grads(m) - g_ref).abs().max() <= 1e-6 * g_ref.abs().max() and g_ref.norm() > 0
+    with torch.no_grad():  # an explicit temperature wins over the attribute; 1 is the untempered loss
+        lp1, _ = L.model_logprobs(m, ids, pos, tgt, sel, temperature=1.0)
+    assert abs(loss_from(lp1, old_ref).item() - loss_ref.item()) > 1e-3
+
+
 def test_model_logprobs_chunked_matches_full_logits(model):
     ids, pos, tgt, sel, _ = _batch(model.config.vocab_size)
     lp, _ = L.model_logprobs(model, ids, pos, tgt, sel, chunk_size=3)

@@ -119,6 +119,9 @@ def test_precompute_with_the_sft_teacher(store_uri, models, tmp_path):
     assert {r["answer"] for r in rows if r["prompt_id"] == "p002"} == {"9"}
     check_rows(rows, {2})
     assert {r["finish_reason"] for r in rows} == {"stop", "length"}
+    assert m.metrics["truncated"] == sum(r["finish_reason"] == "length" for r in rows) > 0
+    assert m.lineage["rollout_logprobs"] == "raw"
+    assert m.lineage["sampling"] == {"temperature": 1.0, "top_p": 1.0, "n": 2, "max_tokens": 16, "seed": 1}
     assert max_diff(rows, models["teacher"], "teacher_logprobs") <= 1e-5
     assert max_diff(rows, models["student"], "rollout_logprobs") <= 1e-5  # the sampler's own log-probs
     # only the scored parts are listed and kept; the phase-1 intermediates are gone

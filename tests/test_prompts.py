@@ -47,3 +47,17 @@ def test_byte_order_mark_is_accepted(tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt_id": "a", "prompt": "x"}).encode() + b"\n")
     assert [q.prompt_id for q in load_prompts(str(p))] == ["a"]
+
+
+def test_parquet_rows_stream_in_batches_and_keep_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lopd.data.prompts import iter_rows
+
+    p = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(2500)], "prompt": ["x"] * 2500}), p,
+                   row_group_size=700)
+    rows = iter_rows(p)
+    assert next(rows) == {"prompt_id": "p0", "prompt": "x"}
+    assert [q.prompt_id for q in load_prompts(str(p))] == [f"p{i}" for i in range(2500)]

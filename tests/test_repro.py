@@ -144,3 +144,41 @@ def test_check_cli_exit_codes(tmp_path):
     broken = lopd_cli("repro", "check", "--expected", str(exp), "--results", str(tmp_path / "results.json"),
                       check=False)
     assert broken.returncode == 2 and len(broken.stderr.strip().splitlines()) == 1
+
+
+def _tamper(path: Path) -> None:
+    """Change one byte of ``path`` in place (same size)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_published_report_and_metrics_are_read_verified(tmp_path, monkeypatch):
+    from lopd.layout import report_prefix, stage_prefix
+    from lopd.manifest import publish
+    from lopd.repro import _train_seconds
+    from lopd.runner import print_eval
+    from lopd.store import IntegrityError, open_store
+
+    recipe = load_recipe(TINY, [f"store={tmp_path / 'store'}"])
+    store = open_store(recipe.store)
+    report = report_prefix(stage_prefix(recipe.run_id, "eval"))
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "summary.json").write_text(json.dumps({"benchmarks": ["arith"], "results": {}}))
+    (tmp_path / "report" / "report.md").write_text("| table |\n")
+    publish(store, report, tmp_path / "report", stage="eval-report", run_id=recipe.run_id)
+    (tmp_path / "opd").mkdir()
+    (tmp_path / "opd" / "metrics.jsonl").write_text('{"step_time_s": 1.5, "sync_s": 0.5}\n{"step_time_s": 2.0}\n')
+    publish(store, stage_prefix("r1", "opd"), tmp_path / "opd", stage="opd", run_id="r1")
+    assert print_eval(recipe, _Console()) == {"benchmarks": ["arith"], "results": {}}
+    assert _train_seconds(store, "r1", "opd") == 4.0
+
+    _tamper(tmp_path / "store" / report / "summary.json")
+    assert print_eval(recipe, _Console())["benchmarks"] == ["arith"]  # the verified copy, not the store's bytes
+    monkeypatch.setenv("LOPD_CACHE", str(tmp_path / "other-cache"))  # a reader without that copy
+    with pytest.raises(IntegrityError) as e:
+        print_eval(recipe, _Console())
+    assert "\n" not in str(e.value) and str(e.value).startswith(store.url(f"{report}/summary.json"))
+    _tamper(tmp_path / "store" / stage_prefix("r1", "opd") / "metrics.jsonl")
+    with pytest.raises(IntegrityError, match=r"opd/metrics.jsonl: sha256 [0-9a-f]{64} does not match"):
+        _train_seconds(store, "r1", "opd")

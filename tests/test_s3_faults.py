@@ -1,11 +1,15 @@
-"""S3 faults on a real SeaweedFS server: restart mid-transfer, and a server that stays down.
+"""S3 faults on a real SeaweedFS server: killed and restarted mid-transfer, and a server that
+stays down.
 
-Each test starts its own server so restarting it never disturbs the session's server.
+Each test starts its own server so restarting it never disturbs the session's server. The
+server is killed (SIGKILL: an endpoint that crashes), which is also what keeps these tests
+short: a graceful stop drains open transfers for up to 20 s.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -23,7 +27,7 @@ def own_server(tmp_path, monkeypatch):
     for k, v in server.env().items():
         monkeypatch.setenv(k, v)
     yield server
-    server.stop()
+    server.stop(signal.SIGKILL)
 
 
 def _big_file(path, mib: int):
@@ -35,7 +39,7 @@ def _big_file(path, mib: int):
 
 
 def _run_with_restart(fn, server: SeaweedServer, after: float, down: float, started=None):
-    """Run fn() in a thread; stop the server once `started()` is true (or after `after` s when
+    """Run fn() in a thread; kill the server once `started()` is true (or after `after` s when
     no probe is given), restart it `down` s later."""
     result: dict = {}
 
@@ -55,7 +59,7 @@ def _run_with_restart(fn, server: SeaweedServer, after: float, down: float, star
         while not started() and t.is_alive() and time.monotonic() < deadline:
             time.sleep(0.005)
     assert t.is_alive(), "transfer finished before the fault was injected; make the file larger"
-    server.stop()
+    server.stop(signal.SIGKILL)
     time.sleep(down)
     server.start()
     t.join(timeout=300)

@@ -160,7 +160,8 @@ def test_functional_and_no_code():
 
 def test_output_comparison_and_extraction():
     assert stdout_matches("1 2\n3\n", "1 2   \n3")
-    assert stdout_matches("0.3333333", "0.33333331")
+    assert not stdout_matches("0.3333333", "0.33333331")  # LiveCodeBench: exact, numbers as Decimal
+    assert stdout_matches("0.50", "0.5")
     assert not stdout_matches("1 2", "1 3")
     assert extract_code("```\nprint(1)\n```\n```python\nprint(2)\n```") == "print(2)\n"
     assert extract_code("<think>```python\nprint(1)\n```") is None

@@ -68,6 +68,13 @@ def test_sft_data_two_shards_lineage_and_skips(store_uri, tiny_model, tmp_path):
     files, rows = stage_rows(store_uri)
     m, _ = read_manifest(store, f"runs/{RUN}/sft-data")
     assert m.lineage["teacher_fingerprint"] == fingerprint(str(tiny_model))
+    from transformers import AutoTokenizer
+
+    from lopd.data.chat import chat_rendering
+
+    # how the teacher's template renders (what sft checks the student against), and with what thinking
+    assert m.lineage["enable_thinking"] is None
+    assert m.lineage["chat_rendering"] == chat_rendering(AutoTokenizer.from_pretrained(tiny_model))
     assert m.metrics["prompts"] == 8 and m.metrics["skipped_too_long"] == 1 and m.metrics["samples"] == 14
     assert sorted({r["prompt_id"] for r in rows}) == [f"p{i:03d}" for i in range(7)]
     for row in rows:

@@ -178,3 +178,45 @@ def test_file_store_delete_never_follows_symlinks(tmp_path):
     with pytest.raises(StoreError, match="outside the store root"):
         s.check_within("runs/t/sft-data")
     s.check_within("a/b")  # inside (and absent): fine
+
+
+def test_verified_download_in_parts_hashes_them_in_order(store_uri, monkeypatch):
+    monkeypatch.setenv("LOPD_S3_PART_MB", "1")  # s3: 1 MiB ranged GETs, two at a time
+    monkeypatch.setenv("LOPD_S3_CONCURRENCY", "2")
+    s = open_store(store_uri)
+    mib = 1 << 20
+    data = os.urandom(5 * mib + 3)
+    sha = hashlib.sha256(data).hexdigest()
+    swapped = data[mib : 2 * mib] + data[:mib] + data[2 * mib :]  # same bytes, two parts in the other order
+    s.write_bytes("swapped.bin", swapped)
+    with pytest.raises(IntegrityError, match="swapped.bin: sha256"):
+        s.fetch("swapped.bin", sha, len(data))
+    flipped = bytearray(data)
+    flipped[-2] ^= 1  # one bit in the last, short part
+    s.write_bytes("flipped.bin", bytes(flipped))
+    with pytest.raises(IntegrityError, match="flipped.bin: sha256"):
+        s.fetch("flipped.bin", sha, len(data))
+    assert not [p for p in (cache_dir() / "blobs").rglob("*") if p.is_file()]
+    s.write_bytes("parts.bin", data)
+    with s.open_verified("parts.bin", sha, len(data)) as f:
+        assert f.read() == data
+    s.write_bytes("empty", b"")
+    assert s.fetch("empty", hashlib.sha256(b"").hexdigest(), 0).read_bytes() == b""
+
+
+def test_cache_hit_is_not_rehashed_until_its_signature_moves(tmp_path, monkeypatch):
+    from lopd.store import base
+
+    s = FileStore(tmp_path / "store")
+    s.write_bytes("blob", b"payload")
+    good = hashlib.sha256(b"payload").hexdigest()
+    p = s.fetch("blob", good, 7)
+    hashed = []
+    monkeypatch.setattr(base, "sha256_file", lambda path: hashed.append(path) or sha256_file(path))
+    for _ in range(3):
+        with s.open_verified("blob", good, 7) as f:
+            assert f.read() == b"payload"
+    assert hashed == []  # signature unchanged: trusted without reading the blob
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # same times, but the ctime moves
+    assert s.fetch("blob", good, 7) == p and hashed == [p]

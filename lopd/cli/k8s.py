@@ -110,12 +110,43 @@ def status(recipe, overrides, as_json, store_only, kubeconfig, context) -> None:
 @cluster_options
 def logs(stage, recipe, overrides, shard, tail, follow, teacher, kubeconfig, context) -> None:
     """Show the pod logs of STAGE, in shard order."""
+    from lopd.k8s import K8sError
     from lopd.k8s.cluster import Cluster
     from lopd.k8s.logs import stage_logs, stage_pods
 
     r = load(recipe, overrides)
     cluster = Cluster(r.kubernetes.namespace, kubeconfig, context)
-    stage_logs(cluster, stage_pods(cluster, r.run_id, stage, shard, teacher), tail, follow, click.echo)
+    try:
+        pods = stage_pods(cluster, r.run_id, stage, shard, teacher)
+    except K8sError as e:  # pods gone after the TTL: the logs the stage uploaded to the store
+        from lopd.podlog import stored_logs
+        from lopd.store import open_store
+
+        store = open_store(r.store)
+        saved = [] if teacher or not str(e).startswith("no pods") else stored_logs(store, r.run_id, stage)
+        if shard is not None:
+            saved = [(k, t) for k, t in saved if k.rsplit("/", 1)[1].startswith(f"{shard}-of-")]
+        if not saved:
+            raise
+        for key, text in saved:
+            click.echo(f"==> {store.url(key)} (uploaded by the stage; its pods are gone) <==")
+            lines = text.splitlines()
+            click.echo("\n".join(lines[-tail:] if tail else lines))
+        return
+    stage_logs(cluster, pods, tail, follow, click.echo)
 
 
-COMMANDS = [render, deploy, status, logs]
+@click.command("cancel")
+@recipe_options
+@cluster_options
+def cancel(recipe, overrides, kubeconfig, context) -> None:
+    """Stop the run: the pipeline driver and every Job, PyTorchJob and teacher of it (outputs stay)."""
+    from lopd.k8s.cluster import Cluster
+    from lopd.k8s.driver import cancel as cancel_run
+    from lopd.store import open_store
+
+    r = load(recipe, overrides)
+    cancel_run(r, open_store(r.store), Cluster(r.kubernetes.namespace, kubeconfig, context), click.echo)
+
+
+COMMANDS = [render, deploy, status, logs, cancel]

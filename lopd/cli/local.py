@@ -64,16 +64,26 @@ def run(stage: str, recipe: str, overrides: tuple[str, ...], shard_index: int | 
 @click.option("--poll", type=float, default=30.0, show_default=True, help="Seconds between store checks.")
 @click.option("--timeout", type=float, default=None, help="Give up waiting for a stage after this many seconds.")
 @click.option("--nproc", type=int, default=1, show_default=True, help="local: training ranks (torchrun).")
+@click.option("--detach", is_flag=True,
+              help="k8s: submit the in-cluster driver Job (it runs every stage) and return; "
+                   "`lopd status` follows it, `lopd cancel` stops it.")
 @cluster_options
-def pipeline(recipe, overrides, backend, dry_run, poll, timeout, nproc, kubeconfig, context) -> None:
+def pipeline(recipe, overrides, backend, dry_run, poll, timeout, nproc, detach, kubeconfig, context) -> None:
     """Run all stages in order, each after its inputs are published, skipping published ones."""
     if backend == "local":
+        if detach:
+            raise LopdError("--detach applies to --backend k8s (the driver runs in the cluster)")
         if dry_run:
             raise LopdError("--dry-run applies to --backend k8s; locally, `lopd status -r RECIPE --store-only` "
                             "shows what is published")
         from lopd.runner import run_local
 
         run_local(recipe, overrides, nproc=nproc)
+        return
+    if detach and not dry_run:
+        from lopd.k8s.driver import submit_on_cluster
+
+        submit_on_cluster(load(recipe, overrides), kubeconfig, context, click.echo)
         return
     from lopd.k8s.pipeline import run_on_cluster
 

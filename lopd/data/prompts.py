@@ -2,13 +2,15 @@
 
 Rows carry ``prompt_id``, either ``messages`` (a list of ``{role, content}``) or ``prompt``
 (a string, becoming one user message), and an optional ``answer``. Errors name the file,
-the row and the field.
+the row and the field. :mod:`lopd.data.convert` (``lopd prompts convert``) writes such files from
+Hugging Face dataset files.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,24 +32,35 @@ class Prompt:
 
 def read_rows(path: Path, error: type[LopdError] = PromptDataError, label: str | None = None) -> list[dict[str, Any]]:
     """Rows of a local JSONL or parquet file; problems raise ``error`` naming ``label`` (default: the path)."""
+    return list(iter_rows(path, error, label))
+
+
+def iter_rows(path: Path, error: type[LopdError] = PromptDataError, label: str | None = None) -> Iterator[Any]:
+    """Stream the rows of a local JSONL or parquet file (parquet in record batches, JSONL line by
+    line), raising ``error`` as :func:`read_rows` does."""
     where = label or str(path)
     if path.suffix in (".jsonl", ".json"):
-        return _jsonl_rows(path, where, error)
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist()
-        except (pa.ArrowException, OSError) as e:  # truncated or not parquet at all
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise error(f"{where}: not a readable parquet file ({reason})") from None
-    raise error(f"{where}: unsupported file type (use .jsonl or .parquet)")
+        yield from _jsonl_rows(path, where, error)
+    elif path.suffix == ".parquet":
+        yield from _parquet_rows(path, where, error)
+    else:
+        raise error(f"{where}: unsupported file type (use .jsonl or .parquet)")
 
 
-def _jsonl_rows(path: Path, where: str, error: type[LopdError]) -> list[Any]:
+def _parquet_rows(path: Path, where: str, error: type[LopdError]) -> Iterator[Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    except (pa.ArrowException, OSError) as e:  # truncated or not parquet at all
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise error(f"{where}: not a readable parquet file ({reason})") from None
+
+
+def _jsonl_rows(path: Path, where: str, error: type[LopdError]) -> Iterator[Any]:
     """One JSON value per non-blank line of a UTF-8 file (a leading byte-order mark is allowed)."""
-    rows = []
     with open(path, "rb") as f:
         for i, raw in enumerate(f):
             try:
@@ -57,13 +70,13 @@ def _jsonl_rows(path: Path, where: str, error: type[LopdError]) -> list[Any]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise error(f"{where}: line {i + 1}: not valid JSON ({e.msg})") from None
             except (ValueError, RecursionError) as e:  # an integer too long to convert; nesting too deep
                 reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
                 raise error(f"{where}: line {i + 1}: not usable JSON ({reason})") from None
-    return rows
+            yield row
 
 
 def local_path(uri: str) -> Path:

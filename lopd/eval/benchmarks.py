@@ -2,8 +2,10 @@
 
 Each benchmark loads from its usual hub dataset (where the network allows) or, when the
 recipe's ``eval.datasets`` names a file for it, from a local / store JSONL or parquet file
-in the same schema (field names can be mapped). Any other name declared in
-``eval.datasets`` (with ``kind``) is a local benchmark of that kind.
+in the same schema (field names can be mapped), or every such file of a local directory (a
+downloaded copy of the hub dataset; the LiveCodeBench date windows apply to local copies
+too). Any other name declared in ``eval.datasets`` (with ``kind``) is a local benchmark of
+that kind. docs/eval.md shows how to make the local copies.
 
 Schemas (after field mapping):
 
@@ -33,9 +35,7 @@ lcb_v6     livecodebench/code_generation_lite    contest_date in [2025-02-01, 20
 from __future__ import annotations
 
 import base64
-import io
 import json
-import pickle
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +44,7 @@ from typing import Any
 
 from lopd import LopdError
 from lopd.eval.code_grader import CodeTest
+from lopd.eval.lcb import safe_unpickle
 
 MATH_PROMPT = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 CODE_PROMPT_STDIN = (
@@ -101,11 +102,16 @@ MATH_ID_FIELDS = ("id", "problem_id", "problem_idx", "ID")
 
 
 def read_rows(uri: str) -> list[dict[str, Any]]:
-    """Rows of a JSONL or parquet file given as a path or store URI."""
+    """Rows of a JSONL or parquet file given as a path or store URI, or of every such file of a local directory."""
     from lopd.data.prompts import local_path
     from lopd.data.prompts import read_rows as rows_of
 
     path = local_path(uri)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".jsonl") and p.is_file())
+        if not files:
+            raise BenchmarkError(f"benchmark directory has no .jsonl or .parquet files: {uri}")
+        return [row for p in files for row in rows_of(p, BenchmarkError, str(p))]
     if not path.is_file():
         raise BenchmarkError(f"benchmark file not found: {uri}")
     return rows_of(path, BenchmarkError, uri)
@@ -136,13 +142,6 @@ def hub_rows(spec: BenchmarkSpec) -> list[dict[str, Any]]:  # pragma: no cover -
 # --------------------------------------------------------------------------- decoding
 
 
-class _NoClassUnpickler(pickle.Unpickler):
-    """Unpickles only primitive values (str, bytes, numbers, lists, dicts): any class is refused."""
-
-    def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
 def decode_tests(raw: Any, where: str) -> list[CodeTest]:
     """Test cases from a JSON list, or LiveCodeBench's base64(zlib(pickle(JSON))) encoding."""
     if raw is None or raw == "":
@@ -152,7 +151,7 @@ def decode_tests(raw: Any, where: str) -> list[CodeTest]:
         text = raw.strip()
         if not text.startswith("["):
             try:
-                text = _NoClassUnpickler(io.BytesIO(zlib.decompress(base64.b64decode(text)))).load()
+                text = safe_unpickle(zlib.decompress(base64.b64decode(text)))
             except Exception as e:
                 raise BenchmarkError(f"{where}: test cases are neither JSON nor LiveCodeBench-encoded ({e})") from None
             if not isinstance(text, str):
@@ -265,13 +264,14 @@ def load_benchmark(name: str, datasets: dict[str, Any] | None = None,
     else:
         src = spec.hub_id
         rows = hub(spec)
-    window = spec.date_window if spec and local is None else None
+    window = spec.date_window if spec else None
     if kind == "math":
         probs = math_problems(name, rows, fields, template, src)
     else:
         probs = code_problems(name, rows, fields, template, src, window)
     if not probs:
-        raise BenchmarkError(f"benchmark {name}: {src}: no problems")
+        within = f" with contest_date in [{window[0]}, {window[1]})" if window else ""
+        raise BenchmarkError(f"benchmark {name}: {src}: no problems{within}")
     return probs
 
 

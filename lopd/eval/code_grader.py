@@ -1,42 +1,30 @@
-"""Code grading: run the response's program against the tests in the sandbox, in parallel.
+"""Code grading: run the response's program against the tests in the sandbox, LiveCodeBench's rules.
 
-LiveCodeBench's two test formats:
-
-- ``stdin``: the program reads the test input on stdin; its stdout must equal the expected
-  output line by line (trailing whitespace ignored; numbers compared with a 1e-6 tolerance).
-- ``functional``: LeetCode style; the program defines ``class Solution`` with method
-  ``func_name`` (or a top-level function of that name). Each input line is one JSON
-  argument; the JSON of the return value must equal the expected JSON.
-
-Each (program, test) runs in its own sandboxed process (:mod:`lopd.eval.sandbox`); grading
-stops at the first failing test, whose status is the sample's verdict. Samples are graded
-in parallel worker processes (``spawn``: nothing of the caller, e.g. an inference engine,
-is inherited).
+The program is the last fenced code block after the reasoning. It runs once per sample, all
+tests in one sandboxed child (:mod:`lopd.eval.sandbox`) under LiveCodeBench's execution and
+comparison rules (:mod:`lopd.eval.lcb`): its import prelude, stdin or functional mode
+(functional when the problem has a ``func_name``), per-test timeout ``limits.wall_s``, a global
+timeout of ``(timeout + 1) · tests + 5`` s, exact-or-``Decimal`` line comparison. The first
+failing test's status is the sample's verdict. Samples are graded in parallel worker
+processes (``spawn``: nothing of the caller, e.g. an inference engine, is inherited).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from lopd.eval import lcb
 from lopd.eval.interpreter import python_argv
+from lopd.eval.lcb import functional_matches, stdout_matches  # noqa: F401 - the comparison, re-exported
 from lopd.eval.math_grader import strip_reasoning
 from lopd.eval.reaper import enable_subreaper
 from lopd.eval.sandbox import SandboxLimits, run_program
 
 _FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.S)
-
-FUNCTIONAL_DRIVER = """\
-import json, sys
-_ns = {"__name__": "solution"}
-exec(compile(open("solution.py").read(), "solution.py", "exec"), _ns)
-_args = [json.loads(line) for line in sys.stdin.read().splitlines() if line.strip()]
-_fn = _ns["Solution"]().%(f)s if "Solution" in _ns else _ns["%(f)s"]
-print(json.dumps(_fn(*_args)))
-"""
+MAX_RUN_OUTPUT = 256 << 20
+"""Most bytes one run (all tests together) may write to the grader."""
 
 
 @dataclass
@@ -44,7 +32,7 @@ class CodeTest:
     input: str
     output: str
     testtype: str = "stdin"
-    """stdin | functional"""
+    """stdin | functional (informational: the mode follows ``func_name``, as in LiveCodeBench)."""
 
 
 @dataclass
@@ -53,6 +41,8 @@ class CodeJob:
     tests: list[CodeTest]
     func_name: str | None = None
     limits: SandboxLimits = field(default_factory=SandboxLimits)
+    """``wall_s``: the per-test timeout; ``output_bytes``: the most one test may print; the run's
+    own wall-clock and CPU limits are LiveCodeBench's global timeout."""
 
 
 @dataclass
@@ -61,7 +51,8 @@ class CodeVerdict:
     extracted: str | None
     """The program that was run; None when the response held no code."""
     verdict: str
-    """correct | no_code | wrong_answer | exit | signal | timeout | cpu_limit | memory_limit | output_limit."""
+    """correct | no_code | wrong_answer | exit (runtime error) | signal | timeout | cpu_limit | memory_limit |
+    output_limit."""
     passed: int = 0
     total: int = 0
     detail: str = ""
@@ -78,64 +69,31 @@ def extract_code(response: str) -> str | None:
     return chosen if chosen and chosen.strip() else None
 
 
-def _num(tok: str) -> float | None:
-    try:
-        return float(tok)
-    except ValueError:
-        return None
-
-
-def stdout_matches(expected: str, got: str) -> bool:
-    """LiveCodeBench-style output comparison (line by line, numeric tokens with tolerance)."""
-    exp = [ln.rstrip() for ln in expected.strip().splitlines()]
-    out = [ln.rstrip() for ln in got.strip().splitlines()]
-    if exp == out:
-        return True
-    if len(exp) != len(out):
-        return False
-    for e, o in zip(exp, out, strict=True):
-        et, ot = e.split(), o.split()
-        if len(et) != len(ot):
-            return False
-        for a, b in zip(et, ot, strict=True):
-            if a == b:
-                continue
-            x, y = _num(a), _num(b)
-            if x is None or y is None or not math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6):
-                return False
-    return True
-
-
-def functional_matches(expected: str, got: str) -> bool:
-    lines = got.strip().splitlines()
-    try:
-        return bool(lines) and json.loads(lines[-1]) == json.loads(expected)
-    except (json.JSONDecodeError, ValueError):
-        return False
+def run_tests(code: str, tests: list[CodeTest], func_name: str | None, limits: SandboxLimits) -> list[lcb.TestOutcome]:
+    """Run ``code`` on ``tests`` under LiveCodeBench's rules; outcomes up to the first failure."""
+    if not tests:
+        return []
+    mode = "functional" if func_name else "stdin"
+    n, timeout = len(tests), limits.wall_s
+    files = lcb.job_files(code, mode, func_name, [t.input for t in tests], timeout, limits.output_bytes)
+    run_limits = replace(limits, wall_s=lcb.global_timeout_s(timeout, n), cpu_s=lcb.cpu_budget_s(timeout, n),
+                         output_bytes=min(MAX_RUN_OUTPUT, limits.output_bytes * n + (1 << 16)))
+    r = run_program(python_argv("main.py"), limits=run_limits, files=files)
+    return lcb.outcomes(r.status, r.stdout, r.stderr, mode, [t.output for t in tests])
 
 
 def grade_code(job: CodeJob) -> CodeVerdict:
-    """Run the response's program on each test until one fails."""
+    """Run the response's program on the tests; the first failing test gives the verdict."""
     code = extract_code(job.response)
     total = len(job.tests)
     if code is None:
         return CodeVerdict(False, None, "no_code", 0, total)
-    for i, t in enumerate(job.tests):
-        if t.testtype == "functional":
-            if not job.func_name:
-                return CodeVerdict(False, code, "exit", i, total, "functional test without func_name")
-            files = {"main.py": (FUNCTIONAL_DRIVER % {"f": job.func_name}).encode(), "solution.py": code.encode()}
-        else:
-            files = {"main.py": code.encode()}
-        r = run_program(python_argv("main.py"), stdin=t.input.encode(), limits=job.limits, files=files)
-        if r.status != "ok":
-            tail = r.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
-            return CodeVerdict(False, code, r.status, i, total, f"test {i}: {tail[0][:200]}")
-        out = r.stdout.decode(errors="replace")
-        ok = functional_matches(t.output, out) if t.testtype == "functional" else stdout_matches(t.output, out)
-        if not ok:
-            return CodeVerdict(False, code, "wrong_answer", i, total, f"test {i}: output differs")
-    return CodeVerdict(True, code, "correct", total, total)
+    res = run_tests(code, job.tests, job.func_name, job.limits)
+    passed = sum(o.status == "passed" for o in res)
+    if passed == total:
+        return CodeVerdict(True, code, "correct", total, total)
+    bad = res[-1]
+    return CodeVerdict(False, code, bad.status, passed, total, bad.detail)
 
 
 def _init_worker() -> None:

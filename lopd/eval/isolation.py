@@ -14,6 +14,15 @@ The functions here run in the forked child before ``exec`` (see
   and files there are out of sight, and whatever the program writes there disappears with
   the namespace when its last process dies. A working directory that lives under one of them
   is bind-mounted back at the same path.
+- **system calls** (:func:`deny_syscalls`): a seccomp filter, which any process may install
+  on itself once ``no_new_privs`` is set (no capability, no namespace; allowed by the default
+  seccomp profiles of container runtimes). The sandbox refuses ``socket()`` (so no network and
+  no ``AF_UNIX`` socket anywhere: the ones in world-writable directories outside the private
+  temp dirs, abstract ones, the host's; ``socketpair()`` stays, it reaches nothing),
+  ``io_uring`` (which could open sockets past the filter), ``ptrace`` and
+  ``process_vm_readv/writev`` (the memory of other processes of the same uid), ``bpf``,
+  ``perf_event_open`` and the kernel keyrings. The filter is kept across ``exec`` and
+  inherited by every child, so it holds where no namespace can be made.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
 MNT_DETACH = 0x2
+PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")
 TMPFS_INODES = 4096
 
@@ -48,6 +59,10 @@ def map_own_ids() -> bool:
     capabilities at ``exec`` and cannot undo the mounts.
     """
     uid, gid = os.getuid(), os.getgid()
+    # a non-dumpable process's /proc/self files are root's: dumpable just for these writes
+    undumpable = libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0
+    if undumpable:
+        libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     try:
         for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
             fd = os.open(f"/proc/self/{name}", os.O_WRONLY)
@@ -57,6 +72,9 @@ def map_own_ids() -> bool:
                 os.close(fd)
     except OSError:
         return False
+    finally:
+        if undumpable:
+            libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     return True
 
 
@@ -108,6 +126,69 @@ def private_temp_dirs(workdir: str, size_mb: int) -> bool:
     return ok
 
 
+# --------------------------------------------------------------------------- seccomp
+
+# (audit arch, {syscall name: number}) for the machines images are built for.
+_ARCHES = {
+    "x86_64": (0xC000003E, {"socket": 41, "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311,
+                            "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "bpf": 321,
+                            "perf_event_open": 298, "add_key": 248, "request_key": 249, "keyctl": 250,
+                            "unshare": 272}),
+    "aarch64": (0xC00000B7, {"socket": 198, "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271,
+                             "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "bpf": 280,
+                             "perf_event_open": 241, "add_key": 217, "request_key": 218, "keyctl": 219,
+                             "unshare": 97}),
+}
+SANDBOX_DENIED = ("socket", "io_uring_setup", "io_uring_enter", "io_uring_register", "ptrace", "process_vm_readv",
+                  "process_vm_writev", "bpf", "perf_event_open", "add_key", "request_key", "keyctl")
+_LD_ABS, _JEQ, _JGE, _RET = 0x20, 0x15, 0x35, 0x06
+_ALLOW, _KILL, _ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
+_X32 = 0x40000000
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def seccomp_program(names: tuple[str, ...], machine: str | None = None) -> list[tuple[int, int, int, int]] | None:
+    """The BPF program that fails ``names`` with EPERM and allows the rest; None on an unknown arch.
+
+    Another ABI than the machine's (i386 on x86_64, x32) is killed: its syscall numbers differ.
+    """
+    arch = _ARCHES.get(machine or os.uname().machine)
+    if arch is None:
+        return None
+    audit, table = arch
+    nrs = [table[n] for n in names]
+    prog = [(_LD_ABS, 0, 0, 4), (_JEQ, 1, 0, audit), (_RET, 0, 0, _KILL), (_LD_ABS, 0, 0, 0)]
+    if audit == _ARCHES["x86_64"][0]:
+        prog += [(_JGE, 0, 1, _X32), (_RET, 0, 0, _KILL)]
+    for i, nr in enumerate(nrs):  # jump to the EPERM return after the allow
+        prog.append((_JEQ, len(nrs) - i, 0, nr))
+    prog += [(_RET, 0, 0, _ALLOW), (_RET, 0, 0, _ERRNO | 1)]
+    return prog
+
+
+def deny_syscalls(names: tuple[str, ...] = SANDBOX_DENIED) -> bool:
+    """Install a seccomp filter on this process (and all it starts) failing ``names`` with EPERM.
+
+    Needs no privilege (``no_new_privs`` is set first); False where the kernel or arch does not
+    allow it. Runs in the forked child before ``exec``: plain syscalls only.
+    """
+    prog = seccomp_program(names)
+    if prog is None:
+        return False
+    arr = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
+    fprog = _SockFprog(len(prog), arr)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        return False
+    return libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0
+
+
 # --------------------------------------------------------------------------- capabilities
 
 _CAPS: dict | None = None
@@ -127,7 +208,7 @@ def _probe(setup) -> bool:
 
 def capabilities() -> dict:
     """What this machine allows, probed once: ``{"root": bool, "network": "netns"|"userns"|"none",
-    "tmp": "private"|"shared"}``."""
+    "tmp": "private"|"shared", "seccomp": bool}``."""
     global _CAPS
     if _CAPS is None:
         root = os.geteuid() == 0
@@ -143,5 +224,6 @@ def capabilities() -> dict:
             return private_temp_dirs("/", 1)
 
         private = _probe(tmp_setup)
-        _CAPS = {"root": root, "network": network, "tmp": "private" if private else "shared"}
+        _CAPS = {"root": root, "network": network, "tmp": "private" if private else "shared",
+                 "seccomp": _probe(deny_syscalls)}
     return _CAPS

@@ -24,6 +24,10 @@ THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # its timeout notices are not for users
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+MATH_RULES = {"extraction": "last \\boxed{} / \\fbox{} after the last </think>; none inside an unclosed <think>",
+              "equivalence": "math-verify verify(gold, answer), LaTeX and plain expressions",
+              "harness": "the last-boxed rule of Qwen2.5-Math's evaluation, checked with math-verify"}
+"""The math grading rules in force, for reports."""
 
 
 class MathGradeError(LopdError):

@@ -70,6 +70,7 @@ def reap_uid(uid: int) -> None:
 
 
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_DUMPABLE = 4
 
 
 _SUBREAPER = False
@@ -90,6 +91,16 @@ def enable_subreaper() -> bool:
     global _SUBREAPER
     _SUBREAPER = _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     return _SUBREAPER
+
+
+def make_undumpable() -> bool:
+    """``PR_SET_DUMPABLE`` 0 for this process (kept across ``fork``, reset by ``exec``).
+
+    Its ``/proc/<pid>`` files then belong to root and another process of the same uid cannot
+    read its ``environ`` or ``mem`` nor attach to it: how a grader keeps the credentials it
+    inherited from the programs it runs, which share its uid where it is not root.
+    """
+    return _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
 
 
 def kill_my_children() -> None:

@@ -89,10 +89,22 @@ def render_markdown(summary: dict) -> str:
             lines.append(f"| {c} | {b} | {m['problems']} | {m['samples']} | {100 * m['avg']:.1f} | "
                          f"{100 * m['stderr']:.2f} | {'–' if math.isnan(sep) else f'{100 * sep:.2f}'} | {pk} | "
                          f"{m['mean_tokens']:.0f} | {100 * m['truncation_rate']:.1f}% | {verd} |")
+    lines += render_grading(summary.get("grading"))
     if summary.get("checkpoint_uris"):
         lines += ["", "## Checkpoints", ""]
         lines += [f"- **{c}**: `{u}`" for c, u in summary["checkpoint_uris"].items()]
     return "\n".join(lines) + "\n"
+
+
+def render_grading(grading: dict | None) -> list[str]:
+    """The "Grading rules" section: what decided correct, so two reports can be compared."""
+    if not grading:
+        return ["", "## Grading rules", "", "not recorded in this evaluation's manifest"]
+    lines = ["", "## Grading rules", ""]
+    for kind in sorted(grading):
+        for key, val in grading[kind].items():
+            lines.append(f"- **{kind}.{key}**: {val}")
+    return lines
 
 
 def render_chart(summary: dict, path: Path) -> None:
@@ -188,7 +200,7 @@ def report_from_store(store, stage_prefix: str, out_dir: str | Path | None = Non
 
     rows, lineage = read_eval_rows(store, stage_prefix)
     _, stage_sha = read_manifest(store, stage_prefix)
-    meta = {k: lineage[k] for k in ("run_id", "k", "sampling", "checkpoint_uris") if k in lineage}
+    meta = {k: lineage[k] for k in ("run_id", "k", "sampling", "checkpoint_uris", "grading") if k in lineage}
     meta.setdefault("run_id", run_id)
     summary = summarize(rows, lineage.get("kinds", {}), meta)
     local = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="lopd-report-"))

@@ -19,7 +19,15 @@ Every run gets:
   cannot signal the grader, read root-only files or write outside world-writable places. After
   every run a reaper with that uid sends ``kill(-1, SIGKILL)`` until nothing is left, so
   processes that escaped the process group (``setsid``, double fork) die too;
-- **no network**: a new network namespace (``unshare(CLONE_NEWNET)``: only a down loopback).
+- **no network**: a new network namespace (``unshare(CLONE_NEWNET)``: only a down loopback);
+- **no sockets, no peeking at other processes**: a seccomp filter
+  (:func:`lopd.eval.isolation.deny_syscalls`) refuses ``socket()``, ``io_uring``, ``ptrace``,
+  ``process_vm_readv`` and the like. It needs no privilege, so it holds in a non-root pod with
+  every capability dropped; it also keeps the program off ``AF_UNIX`` sockets anywhere (in any
+  world-writable directory, abstract ones), which no network namespace covers;
+- **a grader that cannot be read**: the process calling :func:`run_program` makes itself
+  non-dumpable (``PR_SET_DUMPABLE`` 0), so a program of the same uid cannot read its
+  ``/proc/<pid>/environ`` or memory (where credentials of the pod live).
 
 Fallbacks, where the kernel or container forbids a step (all recorded in the result's
 ``isolation`` field, and :func:`capabilities` reports them up front):
@@ -33,12 +41,13 @@ Fallbacks, where the kernel or container forbids a step (all recorded in the res
   of the same uid: run eval pods' grader as root inside the pod (it drops to a private uid
   per program) when you can.
 - ``unshare(CLONE_NEWNET)`` refused (no CAP_SYS_ADMIN): a user namespace plus network
-  namespace (``CLONE_NEWUSER | CLONE_NEWNET``) is tried; if that is refused too (seccomp
-  default profiles, ``kernel.unprivileged_userns_clone=0``) the program runs **with** the
-  host network and ``isolation.network`` is ``"none"``. On Kubernetes, give eval pods a
-  NetworkPolicy that denies egress; ``SandboxLimits.require_network_isolation=True`` turns
-  the fallback into an error instead. In the user-namespace case the program's own uid is
-  mapped into it, so it can write to its private temp directories.
+  namespace (``CLONE_NEWUSER | CLONE_NEWNET``) is tried; in that case the program's own uid
+  is mapped into it, so it can write to its private temp directories. If that is refused too
+  (the container runtimes' default seccomp profile, ``kernel.unprivileged_userns_clone=0``),
+  the seccomp filter alone keeps the program off the network (``isolation.network`` is
+  ``"seccomp"``); only where no filter can be installed either does it run with the host
+  network (``"none"``), which ``SandboxLimits.require_network_isolation=True`` turns into an
+  error. On Kubernetes the chart also gives eval pods a NetworkPolicy (DNS and the store only).
 - mount namespace or tmpfs refused: the program sees the host's temp directories (and can
   reach Unix sockets there) and ``isolation.tmp`` is ``"shared"``. As root, every file and
   directory its private uid owns anywhere below them is removed after the run (found by
@@ -86,7 +95,8 @@ class SandboxLimits:
     max_files: int = 64
     """Open file descriptors (RLIMIT_NOFILE)."""
     require_network_isolation: bool = False
-    """Raise instead of running with the host network when no namespace can be made."""
+    """Raise instead of running with the host network when neither a namespace nor the seccomp
+    filter can be set up."""
 
 
 @dataclass
@@ -114,15 +124,18 @@ def _setrlimits(lim: SandboxLimits, nproc: int) -> None:
 
 
 def _count_my_processes() -> int:
-    uid = os.getuid()
+    """Processes of this real uid (from ``status``: a non-dumpable one's /proc dir is root's)."""
+    uid = str(os.getuid()).encode()
     n = 0
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
-                if os.stat(f"/proc/{d}").st_uid == uid:
-                    n += 1
+                with open(f"/proc/{d}/status", "rb") as f:
+                    line = next((ln for ln in f if ln.startswith(b"Uid:")), b"")
             except OSError:
-                pass
+                continue
+            if line.split()[1:2] == [uid]:
+                n += 1
     return n
 
 
@@ -130,8 +143,9 @@ def _make_preexec(lim: SandboxLimits, workdir: str, as_root: bool, net_flags: in
                   status_w: int):
     """The function run in the forked child before exec (as root when the grader is root).
 
-    It reports what it set up as two bytes on ``status_w``: network (``s`` netns, ``u`` userns,
-    ``n`` none) and temp dirs (``p`` private, ``h`` the host's).
+    It reports what it set up as three bytes on ``status_w``: network (``s`` netns, ``u``
+    userns, ``n`` none), temp dirs (``p`` private, ``h`` the host's) and the seccomp filter
+    (``f`` installed, ``-`` not).
     """
 
     def setup() -> None:  # runs in the child: keep to plain syscalls
@@ -143,7 +157,6 @@ def _make_preexec(lim: SandboxLimits, workdir: str, as_root: bool, net_flags: in
                 and isolation.private_temp_dirs(workdir, lim.memory_mb):
             tmp = b"p"
         os.write(status_w, code + tmp)
-        os.close(status_w)
         if as_root:
             uid = UID_BASE + os.getpid()
             os.chown(workdir, uid, uid)
@@ -154,6 +167,8 @@ def _make_preexec(lim: SandboxLimits, workdir: str, as_root: bool, net_flags: in
         else:
             _setrlimits(lim, _count_my_processes() + lim.max_procs)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        os.write(status_w, b"f" if isolation.deny_syscalls() else b"-")
+        os.close(status_w)
 
     return setup
 
@@ -178,7 +193,8 @@ def run_program(argv: list[str], stdin: bytes = b"", limits: SandboxLimits = San
     only when network isolation is required but unavailable.
     """
     caps = capabilities()
-    if limits.require_network_isolation and caps["network"] == "none":
+    reaper.make_undumpable()
+    if limits.require_network_isolation and caps["network"] == "none" and not caps["seccomp"]:
         raise SandboxError("sandbox: no network namespace can be created here and isolation is required")
     net_flags = {"netns": isolation.CLONE_NEWNET,
                  "userns": isolation.CLONE_NEWUSER | isolation.CLONE_NEWNET}.get(caps["network"], 0)
@@ -201,7 +217,9 @@ def run_program(argv: list[str], stdin: bytes = b"", limits: SandboxLimits = San
                 preexec_fn=_make_preexec(limits, workdir, caps["root"], net_flags, caps["tmp"] == "private",
                                          w_status))
         os.close(w_status)
-        codes = os.read(r_status, 2)
+        codes = b""
+        while len(codes) < 3 and (chunk := os.read(r_status, 3 - len(codes))):
+            codes += chunk
         os.close(r_status)
         timed_out = threading.Event()
 
@@ -228,7 +246,7 @@ def run_program(argv: list[str], stdin: bytes = b"", limits: SandboxLimits = San
         if caps["root"]:
             reaper.reap_uid(uid)
             reaper.reap_zombies(uid)
-            if codes[1:] != b"p":
+            if codes[1:2] != b"p":
                 reaper.remove_owned(uid, tuple(isolation.temp_dirs()))
         elif reaper.is_subreaper():
             reaper.kill_my_children()
@@ -253,9 +271,9 @@ def run_program(argv: list[str], stdin: bytes = b"", limits: SandboxLimits = San
             status = "signal"
         else:
             status = "exit"
-        setup = {"uid": uid if caps["root"] else os.getuid(),
-                     "network": {b"s": "netns", b"u": "userns"}.get(codes[:1], "none"),
-                     "tmp": "private" if codes[1:] == b"p" else "shared"}
+        network = {b"s": "netns", b"u": "userns"}.get(codes[:1], "seccomp" if codes[2:3] == b"f" else "none")
+        setup = {"uid": uid if caps["root"] else os.getuid(), "network": network,
+                 "tmp": "private" if codes[1:2] == b"p" else "shared", "seccomp": codes[2:3] == b"f"}
         return RunResult(status, rc, stdout, stderr, wall, cpu, setup)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

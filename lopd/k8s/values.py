@@ -106,19 +106,42 @@ def stage_values(recipe: Recipe, stage: str) -> dict[str, Any]:
         "shards": spec.shards(recipe),
         "resources": {"nodes": res.nodes, "gpusPerNode": res.gpus_per_node, "cpu": res.cpu,
                       "memory": res.memory, "shmSize": res.shm_size},
-        "job": {"backoffLimit": k.backoff_limit, "ttlSecondsAfterFinished": k.ttl_seconds_after_finished,
+        "job": {"backoffLimit": k.backoff_limit, "maxFailedIndexes": None,
+                "ttlSecondsAfterFinished": k.ttl_seconds_after_finished,
                 "activeDeadlineSeconds": res.active_deadline_seconds, "parallelism": 0, "extraArgs": []},
         "nodeSelector": dict(k.node_selector),
         "tolerations": [{_camel(f): v for f, v in t.model_dump().items() if v is not None}
                         for t in k.tolerations],
         "priorityClassName": k.priority_class or "",
-        "kueue": {"enabled": k.queue is not None, "queueName": k.queue or "lopd"},
+        "kueue": {"enabled": k.queue is not None, "queueName": k.queue or "lopd",
+                  "priorityClass": k.workload_priority_class or ""},
+        "networkPolicy": {"enabled": stage == "eval",
+                          "storeEgress": {"cidrs": list(k.store_egress_cidrs), "ports": list(k.store_egress_ports)}},
         "securityContext": {"runAsUser": k.run_as_user, "runAsGroup": k.run_as_user, "fsGroup": k.run_as_user},
         "cache": {"sizeLimit": k.cache_size, "existingClaim": k.cache_pvc or ""},
         "env": [],
         "teacher": {"enabled": online_teacher(recipe, stage), "model": recipe.models.teacher.uri,
-                    "gpus": ts.gpus, "cpu": ts.cpu, "memory": ts.memory, "port": ts.port},
+                    "gpus": ts.gpus, "cpu": ts.cpu, "memory": ts.memory, "port": ts.port,
+                    "replicas": ts.replicas, "podMonitor": {"enabled": ts.pod_monitor, "interval": "30s"}},
     }
+    return values
+
+
+def driver_values(recipe: Recipe) -> dict[str, Any]:
+    """Values of the pipeline driver's release (``driver.enabled``): the first stage's cluster
+    settings and the recipe, the ``lopd-deployer`` ServiceAccount, no GPU, no Kueue queue."""
+    from lopd.stages import stages_of
+
+    values = stage_values(recipe, stages_of(recipe)[0])
+    k = recipe.kubernetes
+    values.update(stage="driver", training=False, shards=1, recipe={"content": pod_recipe(recipe, "driver")},
+                  serviceAccount={"enabled": False, "name": k.driver_service_account, "irsaRoleArn": "",
+                                  "annotations": {}},
+                  networkPolicy={**values["networkPolicy"], "enabled": False},
+                  teacher={**values["teacher"], "enabled": False},
+                  driver={"enabled": True, "serviceAccountName": k.driver_service_account, "pollSeconds": 30,
+                          "backoffLimit": 6, "activeDeadlineSeconds": None, "cpu": "1", "memory": "2Gi"})
+    values["kueue"]["enabled"] = False
     return values
 
 

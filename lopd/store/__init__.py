@@ -7,9 +7,10 @@
   with botocore's retry modes. Endpoint and credentials come from the standard AWS environment
   only (``AWS_ENDPOINT_URL``, the credential chain, IRSA); nothing here reads them from a recipe.
 - Everything streams: hashing, uploading and downloading never hold a whole file in memory.
-- :meth:`Store.fetch` streams an object once into a local cache keyed by sha256, hashing it on
-  the way, and :meth:`Store.open_verified` hands readers that verified copy; a cache hit rests
-  on content, not on the name.
+- :meth:`Store.fetch` streams an object once into a local cache keyed by sha256 (a kernel copy
+  for a file store, parallel ranged GETs for S3), hashing the copy in order while later ranges
+  land, and :meth:`Store.open_verified` hands readers that verified copy; a cache hit rests on
+  content, not on the name, and an unchanged one (same stat signature) is not re-read.
 
 Modules: :mod:`lopd.store.base` (errors, hashing, :class:`Store`), :mod:`lopd.store.local`
 (:class:`FileStore`), :mod:`lopd.store.s3` (``S3Store``, imported only for ``s3://`` URIs).

@@ -4,8 +4,8 @@
   :func:`lopd.store.open_store`); :func:`clean_key` rejects ``.`` and ``..`` parts.
 - Everything streams: hashing, uploading and downloading never hold a whole file in memory.
 - :meth:`Store.fetch` streams an object once into a local cache keyed by sha256, hashing it on
-  the way; :meth:`Store.open_verified` hands readers that verified copy. A cache hit rests on
-  content (see :meth:`Store.fetch`).
+  the way (overlapped with the transfer: :func:`fill_hashing`); :meth:`Store.open_verified` hands
+  readers that verified copy. A cache hit rests on content (see :meth:`Store.fetch`).
 
 The backends (:mod:`lopd.store.local`, :mod:`lopd.store.s3`) build on this module only.
 """
@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -46,7 +48,7 @@ class ObjectInfo:
 def sha256_file(path: str | Path) -> str:
     """sha256 of a local file, streamed in 1 MiB chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -54,8 +56,7 @@ def sha256_file(path: str | Path) -> str:
 
 def sha256_stream(f: IO[bytes]) -> tuple[str, int]:
     """sha256 and byte count of a readable stream."""
-    h = hashlib.sha256()
-    n = 0
+    h, n = hashlib.sha256(), 0
     while chunk := f.read(CHUNK):
         h.update(chunk)
         n += len(chunk)
@@ -63,16 +64,51 @@ def sha256_stream(f: IO[bytes]) -> tuple[str, int]:
 
 
 def copy_hashing(src: IO[bytes], dst: IO[bytes]) -> tuple[str, int]:
-    """Copy ``src`` to ``dst`` in 1 MiB chunks; returns the sha256 and byte count of what passed.
-
-    One sequential pass (a reader thread ahead of the hashing measured slower on a small
-    machine, where the CPU, not the wait for bytes, is the limit)."""
-    h, n = hashlib.sha256(), 0
-    while chunk := src.read(CHUNK):
-        h.update(chunk)
-        dst.write(chunk)
-        n += len(chunk)
+    """Copy ``src`` to ``dst``; returns the sha256 and byte count of what passed, each chunk hashed
+    on a second thread (hashlib releases the GIL) while the next is read and written."""
+    h, n, pending = hashlib.sha256(), 0, None
+    with ThreadPoolExecutor(1, thread_name_prefix="lopd-sha256") as hasher:
+        while chunk := src.read(CHUNK):
+            dst.write(chunk)
+            n += len(chunk)
+            if pending is not None:
+                pending.result()
+            pending = hasher.submit(h.update, chunk)
+        if pending is not None:
+            pending.result()
     return h.hexdigest(), n
+
+
+def fill_hashing(dest: Path, size: int, fill: Callable[[int, int, int], None], part: int,
+                 workers: int) -> tuple[str, int]:
+    """Write ``dest`` (``size`` bytes) in ``part``-sized ranges, each by ``fill(fd, start, end)`` on
+    one of ``workers`` threads, while this thread hashes the file in order as each range lands
+    (read back from the page cache: the hash covers ``dest`` itself). Returns its sha256 and size."""
+    h, buf = hashlib.sha256(), memoryview(bytearray(CHUNK))
+    ranges = [(start, min(size, start + part)) for start in range(0, size, part)]
+    with open(dest, "wb+") as out, ThreadPoolExecutor(workers, thread_name_prefix="lopd-fill") as pool:
+        fd = out.fileno()
+        futures = [pool.submit(fill, fd, start, end) for start, end in ranges]
+        try:
+            for future, (pos, end) in zip(futures, ranges, strict=True):
+                future.result()
+                while pos < end:
+                    n = os.preadv(fd, [buf[: min(CHUNK, end - pos)]], pos)
+                    if n <= 0:
+                        raise StoreError(f"{dest}: bytes from {pos} missing after they were written")
+                    h.update(buf[:n])
+                    pos += n
+        finally:
+            for future in futures:
+                future.cancel()
+        return h.hexdigest(), os.fstat(fd).st_size
+
+
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def stat_signature(p: Path) -> list[int]:
@@ -238,13 +274,12 @@ class Store:
     def fetch(self, key: str, sha256: str, size: int | None = None) -> Path:
         """A verified local copy of ``key`` in the sha256-keyed cache; returns its path.
 
-        A miss streams the object once into the cache, hashing the bytes as they pass (no second
-        pass), and raises :class:`IntegrityError` naming the file and both hashes (or sizes) on a
-        mismatch; nothing is left in the cache then. A hit rests on content, not on the name: when
-        a blob is verified its :func:`stat_signature` is recorded beside
-        it, and a hit whose signature differs (the file was written, touched, replaced or
-        hard-linked since) is re-hashed; a blob that no longer matches is dropped and downloaded
-        again. Re-hashing every hit would cost a full read of the file each time.
+        A miss streams the object once into the cache, hashed as it lands (no second read), and
+        raises :class:`IntegrityError` naming the file and both hashes (or sizes) on a mismatch;
+        nothing is left in the cache then. A hit rests on content, not on the name: a verified
+        blob's :func:`stat_signature` is recorded beside it, and a hit whose signature differs
+        (written, touched, replaced or hard-linked since) is re-hashed; a blob that no longer
+        matches is dropped and downloaded again. An unchanged hit is not re-read.
         """
         dest = cache_dir() / "blobs" / sha256[:2] / sha256
         if _cache_hit(dest, sha256, size):

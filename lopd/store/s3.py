@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from lopd.store.base import NotFound, ObjectInfo, Store, StoreError, clean_key
+from lopd.store.base import CHUNK, NotFound, ObjectInfo, Store, StoreError, clean_key, fill_hashing, pwrite_all
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,29 @@ class S3Store(Store):
             tmp.unlink(missing_ok=True)
 
     def _stream_into(self, key: str, dest: Path) -> tuple[str, int]:
-        return self._transfer("download of", key, lambda: super(S3Store, self)._stream_into(key, dest))
+        return self._transfer("download of", key, lambda: self._ranged_into(key, dest))
+
+    def _ranged_into(self, key: str, dest: Path) -> tuple[str, int]:
+        """Download ``key`` into ``dest`` as parallel ranged GETs (``LOPD_S3_CONCURRENCY`` at a time,
+        ``LOPD_S3_PART_MB`` each) while this thread hashes the file in order behind them
+        (:func:`fill_hashing`: the hash overlaps the download instead of following it, and covers
+        the bytes of ``dest`` itself); returns its sha256 and size. A range that comes back short
+        fails the transfer; an object replaced meanwhile fails the caller's hash check."""
+        full = self._key(key)
+        size = self.client.head_object(Bucket=self.bucket, Key=full)["ContentLength"]
+
+        def fill(fd: int, start: int, end: int) -> None:
+            body = self.client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes={start}-{end - 1}")["Body"]
+            pos = start
+            while pos < end and (chunk := body.read(min(CHUNK, end - pos))):
+                pwrite_all(fd, chunk, pos)
+                pos += len(chunk)
+            body.close()
+            if pos != end:
+                raise StoreError(f"download of {self.url(key)} failed: bytes {start}-{end - 1} came back short")
+
+        cfg = transfer_config()
+        return fill_hashing(dest, size, fill, cfg.multipart_chunksize, cfg.max_concurrency)
 
     def open(self, key: str) -> IO[bytes]:
         try:

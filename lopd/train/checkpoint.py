@@ -4,19 +4,27 @@ A resumable checkpoint is a directory published under ``<stage prefix>/checkpoin
 (manifest last) holding:
 
 - ``model.safetensors`` + ``config.json`` + tokenizer: the full fp32 weights (a valid HF model);
-- ``optimizer.safetensors``: AdamW ``exp_avg`` / ``exp_avg_sq`` per parameter name, gathered
-  from the ZeRO partitions (any stage) with DeepSpeed's tensor-fragment API;
+  in a bf16 run these are the optimizer's fp32 master weights, not the bf16 copy the model runs;
+- ``optimizer.safetensors``: AdamW ``exp_avg`` / ``exp_avg_sq`` per parameter name;
 - ``state.json``: step, optimizer step count and the trainer's own JSON state (metrics so far);
 - its manifest records the recipe's sha256 and, in its lineage, ``base_fingerprint``: the
   fingerprint of the model the run started from.
 
+Weights and moments are full tensors by parameter name, gathered from and scattered back to
+the ZeRO partitions (any stage) with DeepSpeed's tensor-fragment API (``safe_get/set_full_*``;
+under ZeRO-0 the torch optimizer's own tensors: the parameters in fp32, DeepSpeed's fp32
+copies in bf16), so a checkpoint resumes on any number of ranks.
+
 A checkpoint is resumed only by the run that made it (:func:`check_resumable`): the same base
 model and the same recipe; anything else is refused, and ``--force`` starts over.
 
-Resuming loads the weights into the model *before* DeepSpeed wraps it, then scatters the
-optimizer state back with the same API, so a killed run continues bit-for-bit (same data
-order, same schedule, same Adam moments and step count). Nothing read from a store is
-unpickled (safetensors and JSON only).
+Resuming loads the weights into the model (in the training dtype) *before* DeepSpeed wraps it,
+then :func:`restore` writes the saved fp32 weights into the optimizer's fp32 master copies
+(which DeepSpeed builds from the bf16 weights: without this a bf16 run would resume from its
+weights rounded to bf16, losing every update below bf16 resolution) and the Adam moments and
+step count. A killed run continues bit-for-bit, in fp32 and in bf16 (same data order, same
+schedule, same master weights and Adam state). Nothing read from a store is unpickled
+(safetensors and JSON only).
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lopd import LopdError
 from lopd.layout import checkpoint_prefix, checkpoint_step, checkpoints_prefix
@@ -51,29 +60,62 @@ def _inner_optimizer(engine) -> torch.optim.Optimizer:
     return opt.optimizer if hasattr(opt, "optimizer") else opt
 
 
-def _full_param(p: torch.nn.Parameter) -> torch.Tensor:
+def _partitioned(p: torch.nn.Parameter) -> bool:
+    """Whether DeepSpeed's tensor-fragment API owns ``p``'s fp32 copy (ZeRO 1-3, bf16 optimizer)."""
+    return hasattr(p, "_hp_mapping") or hasattr(p, "ds_id")
+
+
+def _masters(engine) -> dict[int, torch.Tensor]:
+    """ZeRO-0 in bf16: model parameter id → the fp32 copy DeepSpeed's optimizer wrapper updates
+    (and keys the Adam state by). Empty in fp32, where the torch optimizer updates the parameter."""
+    opt = engine.optimizer
+    if not (hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups")):
+        return {}
+    return {id(lp): hp for lg, hg in zip(opt.fp16_groups, opt.fp32_groups, strict=True)
+            for lp, hp in zip(lg, hg, strict=True)}
+
+
+def _link_optimizer_state(engine) -> None:
+    """ZeRO 1-2: point every parameter's fragment mapping at its group's Adam state. DeepSpeed
+    links them once, after stepping the first of several parameter groups, when the other
+    groups' state does not exist yet; linking again (views, no copies) once it does fixes that."""
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+    opt = engine.optimizer
+    if not (hasattr(opt, "bit16_groups") and hasattr(opt, "single_partition_of_fp32_groups")):
+        return
+    state = _inner_optimizer(engine).state
+    for lps, hp in zip(opt.bit16_groups, opt.single_partition_of_fp32_groups, strict=True):
+        if hp in state:
+            lazy_init_hp_params_optimizer_state(lps, hp, state)
+
+
+def _full_param(p: torch.nn.Parameter, masters: dict[int, torch.Tensor]) -> torch.Tensor:
     from deepspeed.utils import safe_get_full_fp32_param
 
-    v = safe_get_full_fp32_param(p)
-    return (v if v is not None else p.data).detach().float().cpu().clone()
+    v = safe_get_full_fp32_param(p) if _partitioned(p) else masters.get(id(p), p)
+    return v.detach().float().cpu().clone()
 
 
-def _full_state(engine, p: torch.nn.Parameter, key: str) -> torch.Tensor | None:
+def _full_state(engine, p: torch.nn.Parameter, key: str, masters: dict[int, torch.Tensor]) -> torch.Tensor | None:
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    v = safe_get_full_optimizer_state(p, key)
-    if v is None:  # ZeRO-0: the torch optimizer holds the parameter itself
-        v = engine.optimizer.state.get(p, {}).get(key)
+    if _partitioned(p):
+        v = safe_get_full_optimizer_state(p, key)
+    else:  # ZeRO-0: the torch optimizer holds the parameter (fp32) or its fp32 copy (bf16)
+        v = _inner_optimizer(engine).state.get(masters.get(id(p), p), {}).get(key)
     return None if v is None else v.detach().float().cpu().clone()
 
 
 def gather_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Full fp32 weights and Adam moments by parameter name (collective: call on every rank)."""
+    """Full fp32 (master) weights and Adam moments by parameter name (collective: call on every rank)."""
     weights, moments = {}, {}
+    masters = _masters(engine)
+    _link_optimizer_state(engine)
     for name, p in _names(engine):
-        weights[name] = _full_param(p)
+        weights[name] = _full_param(p, masters)
         for k in ADAM_KEYS:
-            v = _full_state(engine, p, k)
+            v = _full_state(engine, p, k, masters)
             if v is not None:
                 moments[f"{name}::{k}"] = v
     return weights, moments
@@ -171,28 +213,46 @@ def _prime_optimizer(engine) -> None:
     engine.step()
 
 
-def restore_optimizer(engine, ckpt_dir: Path) -> dict[str, Any]:
-    """Scatter the saved Adam moments and step count into the (already built) engine; returns
-    ``state.json``. The weights must already have been loaded from ``ckpt_dir`` before wrapping."""
-    from deepspeed.utils import safe_set_full_optimizer_state
+def restore(engine, ckpt_dir: Path) -> dict[str, Any]:
+    """Write the checkpoint's fp32 weights into the optimizer's master copies (and the model's
+    own weights, except ZeRO-3 partitions), and its Adam moments and step count, into the
+    already built engine; returns ``state.json``. The model must have been loaded from
+    ``ckpt_dir`` before wrapping (ZeRO-3 partitions its weights as it wraps them)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     state = json.loads((ckpt_dir / "state.json").read_text())
-    moments = load_file(str(ckpt_dir / "optimizer.safetensors"))
-    zero0 = not any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for _, p in _names(engine))
-    if not zero0:
+    names = _names(engine)
+    partitioned = any(_partitioned(p) for _, p in names)
+    if partitioned:
         _prime_optimizer(engine)
+        _link_optimizer_state(engine)
+    masters = _masters(engine)
     inner = _inner_optimizer(engine)
-    for name, p in _names(engine):
-        for k in ADAM_KEYS:
-            v = moments.get(f"{name}::{k}")
-            if v is None:
-                continue
-            if zero0:
-                inner.state[p][k] = v.to(p.device, p.dtype).view_as(p).clone()
-            else:
-                safe_set_full_optimizer_state(p, v.to(p.device), k)
+    weights_file, moments_file = ckpt_dir / "model.safetensors", ckpt_dir / "optimizer.safetensors"
+    with safe_open(str(weights_file), "pt") as fw, safe_open(str(moments_file), "pt") as fm:
+        have, saved = set(fw.keys()), set(fm.keys())
+        for name, p in names:
+            if name not in have:
+                raise ResumeError(f"{weights_file}: no weight {name!r} for this model; refusing to resume")
+            w = fw.get_tensor(name).to(p.device)
+            hp = masters.get(id(p), p)
+            with torch.no_grad():
+                if partitioned:
+                    safe_set_full_fp32_param(p, w)
+                if not hasattr(p, "ds_id"):  # ZeRO 0-2 keep the full weights in the model
+                    p.data.copy_(w.view_as(p))
+                if hp is not p:  # ZeRO-0 in bf16: DeepSpeed's fp32 copy
+                    hp.data.copy_(w.view_as(hp))
+            for k in ADAM_KEYS:
+                if f"{name}::{k}" not in saved:
+                    continue
+                v = fm.get_tensor(f"{name}::{k}").to(p.device)
+                if partitioned:
+                    safe_set_full_optimizer_state(p, v, k)
+                else:
+                    inner.state[hp][k] = v.to(hp.dtype).view_as(hp).clone()
     step = float(state["adam_step"])
-    params = [p for _, p in _names(engine)] if zero0 else list(inner.state.keys())
+    params = list(inner.state.keys()) if partitioned else [masters.get(id(p), p) for _, p in names]
     for p in params:
         st = inner.state[p]
         st["step"] = torch.tensor(step) if not isinstance(st.get("step"), (int, float)) else step

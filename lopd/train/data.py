@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lopd import LopdError
+from lopd.data.chat import ChatFormatError, sft_target
 from lopd.data.schemas import PRECOMPUTE, SFT_DATA
 from lopd.layout import manifest_key
 from lopd.manifest import FileEntry, Manifest, ManifestError, read_manifest
@@ -27,6 +28,7 @@ from lopd.store import Store
 from lopd.train.packing import Seq
 
 LOGPROB_COLUMNS = ("teacher_logprobs", "rollout_logprobs")
+OPTIONAL_PRECOMPUTE_COLUMNS = ("finish_reason",)  # absent from data written before it was recorded
 POSITIVE_TOL = 1e-4  # log-probs above this are not log-probs
 
 
@@ -44,6 +46,9 @@ class OpdSample:
     response_ids: np.ndarray
     teacher_logprobs: np.ndarray
     rollout_logprobs: np.ndarray
+    finish_reason: str | None = None
+    """"stop" or "length" (truncated at max_tokens; nothing follows the cut, so nothing is masked);
+    None for data written without the column."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
@@ -88,8 +93,10 @@ def open_precompute(store: Store, prefix: str, allow_inconsistent_teacher: bool)
     return m, sha
 
 
-def _check_schema(schema: pa.Schema, want: pa.Schema, where: str) -> None:
+def _check_schema(schema: pa.Schema, want: pa.Schema, where: str, optional: tuple[str, ...] = ()) -> None:
     for f in want:
+        if f.name not in schema.names and f.name in optional:
+            continue
         if f.name not in schema.names:
             raise TrainDataError(f"{where}: column {f.name!r} is missing")
         got = schema.field(f.name).type
@@ -98,17 +105,18 @@ def _check_schema(schema: pa.Schema, want: pa.Schema, where: str) -> None:
             raise TrainDataError(f"{where}: column {f.name!r} has type {got}, expected {f.type}")
 
 
-def _batches(store: Store, prefix: str, m: Manifest, schema: pa.Schema, columns: list[str]
-             ) -> Iterator[tuple[str, int, dict[str, list]]]:
+def _batches(store: Store, prefix: str, m: Manifest, schema: pa.Schema, columns: list[str],
+             optional: tuple[str, ...] = ()) -> Iterator[tuple[str, int, dict[str, list]]]:
     """Record batches of every data file, each read from a local copy verified against the
     manifest's sha256 and size before any row is used (:meth:`Store.open_verified`)."""
     for f in data_entries(m):
         where = store.url(f"{prefix}/{f.path}")
         with store.open_verified(f"{prefix}/{f.path}", f.sha256, f.bytes) as fh:
             pf = pq.ParquetFile(fh)
-            _check_schema(pf.schema_arrow, schema, where)
+            _check_schema(pf.schema_arrow, schema, where, optional)
+            cols = [c for c in columns if c in pf.schema_arrow.names or c not in optional]
             row0 = 0
-            for rb in pf.iter_batches(batch_size=1024, columns=columns):
+            for rb in pf.iter_batches(batch_size=1024, columns=cols):
                 yield where, row0, rb.to_pydict()
                 row0 += rb.num_rows
 
@@ -142,20 +150,25 @@ def validate_opd_row(row: dict[str, Any], where: str, vocab_size: int | None = N
             i = int(np.argmax(lp > POSITIVE_TOL))
             raise TrainDataError(f"{ctx}: column {col}: positive log-prob {lp[i]:.4g} at token {i}")
         lps[col] = lp
+    finish = row.get("finish_reason")
+    if finish is not None and finish not in ("stop", "length"):
+        raise TrainDataError(f"{ctx}: column finish_reason: {finish!r} is not 'stop' or 'length'")
     return OpdSample(str(pid), int(row.get("sample_index") or 0), prompt, resp,
-                     lps["teacher_logprobs"], lps["rollout_logprobs"])
+                     lps["teacher_logprobs"], lps["rollout_logprobs"], finish)
 
 
 def load_opd_samples(store: Store, prefix: str, m: Manifest, max_seq_len: int,
                      vocab_size: int | None = None) -> tuple[list[OpdSample], int]:
     """Stream and validate every precompute row; returns (samples, number skipped as too long)."""
-    cols = ["prompt_id", "sample_index", "prompt_token_ids", "response_token_ids", *LOGPROB_COLUMNS]
+    cols = ["prompt_id", "sample_index", "prompt_token_ids", "response_token_ids", *LOGPROB_COLUMNS,
+            *OPTIONAL_PRECOMPUTE_COLUMNS]
     out, skipped = [], 0
     seen: dict[tuple[str, int], tuple[str, int]] = {}
-    for where, row0, batch in _batches(store, prefix, m, PRECOMPUTE, cols):
+    for where, row0, batch in _batches(store, prefix, m, PRECOMPUTE, cols, OPTIONAL_PRECOMPUTE_COLUMNS):
         n = len(batch["prompt_id"])
         for i in range(n):
-            s = validate_opd_row({c: batch[c][i] for c in cols}, f"{where}: row {row0 + i}", vocab_size)
+            s = validate_opd_row({c: batch[c][i] for c in cols if c in batch}, f"{where}: row {row0 + i}",
+                                 vocab_size)
             _unique(seen, (s.prompt_id, s.sample_index), f"{where}: row {row0 + i}", "(prompt_id, sample_index)")
             if len(s) > max_seq_len:
                 skipped += 1
@@ -181,18 +194,26 @@ def _unique(seen: dict, key: Any, where: str, what: str, limit: int = 1) -> None
 # --------------------------------------------------------------------------- SFT data
 
 
-def encode_sft_row(tokenizer, messages: list[dict], max_seq_len: int, where: str) -> Seq:
-    """Chat-template a conversation; targets = the assistant tokens (``{% generation %}`` mask)."""
+def encode_sft_row(tokenizer, messages: list[dict], max_seq_len: int, where: str,
+                   enable_thinking: bool | None = None, finished: bool = True) -> Seq:
+    """Chat-template a conversation; targets = its last assistant turn, through the end-of-turn
+    token when the answer ``finished`` (:func:`lopd.data.chat.sft_target`: the ``{% generation %}``
+    markers when the template has them, else the tokens after the prompt's rendering); nothing
+    after the target is kept. Longer than ``max_seq_len``: truncated."""
     if not messages or not any(msg.get("role") == "assistant" for msg in messages):
         raise TrainDataError(f"{where}: column messages: no assistant turn")
-    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True)
-    ids = np.asarray(enc["input_ids"], np.int64)[:max_seq_len]
-    mask = np.asarray(enc["assistant_masks"], bool)[:max_seq_len]
+    try:
+        ids, start, end = sft_target(tokenizer, messages, enable_thinking, finished)
+    except ChatFormatError as e:
+        raise TrainDataError(f"{where}: column messages: {e}") from None
+    tokens = np.asarray(ids[:end], np.int64)[:max_seq_len]
+    mask = np.zeros(end, bool)
+    mask[start:end] = True
+    mask = mask[:max_seq_len]
     mask[0] = False
     if not mask.any():
         raise TrainDataError(f"{where}: column messages: no assistant tokens within max_seq_len={max_seq_len}")
-    return Seq(ids, mask)
+    return Seq(tokens, mask)
 
 
 def samples_per_prompt(m: Manifest) -> int:
@@ -206,29 +227,47 @@ def samples_per_prompt(m: Manifest) -> int:
     return 1
 
 
-def load_sft_seqs(store: Store, prefix: str, tokenizer, max_seq_len: int) -> tuple[list[Seq], Manifest, str]:
+def load_sft_seqs(store: Store, prefix: str, tokenizer, max_seq_len: int, truncated: str = "drop"
+                  ) -> tuple[list[Seq], Manifest, str, dict[str, int]]:
     """Read the sft-data stage (via its manifest) into tokenised sequences, sorted by prompt id.
 
-    Each file is verified against the manifest before use; an empty dataset and a prompt id with
-    more rows than the teacher sampled per prompt (:func:`samples_per_prompt`) are refused."""
+    Prompts are rendered with the ``enable_thinking`` the teacher was sampled with (the manifest's
+    lineage). Answers that stopped on the length limit (``finish_reason`` ``length``) are dropped
+    (``truncated="drop"``) or trained on without an end-of-turn target (``"mask"``); the counts
+    are returned as ``{"truncated_dropped": …, "truncated_masked": …}``. Each file is verified
+    against the manifest before use; an empty dataset and a prompt id with more rows than the
+    teacher sampled per prompt (:func:`samples_per_prompt`) are refused."""
     try:
         m, sha = read_manifest(store, prefix)
     except ManifestError as e:
         raise TrainDataError(f"SFT data: {e}") from None
     if not data_files(m):
         raise TrainDataError(f"{store.url(prefix)}: the SFT data manifest lists no parquet files")
+    thinking = m.lineage.get("enable_thinking")
     rows = []
+    counts = {"truncated_dropped": 0, "truncated_masked": 0}
     seen: dict[str, tuple[str, int]] = {}
     per_prompt = samples_per_prompt(m)
-    for where, row0, batch in _batches(store, prefix, m, SFT_DATA, ["prompt_id", "messages"]):
-        for i, (pid, msgs) in enumerate(zip(batch["prompt_id"], batch["messages"], strict=True)):
-            _unique(seen, str(pid), f"{where}: row {row0 + i}", "prompt_id", per_prompt)
-            rows.append((str(pid), encode_sft_row(tokenizer, msgs or [], max_seq_len,
-                                                  f"{where}: row {row0 + i} (prompt_id={pid!r})")))
-    if not rows:
+    for where, row0, batch in _batches(store, prefix, m, SFT_DATA, ["prompt_id", "messages", "finish_reason"]):
+        for i, (pid, msgs, fin) in enumerate(zip(batch["prompt_id"], batch["messages"], batch["finish_reason"],
+                                                 strict=True)):
+            at = f"{where}: row {row0 + i}"
+            _unique(seen, str(pid), at, "prompt_id", per_prompt)
+            if fin not in ("stop", "length"):
+                raise TrainDataError(f"{at} (prompt_id={pid!r}): column finish_reason: {fin!r} (stop or length)")
+            if fin == "length":
+                counts["truncated_masked" if truncated == "mask" else "truncated_dropped"] += 1
+                if truncated != "mask":
+                    continue
+            rows.append((str(pid), encode_sft_row(tokenizer, msgs or [], max_seq_len, f"{at} (prompt_id={pid!r})",
+                                                  thinking, finished=fin == "stop")))
+    if not seen:
         raise TrainDataError(f"{store.url(prefix)}: the published SFT data holds no rows")
+    if not rows:
+        raise TrainDataError(f"{store.url(prefix)}: no usable rows (all {counts['truncated_dropped']} stopped on "
+                             "the length limit; sft.truncated: mask trains on them)")
     rows.sort(key=lambda r: r[0])
-    return [s for _, s in rows], m, sha
+    return [s for _, s in rows], m, sha, counts
 
 
 # --------------------------------------------------------------------------- batches

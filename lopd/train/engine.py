@@ -1,8 +1,10 @@
 """DeepSpeed setup from the recipe, and the micro-batch accumulation step shared by SFT and OPD.
 
-- ZeRO stage 0-3 from ``train.zero_stage``; bf16 on GPU, fp32 on CPU; NCCL on GPU, gloo on CPU.
-- The optimizer is torch's AdamW (the recipe's betas / eps / weight decay) handed to DeepSpeed;
-  the learning rate is set by :func:`lr_at` before every optimizer step (so a resumed run
+- ZeRO stage 0-3 from ``train.zero_stage``; bf16 on GPU, fp32 on CPU (:func:`train_dtype`; a model
+  loaded in bf16 trains in bf16 anywhere, DeepSpeed keeping fp32 master weights); NCCL on GPU, gloo on CPU.
+- The optimizer is torch's AdamW (the recipe's betas / eps / weight decay) handed to DeepSpeed, with
+  norm weights and biases in a group without weight decay unless ``optim.decay_norms_and_biases``
+  (:func:`param_groups`); the learning rate is set by :func:`lr_at` before every optimizer step (so a resumed run
   continues the schedule exactly), gradient clipping is DeepSpeed's ``gradient_clipping``.
 - Gradient accumulation is caller-driven: each rank runs the same number of micro-batches per
   step (padding with dummy ones) with the same number of LM-head chunks each (padding with empty
@@ -64,8 +66,8 @@ def train_dtype() -> torch.dtype:
     return torch.bfloat16 if on_gpu() else torch.float32
 
 
-def ds_config(train: TrainConfig, optim: OptimConfig) -> dict:
-    """The DeepSpeed config dict for this recipe section."""
+def ds_config(train: TrainConfig, optim: OptimConfig, bf16: bool | None = None) -> dict:
+    """The DeepSpeed config dict for this recipe section; ``bf16`` defaults to :func:`on_gpu`."""
     zero: dict = {"stage": train.zero_stage}
     if train.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=0)
@@ -74,7 +76,7 @@ def ds_config(train: TrainConfig, optim: OptimConfig) -> dict:
         "gradient_accumulation_steps": 1,  # we set the boundary ourselves (variable micro-batch count)
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": on_gpu()},
+        "bf16": {"enabled": on_gpu() if bf16 is None else bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -127,19 +129,41 @@ def lockstep_plan(engine, micro_batches: list[MicroBatch]) -> list[int]:
     return [int(c) for c in all_reduce(local, "max")]
 
 
+def _no_decay(module: torch.nn.Module, name: str) -> bool:
+    return name == "bias" or "norm" in type(module).__name__.lower()
+
+
+def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
+    """AdamW parameter groups: weights decayed by ``optim.weight_decay``, and norm weights (any
+    module whose class name contains "Norm": RMSNorm / LayerNorm, Qwen3's ``q_norm`` / ``k_norm``)
+    and biases in a group with no decay; one group decaying everything when
+    ``optim.decay_norms_and_biases``. Each parameter once (tied weights included), empty groups dropped."""
+    owner = {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            owner.setdefault(id(p), (module, name))
+    decay, keep = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (keep if not optim.decay_norms_and_biases and _no_decay(*owner[id(p)]) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def build_engine(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig, chunk_size: int = 1024):
-    """Wrap ``model`` (an HF causal LM) in a DeepSpeed engine with AdamW; returns the engine
-    (``engine.module.lm`` is the HF model)."""
+    """Wrap ``model`` (an HF causal LM) in a DeepSpeed engine with AdamW (:func:`param_groups`);
+    bf16 when the model's weights are bf16, else fp32. Returns the engine (``engine.module.lm`` is
+    the HF model)."""
     import deepspeed
 
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # from_pretrained gives eval mode, where HF layers skip gradient checkpointing (dropout is 0)
     model.config.use_cache = False
-    opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                            weight_decay=optim.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
     engine, *_ = deepspeed.initialize(model=LogprobModel(model, chunk_size), optimizer=opt,
-                                      config=ds_config(train, optim))
+                                      config=ds_config(train, optim, bf16))
     return engine
 
 

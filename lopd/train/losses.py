@@ -31,20 +31,23 @@ def _up(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Reference (unchunked) per-token log-probs: ``log_softmax(logits)[..., targets]``.
+def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Reference (unchunked) per-token log-probs: ``log_softmax(logits / T)[..., targets]``.
 
     Args: logits ``[..., V]`` (any dtype), targets ``[...]`` int64. Returns float32 ``[...]``.
     Materialises ``[..., V]`` float32; use :func:`chunked_logprobs` on long sequences.
     """
-    logits = _up(logits)
+    logits = _up(logits) / temperature
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def _chunk_stats(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
-                 targets: torch.Tensor) -> torch.Tensor:
-    """``[n, 2]`` float32 (log p(target), entropy) for one chunk; logits live only inside."""
+                 targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``[n, 2]`` float32 (log p(target), entropy) for one chunk of ``softmax(logits / T)``;
+    logits live only inside."""
     logits = _up(head(hidden))
+    if temperature != 1.0:
+        logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     probs = torch.softmax(logits, dim=-1)
@@ -59,8 +62,11 @@ def chunk_count(num_positions: int, chunk_size: int) -> int:
 
 def chunked_logprobs(hidden: torch.Tensor, head: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
                      targets: torch.Tensor, chunk_size: int = 1024,
-                     num_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_chunks: int | None = None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies through the LM head, ``chunk_size`` positions at a time.
+
+    ``temperature`` ``T``: of ``softmax(logits / T)`` (1 = the model's own distribution; online
+    OPD trains at its sampling temperature, ``opd.online.train_temperature``).
 
     Args: hidden ``[N, H]`` final hidden states at the positions that predict ``targets``,
     head the LM head: a weight ``[V, H]`` or a module/callable ``[n, H] -> [n, V]`` (a module
@@ -91,14 +97,16 @@ def chunked_logprobs(hidden: torch.Tensor, head: torch.Tensor | Callable[[torch.
     outs = []
     for start in starts:
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        outs.append(checkpoint(_chunk_stats, h, fn, t, use_reentrant=False) if grad else _chunk_stats(h, fn, t))
+        outs.append(checkpoint(_chunk_stats, h, fn, t, temperature, use_reentrant=False) if grad
+                    else _chunk_stats(h, fn, t, temperature))
     stats = torch.cat(outs, dim=0)
     return stats[:, 0], stats[:, 1]
 
 
 def model_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
                    targets: torch.Tensor, select: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   chunk_size: int = 1024, num_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_size: int = 1024, num_chunks: int | None = None,
+                   temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (and entropies) of ``targets`` at the ``select``-ed positions of a causal LM.
 
     Args: input_ids / position_ids / targets / select ``[B, L]`` (select bool: positions whose
@@ -106,12 +114,22 @@ def model_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids
     transformers turns into a block-diagonal causal mask), optional attention_mask ``[B, L]``
     for padded rows. Returns float32 ``[N]`` each, N = ``select.sum()``, in row-major order.
     Runs the decoder body, then :func:`chunked_logprobs` on the selected hidden states only
-    (``num_chunks``: at least that many LM-head calls, see there).
+    (``num_chunks``: at least that many LM-head calls, see there). ``temperature``: the logits are
+    divided by it; None = the model's ``LOGIT_TEMPERATURE_ATTR`` attribute when set (online OPD sets
+    it on the model it trains, so every forward through the training engine is tempered), else 1.
     """
+    if temperature is None:
+        temperature = float(getattr(model, LOGIT_TEMPERATURE_ATTR, None) or 1.0)
     out = model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                       use_cache=False)
     hidden = out.last_hidden_state[select]
-    return chunked_logprobs(hidden, model.get_output_embeddings(), targets[select], chunk_size, num_chunks)
+    return chunked_logprobs(hidden, model.get_output_embeddings(), targets[select], chunk_size, num_chunks,
+                            temperature)
+
+
+LOGIT_TEMPERATURE_ATTR = "lopd_logit_temperature"
+"""Attribute of a causal LM module: the temperature :func:`model_logprobs` divides its logits by
+(a plain Python attribute: never saved with the checkpoint)."""
 
 
 # --------------------------------------------------------------------------- OPD

@@ -3,6 +3,13 @@
 It mirrors :class:`lopd.train.online.OnlineSource` (same attributes and methods), so the opd
 stage reads the same in both modes: resolve the source, build the engine from its student,
 attach it, take each step's mini-batches from it, publish its inputs and lineage.
+
+The stored ``rollout_logprobs`` are the SFT student's raw (temperature-1) log-probs (precompute's
+lineage: ``rollout_logprobs: raw`` and the sampling parameters). They are the sampling
+distribution's only when the rollouts were sampled at temperature 1 and top-p 1, so importance
+weights and the KL-to-SFT guard, which compare them with the current policy's raw log-probs, are
+refused for rollouts sampled otherwise (:func:`check_rollout_logprobs`). Rollouts cut at
+``max_tokens`` (``finish_reason: length``) are kept as they are and counted (``truncated_rollouts``).
 """
 
 from __future__ import annotations
@@ -12,6 +19,32 @@ from lopd.layout import stage_prefix
 from lopd.manifest import InputRef
 from lopd.train.data import OpdSample, TrainDataError, global_batch_indices, load_opd_samples, open_precompute
 from lopd.train.opd import split_minis
+
+
+def check_rollout_logprobs(cfg, lineage: dict, fallback_sampling=None, where: str = "precompute") -> None:
+    """Refuse importance weights / ``kl_coef > 0`` when the stored rollout log-probs are not the
+    sampling distribution's: raw log-probs of rollouts sampled with temperature != 1 or top-p < 1.
+    ``lineage``: the precompute manifest's; ``fallback_sampling``: the recipe's
+    ``precompute.sampling``, for data whose lineage predates the record (None: not checked)."""
+    uses = [k for k, on in (("opd.importance_weights.enabled", cfg.importance_weights.enabled),
+                            ("opd.kl_coef", cfg.kl_coef > 0)) if on]
+    if not uses:
+        return
+    kind = lineage.get("rollout_logprobs", "raw")
+    sp = lineage.get("sampling")
+    if sp is None and fallback_sampling is not None:
+        sp = fallback_sampling.model_dump()
+    if sp is None or kind != "raw":
+        if kind != "raw":
+            raise TrainDataError(f"{where}: lineage.rollout_logprobs is {kind!r}; {' and '.join(uses)} need raw "
+                                 "log-probs")
+        return
+    t, top_p = float(sp.get("temperature", 1.0)), float(sp.get("top_p", 1.0))
+    if t != 1.0 or top_p < 1.0:
+        raise TrainDataError(
+            f"{' and '.join(uses)}: the rollouts were sampled at precompute.sampling.temperature={t:g}, "
+            f"top_p={top_p:g} but rollout_logprobs are raw temperature-1 log-probs, not the sampling "
+            "distribution's; set precompute.sampling.temperature: 1 and top_p: 1, or disable them")
 
 
 class OfflineSource:
@@ -31,6 +64,9 @@ class OfflineSource:
         recipe, cfg = run.recipe, run.section
         prefix = (cfg.rollouts or stage_prefix(recipe.run_id, "precompute")).strip("/")
         m, sha = open_precompute(run.store, prefix, recipe.allow_inconsistent_teacher)
+        own = cfg.rollouts is None and recipe.precompute is not None
+        check_rollout_logprobs(cfg, m.lineage, recipe.precompute.sampling if own else None,
+                               run.store.url(prefix))
         ref = cfg.student or m.lineage.get("student") or run.store.url(stage_prefix(recipe.run_id, "sft"))
         student = stage.resolve_model(ref, "opd.student")
         sampled_by = m.lineage.get("student_fingerprint")
@@ -44,10 +80,15 @@ class OfflineSource:
         stage.log("data", stage=run.stage, rows=len(samples), skipped_too_long=skipped, uri=run.store.url(prefix))
         inputs = {"student": student.input_ref(),
                   "precompute": InputRef(uri=run.store.url(prefix), manifest_sha256=sha)}
-        keep = ("teacher_fingerprint", "sft_teacher_fingerprint", "teacher_consistent", "allow_inconsistent_teacher")
+        keep = ("teacher_fingerprint", "sft_teacher_fingerprint", "teacher_consistent", "allow_inconsistent_teacher",
+                "rollout_logprobs", "sampling")
         lineage = {**{k: m.lineage.get(k) for k in keep}, "student_fingerprint": student.fingerprint,
                    "mode": "offline"}
-        return cls(run, student, samples, inputs, lineage, {"rows": len(samples), "skipped_too_long": skipped})
+        truncated = sum(s.finish_reason == "length" for s in samples)
+        stage.log("rollouts", stage=run.stage, truncated=truncated,
+                  without_finish_reason=sum(s.finish_reason is None for s in samples))
+        return cls(run, student, samples, inputs, lineage, {"rows": len(samples), "skipped_too_long": skipped,
+                                                            "truncated_rollouts": truncated})
 
     def attach(self, run) -> None:
         """Start the gradient diagnostic, when the recipe asks for it (after the engine exists)."""

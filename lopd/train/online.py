@@ -2,19 +2,23 @@
 
 Per step: push the trainer's current weights into the sampler (an inference backend behind
 :class:`lopd.inference.base.Backend`; vLLM reloads them layer by layer into its live engine,
-as slime and verl do; the hf backend copies them into its parameters) → sample one rollout per
-prompt of this rank's share of the step's prompts → the teacher scores every response token
-(in-process with the chunked log-prob function, or a vLLM server's ``prompt_logprobs``) → the
-same :func:`lopd.train.opd.opd_step` as offline mode.
+as slime and verl do; the hf backend copies them into its parameters) → sample
+``sampling.n`` rollouts per prompt of this rank's share of the step's ``global_batch / n``
+prompts (``train.global_batch`` counts sequences) → the teacher scores every response token
+(in-process with the chunked log-prob function, or a vLLM server's ``prompt_logprobs``: raw,
+temperature-1 log-probs) → the same :func:`lopd.train.opd.opd_step` as offline mode.
+
+The sampler returns the log-probs of the distribution it sampled from (``processed`` when the
+sampling is tempered), and the trained student's logits are divided by ``train_temperature`` in
+every training forward, so with ``train_temperature`` equal to the sampling temperature and top-p
+1 the stored rollout log-probs and the trainer's are of the same distribution (importance
+weights are refused otherwise). Rollouts cut at ``max_tokens`` are kept and counted per step
+(``truncated``).
 """
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,102 +31,14 @@ from lopd.lineage import check_teacher_consistency
 from lopd.manifest import InputRef
 from lopd.recipe import SamplingConfig
 from lopd.train.data import OpdSample, global_batch_indices, rank_share
-from lopd.train.engine import device
-from lopd.train.losses import model_logprobs
+from lopd.train.engine import all_reduce
+from lopd.train.losses import LOGIT_TEMPERATURE_ATTR
 from lopd.train.opd import split_minis
-from lopd.train.packing import Seq, pack
+from lopd.train.teachers import InProcessTeacher, ServerTeacher
 
 
 class OnlineError(LopdError):
     """Online OPD cannot run as configured (no prompts, teacher server errors...)."""
-
-
-# --------------------------------------------------------------------------- teachers
-
-
-class InProcessTeacher:
-    """The teacher as a transformers model in this process; packed, chunked log-probs."""
-
-    def __init__(self, path: Path, chunk: int = 1024, budget: int = 8192):
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if torch.cuda.is_available()
-                                                          else torch.float32).to(device()).eval()
-        self.chunk, self.budget = chunk, budget
-
-    @torch.no_grad()
-    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[np.ndarray]:
-        seqs = []
-        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-            labels = np.zeros(len(p) + len(r), bool)
-            labels[len(p):] = True
-            seqs.append(Seq(np.asarray(p + r, np.int64), labels, i))
-        flat = []
-        for mb in pack(seqs, self.budget):
-            m = mb.to(device())
-            lp, _ = model_logprobs(self.model, m.input_ids, m.position_ids, m.targets, m.select, None, self.chunk)
-            flat.append(lp.float().cpu().numpy())
-        allp = np.concatenate(flat) if flat else np.zeros(0, np.float32)
-        return list(np.split(allp, np.cumsum([len(r) for r in responses])[:-1]))
-
-    def close(self) -> None:
-        self.model = None
-
-
-class ServerTeacher:
-    """The teacher as a vLLM OpenAI-compatible server (``vllm serve`` /
-    ``python -m vllm.entrypoints.openai.api_server``): one ``/v1/completions`` request per call
-    with every prompt+response as a list of token ids, ``prompt_logprobs=0`` and ``max_tokens=1``;
-    vLLM answers log p(token_t | tokens_<t) of every prompt token (the same numbers as its
-    in-process scoring), of which the response part is kept."""
-
-    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0):
-        self.url, self.model, self.timeout = url.rstrip("/"), model, timeout
-
-    def _call(self, path: str, body: dict | None = None):
-        req = urllib.request.Request(f"{self.url}{path}", None if body is None else json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return json.load(r)
-        except urllib.error.HTTPError as e:  # the server's own one-line reason (too long, bad ids...)
-            try:
-                err = json.loads(e.read() or b"{}")
-                msg = err.get("error", {}).get("message") if isinstance(err.get("error"), dict) else err
-            except ValueError:
-                msg = None
-            raise OnlineError(f"opd.online.teacher_url: {self.url}{path}: HTTP {e.code}: {msg or e.reason}") from None
-        except (OSError, ValueError) as e:
-            raise OnlineError(f"opd.online.teacher_url: {self.url}{path}: {e}") from None
-
-    def _model(self) -> str:
-        if self.model is None:
-            data = self._call("/v1/models").get("data") or []
-            if not data:
-                raise OnlineError(f"opd.online.teacher_url: {self.url}/v1/models lists no model")
-            self.model = data[0]["id"]
-        return self.model
-
-    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[np.ndarray]:
-        if not prompts:
-            return []
-        body = {"model": self._model(), "prompt": [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)],
-                "max_tokens": 1, "prompt_logprobs": 0, "temperature": 0.0}
-        choices = sorted(self._call("/v1/completions", body).get("choices") or [], key=lambda c: c["index"])
-        if len(choices) != len(prompts):
-            raise OnlineError(f"opd.online.teacher_url: {self.url} answered {len(choices)} choices for "
-                              f"{len(prompts)} prompts")
-        out = []
-        for c, p, r in zip(choices, prompts, responses, strict=True):
-            entries = (c.get("prompt_logprobs") or [])[len(p):]
-            if len(entries) != len(r):
-                raise OnlineError(f"opd.online.teacher_url: {self.url} returned no prompt_logprobs for choice "
-                                  f"{c['index']} (is it a vLLM server?)")
-            out.append(np.array([e[str(t)]["logprob"] for e, t in zip(entries, r, strict=True)], np.float32))
-        return out
-
-    def close(self) -> None:
-        pass
 
 
 # --------------------------------------------------------------------------- weights
@@ -165,6 +81,23 @@ def push_weights(backend, weights: dict[str, torch.Tensor]) -> None:
 # --------------------------------------------------------------------------- source
 
 
+def check_online_sampling(cfg) -> None:
+    """One-line errors for online settings that cannot be honoured: a global batch that is not
+    whole prompts' samples, and importance weights whose two log-probs are of different
+    distributions (the sampler's at its temperature / top-p, the trainer's at train_temperature)."""
+    sp, n = cfg.online.sampling, cfg.online.sampling.n
+    if cfg.train.global_batch % n:
+        raise OnlineError(f"opd.train.global_batch: {cfg.train.global_batch} sequences is not a multiple of "
+                          f"opd.online.sampling.n={n} samples per prompt")
+    train_t = cfg.online.train_temperature or 1.0
+    if cfg.importance_weights.enabled and (sp.top_p < 1.0 or sp.temperature != train_t):
+        raise OnlineError(
+            f"opd.importance_weights.enabled: online rollouts sampled at opd.online.sampling.temperature="
+            f"{sp.temperature:g}, top_p={sp.top_p:g} cannot be compared with the trainer's log-probs at "
+            f"opd.online.train_temperature={train_t:g}; use top_p: 1 and equal temperatures, or disable them")
+
+
+
 class OnlineSource:
     """Fresh rollouts per step for :func:`lopd.train.opd.opd_step` (mirrors
     :class:`lopd.train.offline.OfflineSource`)."""
@@ -178,6 +111,7 @@ class OnlineSource:
         self.cfg = run.section.online
         self.sampler = self.teacher = None
         self.timings: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
 
     @classmethod
     def from_run(cls, run, student=None) -> OnlineSource:
@@ -195,6 +129,7 @@ class OnlineSource:
         if cfg.kl_coef > 0:
             raise OnlineError("opd.kl_coef: the KL-to-SFT penalty needs the SFT policy's log-probs of fresh "
                               "rollouts, which online mode does not compute; use kl_coef: 0 online")
+        check_online_sampling(cfg)
         if not src:
             raise OnlineError("opd.online.prompts: online mode needs prompts (or precompute.prompts)")
         prompts = sorted(load_prompts(src), key=lambda p: p.prompt_id)
@@ -206,43 +141,51 @@ class OnlineSource:
         """Start the sampler and the teacher (after the engine exists: the sampler gets its weights)."""
         from transformers import AutoTokenizer
 
-        from lopd.inference import load_backend
+        from lopd.inference import load_backend, sampler_logprobs_mode
 
+        if run.section.mode == "online" and self.cfg.train_temperature is not None:
+            setattr(run.engine.module.lm, LOGIT_TEMPERATURE_ATTR, self.cfg.train_temperature)
         self.tokenizer = AutoTokenizer.from_pretrained(self.student.path)
         check_same_vocab(AutoTokenizer.from_pretrained(self.teacher_model.path), self.tokenizer, "teacher",
                          "student")
-        self.sampler = load_backend(self.student.path, self.cfg.inference, seed=self.cfg.sampling.seed)
+        self.sampler = load_backend(self.student.path, self.cfg.inference, seed=self.cfg.sampling.seed,
+                                    logprobs_mode=sampler_logprobs_mode(self.cfg.sampling))
         self.teacher = (ServerTeacher(self.cfg.teacher_url) if self.cfg.teacher_url
                         else InProcessTeacher(self.teacher_model.path, run.section.logprob_chunk_tokens,
                                               run.section.train.micro_batch_tokens))
 
-    def rollouts(self, keys: list[str], ids: list[list[int]], step: int, sync: bool = True) -> list[OpdSample]:
-        """Current-policy rollouts (one per tokenised prompt) with teacher log-probs."""
+    def rollouts(self, keys: list[str], ids: list[list[int]], step: int, sync: bool = True,
+                 n: int = 1) -> list[OpdSample]:
+        """Current-policy rollouts (``n`` per tokenised prompt, ``sample_index`` 0..n-1; empty
+        responses dropped) with teacher log-probs."""
         t0 = time.perf_counter()
         if sync:
             push_weights(self.sampler, gather_weights(self.run.engine))
         t1 = time.perf_counter()
-        sp: SamplingConfig = self.cfg.sampling.model_copy(update={"n": 1})
+        sp: SamplingConfig = self.cfg.sampling.model_copy(update={"n": n})
         seeds = [stage.prompt_seed(sp.seed * 1_000_003 + step, k) for k in keys]
-        comps = [c[0] for c in self.sampler.generate(ids, sp, seeds)] if ids else []
-        keep = [(k, i, c) for k, i, c in zip(keys, ids, comps, strict=True) if c.token_ids]
+        comps = self.sampler.generate(ids, sp, seeds) if ids else []
+        keep = [((k, j), i, c) for k, i, cs in zip(keys, ids, comps, strict=True) for j, c in enumerate(cs)
+                if c.token_ids]
         t2 = time.perf_counter()
         scores = self.teacher.score([i for _, i, _ in keep], [c.token_ids for _, _, c in keep]) if keep else []
         self.timings = {"sync_s": t1 - t0, "sample_s": t2 - t1, "score_s": time.perf_counter() - t2}
-        return [OpdSample(k, 0, np.asarray(i, np.int64), np.asarray(c.token_ids, np.int64),
-                          np.asarray(sc, np.float32), np.asarray(c.logprobs, np.float32))
-                for (k, i, c), sc in zip(keep, scores, strict=True)]
+        self.counts = {"rollouts": float(len(keep)),
+                       "truncated": float(sum(c.finish_reason == "length" for _, _, c in keep))}
+        return [OpdSample(k, j, np.asarray(i, np.int64), np.asarray(c.token_ids, np.int64),
+                          np.asarray(sc, np.float32), np.asarray(c.logprobs, np.float32), c.finish_reason)
+                for ((k, j), i, c), sc in zip(keep, scores, strict=True)]
 
     def step_prompts(self, step: int) -> list[Prompt]:
         t = self.run.section.train
-        idx = global_batch_indices(len(self.prompts), step, t.global_batch, t.seed)
+        idx = global_batch_indices(len(self.prompts), step, t.global_batch // self.cfg.sampling.n, t.seed)
         return rank_share([self.prompts[i] for i in idx], self.run.rank, self.run.world)
 
     def batch(self, step: int) -> list[OpdSample]:
         prompts = self.step_prompts(step)
         sp = self.cfg.sampling
         ids = [encode_prompt(self.tokenizer, p.messages, sp.enable_thinking) for p in prompts]
-        return self.rollouts([p.prompt_id for p in prompts], ids, step)
+        return self.rollouts([p.prompt_id for p in prompts], ids, step, n=sp.n)
 
     def minibatches(self, step: int) -> list[list[OpdSample]]:
         """Fresh rollouts of this rank's share of step ``step``'s prompts, split into the PPO
@@ -250,8 +193,10 @@ class OnlineSource:
         return split_minis(self.batch(step), self.run.section.mini_batches, 0, 1)
 
     def before_step(self, step: int, minis: list[list[OpdSample]]) -> dict[str, float]:
-        """Metrics measured before the update: the sampling and scoring times of this batch."""
-        return dict(self.timings)
+        """Metrics measured before the update: the sampling and scoring times of this batch (this
+        rank's) and its rollouts and truncated rollouts (all ranks)."""
+        keys = ("rollouts", "truncated")
+        return {**self.timings, **dict(zip(keys, all_reduce([self.counts.get(k, 0.0) for k in keys]), strict=True))}
 
     def close(self) -> None:
         for x in (self.sampler, self.teacher):

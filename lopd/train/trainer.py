@@ -76,7 +76,7 @@ class TrainRun:
         self.engine = build_engine(model, self.section.train, self.section.optim, chunk)
         self.model = self.engine.module.lm
         if latest is not None:
-            state = ckpt.restore_optimizer(self.engine, model_dir)
+            state = ckpt.restore(self.engine, model_dir)
             self.start_step, self.trainer_state = state["step"], state["trainer"]
             log("resume", stage=self.stage, step=self.start_step, checkpoint=self.resumed_from)
         self.metrics = MetricsLog(self.workdir / "final", self.total, self.trainer_state.get("history"),

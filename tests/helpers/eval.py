@@ -54,3 +54,63 @@ def write_math_fixture(d: Path) -> Path:
 
 def write_code_fixture(d: Path) -> Path:
     return write_jsonl(d / "tiny_code.jsonl", CODE_ROWS)
+
+
+# --------------------------------------------------------------------------- the hub datasets' row formats
+# Field names and types as published (HuggingFaceH4/aime_2024, math-ai/aime25, MathArena/hmmt_feb_2025,
+# livecodebench/code_generation_lite); the contents are made up.
+
+AIME24_ROWS = [
+    {"id": 60, "problem": "Find $x$ if $x + 1 = 205$.", "solution": "Subtract: $x = \\boxed{204}$.",
+     "answer": "204", "url": "https://artofproblemsolving.com/wiki/index.php/2024_AIME_I_Problems/Problem_1",
+     "year": "2024"},
+    {"id": 61, "problem": "Compute $3 \\cdot 11$.", "solution": "$\\boxed{033}$", "answer": "033",
+     "url": "https://artofproblemsolving.com/wiki/index.php/2024_AIME_I_Problems/Problem_2", "year": "2024"},
+]
+AIME25_ROWS = [
+    {"problem": "Find the sum of all integer bases $b>9$ such that ...", "answer": "70", "id": "0"},
+    {"problem": "Compute $5 \\cdot 117$.", "answer": "585", "id": "1"},
+]
+HMMT25_ROWS = [
+    {"problem_idx": 1, "problem": "Compute $\\sqrt{23}$ over $23 / 9$.", "answer": "\\frac{9\\sqrt{23}}{23}",
+     "problem_type": ["Algebra"]},
+    {"problem_idx": 2, "problem": "Compute $2 - 3$.", "answer": "-1", "problem_type": ["Number Theory", "Algebra"]},
+]
+
+
+def lcb_row(qid: str, date: str, tests_public: list[dict], tests_private: list[dict], func_name: str | None,
+            starter: str = "", platform: str = "atcoder") -> dict:
+    """One row of livecodebench/code_generation_lite: JSON public tests, base64/zlib/pickle private tests,
+    metadata as a JSON string."""
+    return {"question_title": f"Problem {qid}", "question_content": f"Solve problem {qid}.", "platform": platform,
+            "question_id": qid, "contest_id": f"c-{qid}", "contest_date": date, "starter_code": starter,
+            "difficulty": "easy", "public_test_cases": json.dumps(tests_public),
+            "private_test_cases": lcb_encode(tests_private),
+            "metadata": json.dumps({"func_name": func_name} if func_name else {})}
+
+
+LCB_ROWS = [
+    lcb_row("abc370_a", "2024-09-07T00:00:00", [{"input": "3 4\n", "output": "7\n", "testtype": "stdin"}],
+            [{"input": "1000000000 7\n", "output": "1000000007\n", "testtype": "stdin"}], None),
+    lcb_row("3543", "2024-10-12T07:30:00",
+            [{"input": "[1, 2, 3]\n2", "output": "5", "testtype": "functional"}],
+            [{"input": "[4]\n1", "output": "4", "testtype": "functional"}], "maxSum",
+            "class Solution:\n    def maxSum(self, nums: List[int], k: int) -> int:\n        ", "leetcode"),
+    lcb_row("abc395_b", "2025-03-01T00:00:00", [{"input": "2\n", "output": "4\n", "testtype": "stdin"}],
+            [{"input": "10\n", "output": "20\n", "testtype": "stdin"}], None),
+    lcb_row("abc330_a", "2023-11-25T00:00:00", [{"input": "1\n", "output": "1\n", "testtype": "stdin"}], [], None),
+]
+LCB_SOLUTIONS = {
+    "abc370_a": "```python\na, b = map(int, input().split())\nprint(a + b)\n```",
+    "3543": "```python\nclass Solution:\n    def maxSum(self, nums: List[int], k: int) -> int:\n"
+            "        return sum(sorted(nums)[-k:])\n```",
+    "abc395_b": "<think>double it</think>\n```python\nprint(2 * int(input()))\n```",
+}
+
+
+def write_lcb_copy(d: Path) -> Path:
+    """A local copy of livecodebench/code_generation_lite (one release file) holding :data:`LCB_ROWS`."""
+    root = d / "code_generation_lite"
+    root.mkdir(parents=True, exist_ok=True)
+    write_jsonl(root / "test.jsonl", LCB_ROWS)
+    return root

@@ -33,3 +33,26 @@ def bias_eos(src: Path, dst: Path, strength: float = 0.4) -> Path:
     sd["model.embed_tokens.weight"] = emb
     save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
+
+
+def sampling_logprobs(model: Path, prompts: list[list[int]], responses: list[list[int]], temperature: float,
+                      top_p: float) -> list[list[float]]:
+    """Reference log-probs of each response token under the sampling distribution: one full
+    (uncached) transformers forward per sequence, ``log_softmax(logits / T)`` restricted to the
+    smallest set of top tokens with mass >= top_p and renormalised (-inf outside it)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for p, r in zip(prompts, responses, strict=True):
+            logits = m(input_ids=torch.tensor([list(p) + list(r)])).logits[0, len(p) - 1:len(p) - 1 + len(r)]
+            logp = torch.log_softmax(logits.double() / temperature, -1)
+            lp_sorted, order = logp.sort(-1, descending=True)
+            before = lp_sorted.exp().cumsum(-1) - lp_sorted.exp()  # mass of the tokens ranked above
+            nucleus = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, order, before < top_p)
+            logp = logp.masked_fill(~nucleus, float("-inf"))
+            logp = logp - torch.logsumexp(logp, -1, keepdim=True)
+            out.append(logp.gather(-1, torch.tensor(r)[:, None])[:, 0].tolist())
+    return out

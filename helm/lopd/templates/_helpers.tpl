@@ -61,8 +61,17 @@ lopd.io/stage: {{ .Values.stage }}
 {{/* Labels of the workload object itself: the Kueue queue goes there, not on the pods. */}}
 {{- define "lopd.workload.labels" -}}
 {{ include "lopd.labels" . }}
+{{- include "lopd.kueue.labels" . }}
+{{- end -}}
+
+{{/* Kueue's queue and workload priority class: on every workload that takes GPUs (Jobs,
+PyTorchJobs, the teacher Deployment and its pods). */}}
+{{- define "lopd.kueue.labels" -}}
 {{- if .Values.kueue.enabled }}
 kueue.x-k8s.io/queue-name: {{ .Values.kueue.queueName }}
+{{- with .Values.kueue.priorityClass }}
+kueue.x-k8s.io/priority-class: {{ . }}
+{{- end }}
 {{- end }}
 {{- end -}}
 
@@ -119,6 +128,14 @@ completion, the shard index from JOB_COMPLETION_INDEX. */}}
   value: /scratch
 - name: PYTHONUNBUFFERED
   value: "1"
+- name: LOPD_TERMINATION_LOG
+  value: /dev/termination-log
+- name: LOPD_LOG_TO_STORE
+  value: "1"
+{{- if eq .Values.stage "eval" }}
+- name: LOPD_UNDUMPABLE
+  value: "1"
+{{- end }}
 {{- with .Values.env }}
 {{ toYaml . }}
 {{- end }}
@@ -174,6 +191,7 @@ capabilities:
   imagePullPolicy: {{ $.Values.image.pullPolicy }}
   command:
     {{- include "lopd.container.command" $ | nindent 4 }}
+  terminationMessagePolicy: FallbackToLogsOnError
   env:
     {{- include "lopd.container.env" $ | nindent 4 }}
   {{- with (include "lopd.container.envFrom" $) }}
@@ -243,6 +261,7 @@ imagePullSecrets:
 {{- $ := .root -}}
 restartPolicy: {{ .restartPolicy }}
 serviceAccountName: {{ include "lopd.serviceAccountName" $ }}
+automountServiceAccountToken: false
 securityContext:
   {{- include "lopd.pod.securityContext" $ | nindent 2 }}
 {{- with (include "lopd.pod.scheduling" $) }}
@@ -268,14 +287,16 @@ spec:
 {{/* ------------------------------------------------------------------ job policy */}}
 
 {{/* Preemptions / evictions / node drains do not use up retries; a bad recipe or input
-(lopd exits 2 with a one-line error) fails the Job at once instead of retrying. */}}
+(lopd exits 2 with a one-line error) fails at once instead of retrying: the shard (FailIndex)
+of an Indexed Job, whose shards retry on their own (backoffLimitPerIndex), else the Job.
+Call with (dict "container" "lopd" "indexed" true). */}}
 {{- define "lopd.job.podFailurePolicy" -}}
 rules:
   - action: Ignore
     onPodConditions:
       - type: DisruptionTarget
         status: "True"
-  - action: FailJob
+  - action: {{ ternary "FailIndex" "FailJob" (default false .indexed) }}
     onExitCodes:
       containerName: {{ .container }}
       operator: In
