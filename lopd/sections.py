@@ -75,7 +75,15 @@ class ModelsConfig(Section):
     teacher: ModelSpec
     """The teacher: writes the SFT data and scores the rollouts (must be the same model)."""
     student: ModelSpec
-    """The student base model that SFT starts from."""
+    """The student base model that SFT starts from; its ``dtype`` is also the training dtype of
+    sft and opd (auto = bf16 on GPU, fp32 on CPU; float16 cannot be trained)."""
+
+    @field_validator("student")
+    @classmethod
+    def _student_trainable(cls, v: ModelSpec) -> ModelSpec:
+        if v.dtype == "float16":
+            raise ValueError("dtype float16 cannot be trained (DeepSpeed's fp16 needs loss scaling); use bfloat16")
+        return v
 
 
 class SamplingConfig(Section):

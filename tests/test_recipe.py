@@ -302,3 +302,10 @@ def test_cli_billion_laughs_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-500:]
     assert proc.stderr.strip().splitlines() == [
         f"error: recipe error: {p} line 20: aliases expand to more than 100000 nodes"]
+
+
+def test_student_dtype_is_the_training_dtype_and_float16_is_refused():
+    assert load_recipe(TINY, ["models.student.dtype=bfloat16"]).models.student.dtype == "bfloat16"
+    assert load_recipe(TINY, ["models.teacher.dtype=float16"]).models.teacher.dtype == "float16"  # inference only
+    with pytest.raises(RecipeError, match=r"models\.student: .*float16 cannot be trained"):
+        load_recipe(TINY, ["models.student.dtype=float16"])

@@ -1,7 +1,8 @@
 """DeepSpeed setup from the recipe, and the micro-batch accumulation step shared by SFT and OPD.
 
-- ZeRO stage 0-3 from ``train.zero_stage``; bf16 on GPU, fp32 on CPU (:func:`train_dtype`; a model
-  loaded in bf16 trains in bf16 anywhere, DeepSpeed keeping fp32 master weights); NCCL on GPU, gloo on CPU.
+- ZeRO stage 0-3 from ``train.zero_stage``; the dtype from ``models.student.dtype``, auto = bf16
+  on GPU, fp32 on CPU (:func:`train_dtype`; a model loaded in bf16 trains in bf16 anywhere,
+  DeepSpeed keeping fp32 master weights); NCCL on GPU, gloo on CPU.
 - The optimizer is torch's AdamW (the recipe's betas / eps / weight decay) handed to DeepSpeed, with
   norm weights and biases in a group without weight decay unless ``optim.decay_norms_and_biases``
   (:func:`param_groups`); the learning rate is set by :func:`lr_at` before every optimizer step (so a resumed run
@@ -62,8 +63,12 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if on_gpu() else torch.device("cpu")
 
 
-def train_dtype() -> torch.dtype:
-    return torch.bfloat16 if on_gpu() else torch.float32
+def train_dtype(spec: str = "auto") -> torch.dtype:
+    """The dtype the student trains in, from ``models.student.dtype``: auto = bf16 on GPU, fp32
+    on CPU; bfloat16 / float32 as given, on either (float16 is refused by the recipe)."""
+    if spec == "auto":
+        return torch.bfloat16 if on_gpu() else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[spec]
 
 
 def ds_config(train: TrainConfig, optim: OptimConfig, bf16: bool | None = None) -> dict:

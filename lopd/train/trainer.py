@@ -71,7 +71,7 @@ class TrainRun:
             model_dir = ckpt.fetch_checkpoint(self.store, latest, self.workdir / "resume")
             self.resumed_from = self.store.url(latest)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=train_dtype())
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=train_dtype(self.recipe.models.student.dtype))
         chunk = getattr(self.section, "logprob_chunk_tokens", 1024)
         self.engine = build_engine(model, self.section.train, self.section.optim, chunk)
         self.model = self.engine.module.lm
@@ -118,7 +118,8 @@ class TrainRun:
         final = self.workdir / "final"
         weights, _ = ckpt.gather_state(self.engine)
         if self.rank == 0:
-            ckpt.save_hf(self.engine, self.tokenizer, final, weights, dtype=train_dtype())
+            ckpt.save_hf(self.engine, self.tokenizer, final, weights,
+                         dtype=train_dtype(self.recipe.models.student.dtype))
             self.metrics.close(plot_keys)
             last = self.metrics.history[-1] if self.metrics.history else {}
             publish(self.store, self.prefix, final, stage=self.stage, run_id=self.recipe.run_id,

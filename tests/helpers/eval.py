@@ -114,3 +114,44 @@ def write_lcb_copy(d: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     write_jsonl(root / "test.jsonl", LCB_ROWS)
     return root
+
+
+def memorize_answers(model_dir: Path, out_dir: Path, problems: list, answers: dict[str, str],
+                     steps: int = 300, lr: float = 1e-2) -> Path:
+    """A copy of ``model_dir`` trained (plain AdamW, fp32, in this process) until it answers each
+    problem's rendered prompt with ``answers[problem_id]`` plus the end-of-turn token: a tiny
+    model whose samples really contain programs, so the eval stage's code path reaches the sandbox.
+    Published as the sft stage of run ``coder`` in a file store at ``out_dir``; returns the
+    published checkpoint's directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lopd.data.chat import encode_prompt
+    from lopd.layout import stage_prefix
+    from lopd.manifest import publish
+    from lopd.store import open_store
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    seqs = []
+    for p in problems:
+        prompt = encode_prompt(tok, p.messages)
+        answer = tok.encode(answers[p.problem_id], add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
+        ids = torch.tensor([prompt + answer])
+        labels = ids.clone()
+        labels[0, :len(prompt)] = -100
+        seqs.append((ids, labels))
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        ids, labels = seqs[step % len(seqs)]
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(out_dir / "hf")
+    tok.save_pretrained(out_dir / "hf")
+    prefix = stage_prefix("coder", "sft")
+    publish(open_store(str(out_dir)), prefix, out_dir / "hf", stage="sft", run_id="coder")
+    return out_dir / prefix
