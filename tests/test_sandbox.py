@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import threading
 import uuid
 
 import pytest
@@ -20,6 +19,7 @@ from lopd.eval.code_grader import CodeJob, CodeTest, extract_code, grade_code_ba
 from lopd.eval.interpreter import python_argv
 from lopd.eval.reaper import live_pids
 from lopd.eval.sandbox import SandboxLimits, capabilities, run_program
+from tests.helpers.net import recording_listener
 
 LIMITS = SandboxLimits(wall_s=2.0, cpu_s=1, memory_mb=256, max_procs=16, output_bytes=1 << 20)
 SECRET = "lopd-test-secret-" + uuid.uuid4().hex
@@ -52,27 +52,9 @@ PROGRAMS = {
 @pytest.fixture(scope="module")
 def listener():
     """A TCP server on loopback that records any connection."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    srv.settimeout(0.2)
-    got: list[bytes] = []
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                continue
-            got.append(c.recv(100) or b"<connected>")
-            c.close()
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
+    srv, got, stop = recording_listener(socket.AF_INET, ("127.0.0.1", 0))
     yield srv.getsockname()[1], got
     stop.set()
-    t.join()
     srv.close()
 
 

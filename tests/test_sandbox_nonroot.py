@@ -10,11 +10,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.net import recording_listener
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "lopd-fake-secret-" + uuid.uuid4().hex
@@ -65,27 +66,6 @@ print(json.dumps({"caps": capabilities(), "status": r.status, "stdout": r.stdout
 '''
 
 
-def _listen(fam: int, addr) -> tuple[socket.socket, list[bytes], threading.Event]:
-    srv = socket.socket(fam)
-    srv.bind(addr)
-    srv.listen(4)
-    srv.settimeout(0.1)
-    got: list[bytes] = []
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                continue
-            got.append(c.recv(16) or b"<connected>")
-            c.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    return srv, got, stop
-
-
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"),
                     reason="needs root to drop to an unprivileged uid with setpriv")
 def test_sandbox_nonroot_no_secret_no_connection():
@@ -96,8 +76,8 @@ def test_sandbox_nonroot_no_secret_no_connection():
     ww.mkdir(mode=0o1777)
     os.chmod(ww, 0o1777)
     abstract = f"lopd-{uuid.uuid4().hex}"
-    servers = [_listen(socket.AF_INET, ("127.0.0.1", 0)), _listen(socket.AF_UNIX, str(ww / "s")),
-               _listen(socket.AF_UNIX, "\0" + abstract)]
+    servers = [recording_listener(socket.AF_INET, ("127.0.0.1", 0)), recording_listener(socket.AF_UNIX, str(ww / "s")),
+               recording_listener(socket.AF_UNIX, "\0" + abstract)]
     os.chmod(ww / "s", 0o777)
     try:
         src = HOSTILE.replace("@PORT@", str(servers[0][0].getsockname()[1])) \
@@ -138,7 +118,7 @@ def test_sandbox_refuses_unix_socket_in_any_world_writable_dir():
     ww = REPO / f".lopd-ww-{uuid.uuid4().hex[:12]}"
     ww.mkdir()
     os.chmod(ww, 0o1777)
-    srv, got, stop = _listen(socket.AF_UNIX, str(ww / "s"))
+    srv, got, stop = recording_listener(socket.AF_UNIX, str(ww / "s"))
     os.chmod(ww / "s", 0o777)
     try:
         r = run_program(python_argv(), stdin=b"21\n", limits=SandboxLimits(wall_s=5, cpu_s=2, memory_mb=256),
