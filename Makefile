@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 RECIPE ?= jobs/recipes/tiny.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup lock test lint bench demo repro-tiny clean
+.PHONY: setup lock test lint bench demo repro-tiny clean gpu-deps gpu-check
 .PHONY: status logs manifests image deploy-pipeline cancel
 
 # Every install is pinned by requirements/constraints.txt (direct and transitive; `make lock`
@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PIP) install -q -c $(LOCK) pip wheel setuptools
 	$(PIP) install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	@# DeepSpeed's CPU comm op, built once for this environment (a training stage would build it on first use)
+	DS_ACCELERATOR=cpu $(PY) -c "from lopd.train.cpu_ops import load_shm_comm_op as f; f()"
 	touch $@
 
 setup: $(VENV)/.installed  ## create .venv and install lopd with all extras
@@ -33,8 +35,9 @@ lock:  ## re-resolve every dependency (newest that pyproject.toml allows) into r
 	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
 	@echo "$(LOCK): $$(grep -vc '^#' $(LOCK)) pins; run make test before committing it"
 
-test: setup  ## run the test suite (starts its own SeaweedFS S3 server)
-	$(PY) -m pytest $(PYTEST_ARGS)
+TEST_WORKERS ?= 2
+test: setup  ## run the test suite: TEST_WORKERS pytest-xdist workers, whole files each (each starts its own SeaweedFS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check lopd jobs tests
@@ -51,6 +54,23 @@ repro-tiny: setup  ## the paper's table at toy scale: 3 seeds x (SFT, SFT contin
 
 clean:
 	rm -rf runs .pytest_cache
+
+# ---------------------------------------------------------------- GPU check (docs/gpu.md)
+# A GPU machine without a package index: `make gpu-deps` here puts what its image lacks into
+# .gpu-deps/ (DeepSpeed and hjson as pure Python, pydantic with pydantic-core built for the
+# image's Python, GPU_PY); carry .gpu-deps/ there and run `make gpu-check` (<= ~8 min).
+GPU_PY ?= 3.12
+gpu-deps: setup  ## fill .gpu-deps/ with the pinned packages a GPU image lacks (for `make gpu-check` there)
+	rm -rf .gpu-deps && mkdir -p .gpu-deps/wheels
+	$(PIP) download -q -c $(LOCK) --no-deps --only-binary=:all: --python-version $(GPU_PY) \
+	  --platform manylinux2014_x86_64 -d .gpu-deps/wheels pydantic pydantic-core annotated-types typing-inspection hjson
+	for w in .gpu-deps/wheels/*.whl; do $(PY) -m zipfile -e $$w .gpu-deps/ || exit 1; done
+	cp -r "$$($(PY) -c "import importlib.util as u; print(u.find_spec('deepspeed').submodule_search_locations[0])")" .gpu-deps/deepspeed
+	find .gpu-deps -name __pycache__ -prune -exec rm -rf {} + ; rm -rf .gpu-deps/wheels
+	@du -sh .gpu-deps
+
+gpu-check:  ## on a GPU machine: training/scoring MFU, bf16 parity, sync census -> gpu-check-out/ (GPU_CHECK_SMOKE=1: tiny, CPU)
+	bash tests/benchmarks/gpu_check.sh
 
 # ---------------------------------------------------------------- Kubernetes (README: "Kubernetes")
 # Run `make setup` once (or any venv with `pip install -e '.[k8s]'`); these targets use $(PY).

@@ -3,8 +3,9 @@
     parse → resolve the SFT checkpoint and the teacher → teacher-consistency check against the
     checkpoint's lineage (BEFORE any work) → same-vocabulary check → for this shard's prompts:
       phase 1: the SFT student samples rollouts, part by part (token ids + its own log-probs);
-      phase 2: the teacher scores every response token of each rollout part;
-    → publish the scored parts (schema PRECOMPUTE), shard manifest, stage manifest.
+      phase 2: the teacher scores every response token of each rollout part (and, with
+               ``teacher_topk: k``, stores its k most likely tokens at every position);
+    → publish the scored parts (schema ``precompute_schema(teacher_topk)``), shard and stage manifests.
 
 The consistency record (``lopd.lineage.check_teacher_consistency``) goes into the lineage, so
 ``allow_inconsistent_teacher`` is visible in every downstream manifest. Prompts longer than
@@ -12,8 +13,8 @@ the context are skipped and counted (``skipped_too_long``); rollouts cut at ``ma
 kept, marked ``finish_reason: length`` and counted (``truncated``). ``rollout_logprobs`` are the
 student's raw (temperature-1) log-probs whatever the sampling parameters; the lineage records that
 (``rollout_logprobs: raw``) and the sampling parameters, which opd checks before it uses them for
-importance weights or the KL guard. Both phases resume from their
-last complete part after a kill; phase-1 parts are intermediates (``rollouts-NNNNN.parquet``)
+importance weights or the KL guard, and ``teacher_topk`` (0: no top-k columns). Both phases
+resume from their last complete part after a kill; phase-1 parts are intermediates (``rollouts-NNNNN.parquet``)
 that the manifest does not list.
 
     python -m jobs.precompute --recipe jobs/recipes/tiny.yaml [--shard-index I --num-shards N] [--force]
@@ -29,7 +30,7 @@ import pyarrow as pa
 from lopd import LopdError, stage
 from lopd.data.chat import check_same_vocab
 from lopd.data.prompts import Prompt, load_prompts
-from lopd.data.schemas import PRECOMPUTE
+from lopd.data.schemas import PRECOMPUTE, precompute_schema
 from lopd.inference import context_length, load_backend, sample_chats
 from lopd.layout import stage_prefix
 from lopd.lineage import check_teacher_consistency
@@ -59,17 +60,33 @@ def rollout_part(part: list[Prompt], tokenizer, student: stage.Lazy, cfg, ctx_le
     return pa.table(rows, schema=ROLLOUTS), metrics
 
 
-def score_part(rollouts: pa.Table, teacher: stage.Lazy, where: str) -> tuple[pa.Table, dict]:
-    """Phase 2 for one part: teacher log p(y_t | x, y_<t) for every response token (float32)."""
+def score_part(rollouts: pa.Table, teacher: stage.Lazy, where: str, topk: int = 0) -> tuple[pa.Table, dict]:
+    """Phase 2 for one part: teacher log p(y_t | x, y_<t) for every response token (float32) and,
+    with ``topk > 0``, the teacher's top-k ids and log-probs at every position, flattened ``[t, j]``."""
     prompts = rollouts.column("prompt_token_ids").to_pylist()
     responses = rollouts.column("response_token_ids").to_pylist()
-    scores = teacher.get().score(prompts, responses) if responses else []
-    for row, (r, s) in enumerate(zip(responses, scores, strict=True)):
+    scores, lps = [], []
+    if responses and topk:
+        scores = teacher.get().score_topk(prompts, responses, topk)
+        lps = [s.logprobs for s in scores]
+    elif responses:
+        lps = teacher.get().score(prompts, responses)
+    for row, (r, s) in enumerate(zip(responses, lps, strict=True)):
         if len(s) != len(r) or not np.all(np.isfinite(s)):
             raise LopdError(f"{where}: row {row}: teacher returned {len(s)} finite log-probs for {len(r)} tokens")
-    table = rollouts.append_column("teacher_logprobs", pa.array([np.asarray(s, np.float32) for s in scores],
-                                                                 type=PRECOMPUTE.field("teacher_logprobs").type))
-    return table.select(PRECOMPUTE.names), {"scored_tokens": int(sum(len(r) for r in responses))}
+    schema = precompute_schema(topk)
+    cols = {"teacher_logprobs": [np.asarray(s, np.float32) for s in lps]}
+    for row, s in enumerate(scores):
+        if s.topk_ids.shape != (len(responses[row]), topk) or not np.all(np.isfinite(s.topk_logprobs)):
+            raise LopdError(f"{where}: row {row}: teacher returned a top-k of shape {s.topk_ids.shape}, expected "
+                            f"({len(responses[row])}, {topk}) finite")
+    if topk:
+        lp_type = schema.field("teacher_topk_logprobs").type.value_type.to_pandas_dtype()
+        cols["teacher_topk_ids"] = [np.asarray(s.topk_ids, np.int32).reshape(-1) for s in scores]
+        cols["teacher_topk_logprobs"] = [np.asarray(s.topk_logprobs).astype(lp_type).reshape(-1) for s in scores]
+    for name, values in cols.items():
+        rollouts = rollouts.append_column(name, pa.array(values, type=schema.field(name).type))
+    return rollouts.select(schema.names), {"scored_tokens": int(sum(len(r) for r in responses))}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -88,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     s_tok = AutoTokenizer.from_pretrained(str(student.path))
     check_same_vocab(AutoTokenizer.from_pretrained(str(teacher.path)), s_tok, "teacher", "SFT student")
     prompts = ctx.shard_items(load_prompts(cfg.prompts))
-    ctx_len = min(context_length(student.path, cfg.inference), context_length(teacher.path, cfg.inference))
+    scoring = cfg.scoring or cfg.inference
+    ctx_len = min(context_length(student.path, cfg.inference), context_length(teacher.path, scoring))
     # phase 1: the SFT student samples (engine started only if a part is left to do)
     engine = stage.Lazy(lambda: load_backend(student.path, cfg.inference, recipe.models.student.dtype,
                                              seed=cfg.sampling.seed))
@@ -99,13 +117,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     finally:
         engine.close()
     # phase 2: the teacher scores every response token, part by part
-    engine = stage.Lazy(lambda: load_backend(teacher.path, cfg.inference, recipe.models.teacher.dtype))
+    engine = stage.Lazy(lambda: load_backend(teacher.path, scoring, recipe.models.teacher.dtype))
     try:
         # one scored part per rollout part, keyed by the rollout file's sha256 (a redone rollout
         # part can never pair with stale scores)
         parts = ctx.run_parts(rollouts, 1, lambda rs, _i: score_part(ctx.read_part(rs[0]), engine,
-                                                                     ctx.store.url(f"{ctx.shard}/{rs[0].file.path}")),
-                              key=lambda r: r.file.sha256, schema=PRECOMPUTE)
+                                                                     ctx.store.url(f"{ctx.shard}/{rs[0].file.path}"),
+                                                                     cfg.teacher_topk),
+                              key=lambda r: r.file.sha256, schema=precompute_schema(cfg.teacher_topk))
     finally:
         engine.close()
     for r, p in zip(rollouts, parts, strict=True):
@@ -115,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                "prompts": InputRef(uri=cfg.prompts)},
                 lineage={**consistency, "student_fingerprint": student.fingerprint,
                          "student": student_ref, "teacher": recipe.models.teacher.uri, "context_length": ctx_len,
-                         "rollout_logprobs": "raw", "sampling": cfg.sampling.model_dump(include=SAMPLING_KEYS)})
+                         "rollout_logprobs": "raw", "sampling": cfg.sampling.model_dump(include=SAMPLING_KEYS),
+                         "teacher_topk": cfg.teacher_topk, "scoring_backend": scoring.backend})
     for r in rollouts:  # the phase-1 intermediates are now inside the scored parts
         ctx.store.delete(f"{ctx.shard}/{r.file.path}")
 

@@ -20,8 +20,9 @@ from lopd import stage
 from lopd.data.chat import check_same_rendering
 from lopd.layout import manifest_key, stage_prefix
 from lopd.manifest import InputRef
-from lopd.train.data import TrainDataError, global_batch_indices, load_sft_seqs, rank_share
+from lopd.train.data import TrainDataError, global_batch_indices, rank_share
 from lopd.train.sft import PLOT_KEYS, sft_step
+from lopd.train.sft_rows import load_sft_seqs
 from lopd.train.trainer import TrainRun
 
 STAGE = "sft"

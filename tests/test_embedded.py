@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,7 +110,10 @@ def test_pipeline_killed_in_each_stage_then_rerun_gives_the_same_table(study, tm
     deadline = time.monotonic() + SLOWDOWN * PIPELINE_S
     finish(lopd(study, "pipeline"), deadline)
     expected = eval_table(study)
-    # the bootstrap's teacher SFT runs the same training entrypoint as the sft stage killed below
+    # the bootstrap (task data, initial models, the trained teacher) is the study's: its teacher
+    # SFT runs the same training entrypoint as the sft stage killed below, so it is not run again
+    for done in ("tiny/data", "tiny/init", "tiny-teacher"):
+        shutil.copytree(study / "runs" / done, tmp_path / "runs" / done)
     stages = [("tiny", "sft-data"), ("tiny", "sft"), ("tiny", "precompute"), ("tiny", "opd"), ("tiny", "eval")]
     for run, stage in stages:
         proc = lopd(tmp_path, "pipeline")

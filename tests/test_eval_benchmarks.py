@@ -17,7 +17,7 @@ from lopd.eval.benchmarks import REGISTRY, BenchmarkError, benchmark_kind, decod
 from lopd.eval.code_grader import CodeJob, grade_code_batch
 from lopd.eval.problems import load_problems
 from lopd.eval.sandbox import SandboxLimits
-from lopd.sections import EvalConfig
+from lopd.eval_config import EvalConfig
 from tests.helpers.eval import (
     AIME24_ROWS,
     AIME25_ROWS,

@@ -10,9 +10,9 @@ import pyarrow as pa
 from lopd.data.schemas import EVAL_RECORD, write_table
 from lopd.eval.grading import grading_rules
 from lopd.eval.report import report_from_store
+from lopd.eval_config import EvalConfig
 from lopd.layout import stage_prefix
 from lopd.manifest import publish, read_manifest
-from lopd.sections import EvalConfig
 from lopd.store import open_store
 
 

@@ -178,3 +178,70 @@ def test_load_backend_and_context_length_errors(eos_model, tmp_path):
         load_backend(tmp_path, InferenceConfig(backend="hf"))
     assert context_length(eos_model, InferenceConfig(max_model_len=100)) == 100
     assert context_length(eos_model, InferenceConfig()) == 4096
+
+
+# --------------------------------------------------------------------------- the teacher's top-k
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_chunked_topk_equals_full_log_softmax_topk(chunk):
+    from lopd.inference.hf_backend import chunked_token_topk
+
+    g = torch.Generator().manual_seed(1)
+    T, H, V, k = 40, 16, 300, 7
+    hidden = torch.randn(T, H, generator=g)
+    head = torch.nn.Linear(H, V, bias=False)
+    targets = torch.randint(0, V, (T,), generator=g)
+    logp = torch.log_softmax(head(hidden).float(), -1)
+    lp, ids, lps = chunked_token_topk(hidden, head, targets, k, chunk)
+    want_lps, want_ids = logp.topk(k, -1)
+    assert ids.dtype == torch.int32 and ids.shape == lps.shape == (T, k)
+    assert torch.equal(ids.long(), want_ids)
+    torch.testing.assert_close(lps, want_lps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lp, logp.gather(-1, targets[:, None])[:, 0], rtol=0, atol=1e-5)
+
+
+def test_hf_score_topk_matches_score_and_full_forward(eos_model, hf):
+    ids = prompts_for(hf.tokenizer, 3)
+    resp = [c[0].token_ids for c in hf.generate(ids, SamplingConfig(max_tokens=12), [1, 2, 3])]
+    k = 6
+    got = hf.score_topk(ids, resp, k)
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(eos_model, dtype=torch.float32).eval()
+    for p, r, s, plain in zip(ids, resp, got, hf.score(ids, resp), strict=True):
+        with torch.no_grad():
+            logp = torch.log_softmax(m(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1:-1].float(), -1)
+        top, top_ids = logp.topk(k, -1)
+        assert s.topk_ids.shape == (len(r), k) and s.topk_ids.dtype == np.int32
+        np.testing.assert_array_equal(s.topk_ids, top_ids.numpy())
+        np.testing.assert_allclose(s.topk_logprobs, top.numpy(), atol=1e-5)
+        np.testing.assert_allclose(s.logprobs, plain, atol=1e-6)
+    empty = hf.score_topk([[1, 2]], [[]], k)[0]
+    assert empty.logprobs.shape == (0,) and empty.topk_ids.shape == (0, k)
+
+
+def test_vllm_topk_reads_both_prompt_logprob_layouts():
+    """VLLMBackend.score_topk on an engine's two layouts of prompt log-probs: flat lists (the given
+    token, then ranks 1..k) and one dict per position (the given token once, with its own rank)."""
+    from types import SimpleNamespace
+
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    from lopd.inference.vllm_backend import VLLMBackend
+
+    prompt, resp, k = [5, 6], [7, 8, 9], 2
+    table = {2: [(7, -1.0, 2), (3, -0.5, 1), (7, -1.0, 2)], 3: [(8, -3.0, 9), (1, -0.2, 1), (2, -0.9, 2)],
+             4: [(9, -0.1, 1), (9, -0.1, 1), (4, -2.5, 2)]}
+    dicts = [None, {}] + [{t: Logprob(lp, r) for t, lp, r in table[p]} for p in (2, 3, 4)]
+    flat = FlatLogprobs(start_indices=[0, 0, 0, 3, 6], end_indices=[0, 0, 3, 6, 9],
+                        token_ids=[t for p in (2, 3, 4) for t, _, _ in table[p]],
+                        logprobs=[lp for p in (2, 3, 4) for _, lp, _ in table[p]],
+                        ranks=[r for p in (2, 3, 4) for _, _, r in table[p]], decoded_tokens=[None] * 9)
+    for layout in (flat, dicts):
+        b = object.__new__(VLLMBackend)
+        b.llm = SimpleNamespace(generate=lambda *a, layout=layout, **kw: [SimpleNamespace(prompt_logprobs=layout)])
+        s = b.score_topk([prompt], [resp], k)[0]
+        np.testing.assert_array_equal(s.logprobs, np.float32([-1.0, -3.0, -0.1]))
+        np.testing.assert_array_equal(s.topk_ids, [[3, 7], [1, 2], [9, 4]])
+        np.testing.assert_array_equal(s.topk_logprobs, np.float32([[-0.5, -1.0], [-0.2, -0.9], [-0.1, -2.5]]))

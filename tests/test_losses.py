@@ -251,3 +251,101 @@ def test_tabular_offline_opd_converges_to_teacher_on_support():
     start_err = (sft - teacher).abs().max().item()
     err = (learned - teacher).abs().max().item()
     assert err < 0.01 < start_err, (err, start_err)
+
+
+# --------------------------------------------------------------------------- fused LM head
+
+
+def _head_case(dtype, n=37, hidden=16, vocab=101, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    w = torch.randn(vocab, hidden, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    t = torch.randint(0, vocab, (n,), generator=g)
+    up = torch.randn(n, generator=g, dtype=torch.float64)  # an arbitrary upstream gradient dL/dlogp
+    return h, w, t, up
+
+
+def _linear(w: torch.Tensor) -> torch.nn.Linear:
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return lin
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("head_kind", ["tensor", "linear", "callable"])
+def test_fused_lm_head_equals_reference_in_float64_values_and_grads(temperature, head_kind):
+    """Fused log-probs (weight tensor or nn.Linear: FusedHeadLogprob; other callables: the
+    checkpointed path) == log_softmax of the full logits / T, and == the unfused chunked reference,
+    in value, entropy and gradient w.r.t. hidden and head weight, chunked or not, with padding chunks."""
+    from lopd.train.lmhead import FusedHeadLogprob, head_weight
+
+    h, w, t, up = _head_case(torch.float64)
+    z = (h @ w.t()) / temperature
+    ref = L.gather_logprobs(h @ w.t(), t, temperature)
+    ref_ent = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    g_ref = torch.autograd.grad((ref * up).sum(), (h, w))
+    tol = dict(rtol=1e-12, atol=1e-12)
+    for chunk, num_chunks in ((1, None), (5, None), (5, 11), (37, None), (1000, 3)):
+        lin = _linear(w.detach())
+        head = {"tensor": w, "linear": lin, "callable": lambda x, m=lin: m(x)}[head_kind]
+        assert (head_weight(head) is not None) == (head_kind != "callable")
+        hh = h.detach().clone().requires_grad_(True)
+        lp, ent = L.chunked_logprobs(hh, head, t, chunk, num_chunks, temperature)
+        assert (lp.grad_fn is not None) and not ent.requires_grad  # the entropy is a metric: no graph
+        assert (FusedHeadLogprob.__name__ in str(lp.grad_fn.next_functions)) == (head_kind != "callable")
+        torch.testing.assert_close(lp, ref, **tol)
+        torch.testing.assert_close(ent, ref_ent, **tol)
+        wt = w if head_kind == "tensor" else lin.weight
+        g = torch.autograd.grad((lp * up).sum(), (hh, wt))
+        for a, b in zip(g, g_ref, strict=True):
+            torch.testing.assert_close(a, b, **tol)
+        old = L.chunked_logprobs(hh, head, t, chunk, num_chunks, temperature, fused=False)  # unfused reference
+        torch.testing.assert_close(lp, old[0], **tol)
+        for a, b in zip(torch.autograd.grad((old[0] * up).sum(), (hh, wt)), g, strict=True):
+            torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_lm_head_close_to_unfused_in_fp32_and_bf16(dtype, tol):
+    """In the training dtypes the fused path matches the unfused chunked reference: the forward is
+    the same ops (equal log-probs), the gradients agree to the dtype's rounding."""
+    h, w, t, up = _head_case(dtype, n=29, hidden=32, vocab=257, seed=3)
+    for head in (w, _linear(w.detach())):
+        wt = w if isinstance(head, torch.Tensor) else head.weight
+        fused, ent = L.chunked_logprobs(h, head, t, 8, temperature=0.9)
+        ref, ref_ent = L.chunked_logprobs(h, head, t, 8, temperature=0.9, fused=False)
+        assert fused.dtype == torch.float32
+        torch.testing.assert_close(fused, ref.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(ent, ref_ent.detach(), rtol=0, atol=0)
+        gf = torch.autograd.grad((fused * up.float()).sum(), (h, wt))
+        gr = torch.autograd.grad((ref * up.float()).sum(), (h, wt))
+        for a, b in zip(gf, gr, strict=True):
+            assert a.dtype == dtype
+            assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
+
+
+def test_fused_lm_head_saves_no_vocab_sized_tensor_for_backward():
+    """Between forward and backward the fused path keeps h, W, y and the [n] logsumexp only: no
+    [n, V] logits or softmax (the unfused path under autograd would keep several)."""
+    h, w, t, _ = _head_case(torch.float32, n=40, hidden=8, vocab=300)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        lp, _ = L.chunked_logprobs(h, w, t, 16)
+    assert saved and all(x.data_ptr() == w.data_ptr() or x.shape[-1] != 300 for x in saved)
+    assert sum(x.numel() for x in saved if x.data_ptr() != w.data_ptr()) <= 3 * (40 * 8 + 2 * 40)
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        saved.clear()
+        L.gather_logprobs(h @ w.t(), t)  # the unchunked reference does keep [N, V] tensors
+    assert any(x.shape[-1] == 300 and x.data_ptr() != w.data_ptr() for x in saved)
+    lp.sum().backward()
+    assert h.grad is not None and w.grad is not None
+
+
+def test_entropy_only_when_asked():
+    h, w, t, _ = _head_case(torch.float64, n=9)
+    lp, ent = L.chunked_logprobs(h, w, t, 4, entropy=False)
+    assert ent is None and lp.requires_grad
+    with torch.no_grad():
+        lp0, ent0 = L.chunked_logprobs(h, w, t, 4)
+    assert torch.equal(lp.detach(), lp0) and ent0.shape == (9,)

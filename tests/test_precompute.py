@@ -70,13 +70,13 @@ def run_stage(recipe: Path, *args: str) -> None:
     main(["--recipe", str(recipe), *args])
 
 
-def read_output(store_uri: str) -> tuple[object, list[dict]]:
+def read_output(store_uri: str, schema=PRECOMPUTE) -> tuple[object, list[dict]]:
     store = open_store(store_uri)
     m, _ = read_manifest(store, PREFIX, verify=True)
     rows = []
     for f in m.files:
         t = pq.read_table(store.fetch(f"{PREFIX}/{f.path}", f.sha256, f.bytes))
-        assert t.schema.equals(PRECOMPUTE, check_metadata=False)
+        assert t.schema.equals(schema, check_metadata=False)
         rows += t.to_pylist()
     return m, rows
 
@@ -122,6 +122,7 @@ def test_precompute_with_the_sft_teacher(store_uri, models, tmp_path):
     assert m.metrics["truncated"] == sum(r["finish_reason"] == "length" for r in rows) > 0
     assert m.lineage["rollout_logprobs"] == "raw"
     assert m.lineage["sampling"] == {"temperature": 1.0, "top_p": 1.0, "n": 2, "max_tokens": 16, "seed": 1}
+    assert m.lineage["teacher_topk"] == 0  # and no top-k columns (the schema check in read_output)
     assert max_diff(rows, models["teacher"], "teacher_logprobs") <= 1e-5
     assert max_diff(rows, models["student"], "rollout_logprobs") <= 1e-5  # the sampler's own log-probs
     # only the scored parts are listed and kept; the phase-1 intermediates are gone
@@ -214,6 +215,68 @@ def nothing_published_stage(store_uri: str) -> bool:
     return not s.exists(f"{PREFIX}/MANIFEST.json") and not s.exists(f"{PREFIX}/shards/0-of-1/MANIFEST.json")
 
 
+def topk_diff(rows: list[dict], model: Path, k: int, tie: float = 1e-3) -> tuple[float, int]:
+    """(max relative |stored top-k log-prob − transformers'|, positions whose top-k ids differ) over
+    all tokens; a position counts only when the k-th and (k+1)-th reference log-probs are more than
+    ``tie`` apart (near-ties may order either way)."""
+    b = load_backend(model, InferenceConfig(backend="hf"), dtype="float32")
+    ref = b.score_topk([r["prompt_token_ids"] for r in rows], [r["response_token_ids"] for r in rows], k + 1)
+    worst, differ = 0.0, 0
+    for r, s in zip(rows, ref, strict=True):
+        ids = np.asarray(r["teacher_topk_ids"]).reshape(-1, k)
+        lps = np.asarray(r["teacher_topk_logprobs"], np.float32).reshape(-1, k)
+        worst = max(worst, float((np.abs(lps - s.topk_logprobs[:, :k]) / np.maximum(1, -lps)).max()))
+        clear = s.topk_logprobs[:, k - 1] - s.topk_logprobs[:, k] > tie
+        differ += int((np.sort(ids, -1) != np.sort(s.topk_ids[:, :k], -1)).any(-1)[clear].sum())
+        np.testing.assert_allclose(r["teacher_logprobs"], s.logprobs, atol=1e-3)
+    return worst, differ
+
+
+def test_precompute_stores_the_teacher_topk(models, tmp_path):
+    """teacher_topk: k adds the teacher's top-k ids and log-probs (float16) of every response
+    position, flattened [t, j], most likely first; the lineage records k."""
+    from lopd.data.schemas import precompute_schema
+
+    store = f"file://{tmp_path / 'store'}"
+    run_stage(setup_run(store, models, tmp_path, n_prompts=4, teacher_topk=5))
+    m, rows = read_output(store, precompute_schema(5))
+    assert m.lineage["teacher_topk"] == 5 and len(rows) == 4
+    check_rows(rows, {2})
+    for r in rows:
+        n = len(r["response_token_ids"])
+        assert len(r["teacher_topk_ids"]) == len(r["teacher_topk_logprobs"]) == 5 * n
+        lps = np.asarray(r["teacher_topk_logprobs"]).reshape(n, 5)
+        assert (np.diff(lps, axis=-1) <= 0).all() and (lps <= 0).all()
+    worst, differ = topk_diff(rows, models["teacher"], 5)
+    assert worst <= 2 ** -10 and differ == 0, (worst, differ)  # float16 rounding only
+
+
+def test_precompute_scores_with_the_torch_scorer(models, tmp_path):
+    """precompute.scoring: {backend: torch} scores the teacher with plain forwards over packed
+    batches (sampling stays on precompute.inference): the same log-probs and top-k as the
+    transformers backend, and the lineage names the scoring backend."""
+    from lopd.data.schemas import precompute_schema
+
+    store = f"file://{tmp_path / 'store'}"
+    run_stage(setup_run(store, models, tmp_path, n_prompts=4, teacher_topk=3,
+                        scoring={"backend": "torch", "max_model_len": 256, "max_batch_tokens": 64}))
+    m, rows = read_output(store, precompute_schema(3))
+    assert m.lineage["scoring_backend"] == "torch" and len(rows) == 4
+    check_rows(rows, {2})
+    assert max_diff(rows, models["teacher"], "teacher_logprobs") <= 1e-5
+    worst, differ = topk_diff(rows, models["teacher"], 3)
+    assert worst <= 2 ** -10 and differ == 0, (worst, differ)
+
+
+def test_precompute_refuses_the_torch_scorer_for_sampling(models, tmp_path):
+    """The torch backend only scores: as the sampling engine it is a one-line recipe error."""
+    from lopd.recipe import RecipeError, load_recipe
+
+    path = setup_run(f"file://{tmp_path / 'store'}", models, tmp_path, inference={"backend": "torch"})
+    with pytest.raises(RecipeError, match=r"precompute\.inference: .*backend torch only scores"):
+        load_recipe(path)
+
+
 # --------------------------------------------------------------------------- vLLM
 
 
@@ -234,3 +297,21 @@ def test_precompute_on_vllm_matches_transformers(models, tmp_path):
     d_sampler = max_diff(rows, models["student"], "rollout_logprobs")
     print(f"vllm vs transformers: teacher scoring max|diff|={d_teacher:.2e}, sampler max|diff|={d_sampler:.2e}")
     assert d_teacher <= 1e-3 and d_sampler <= 1e-3
+
+
+@pytest.mark.slow
+def test_precompute_topk_on_vllm_matches_transformers(models, tmp_path):
+    """vLLM's top-k (``prompt_logprobs=k``, here k = 24 > vLLM's default cap of 20) equals the
+    transformers backend's on the same tokens: the same ids, log-probs to float16 rounding."""
+    from lopd.data.schemas import precompute_schema
+
+    store = f"file://{tmp_path / 'store'}"
+    r = setup_run(store, models, tmp_path, n_prompts=4, teacher_topk=24,
+                  inference={"backend": "vllm", "max_model_len": 256, "gpu_memory_utilization": 0.05,
+                             "max_num_seqs": 16})
+    lopd_cli("run", "precompute", "-r", str(r))
+    m, rows = read_output(store, precompute_schema(24))
+    assert m.lineage["teacher_topk"] == 24 and len(rows) == 4
+    worst, differ = topk_diff(rows, models["teacher"], 24)
+    print(f"vllm vs transformers top-24: max relative |diff|={worst:.2e}, positions with other ids={differ}")
+    assert worst <= 2e-3 and differ == 0

@@ -16,7 +16,8 @@ from lopd.layout import stage_prefix
 from lopd.manifest import publish
 from lopd.qwen_vocab import CHAT_TEMPLATE
 from lopd.store import open_store
-from lopd.train.data import TrainDataError, encode_sft_row, load_sft_seqs
+from lopd.train.data import TrainDataError
+from lopd.train.sft_rows import encode_sft_row, load_sft_seqs
 
 IM_END, THINK, END_THINK = 151645, 151667, 151668
 QUESTION = [{"role": "user", "content": "What is 17 + 25?"}]

@@ -30,7 +30,7 @@ for p in ["/proc/%d/environ" % os.getppid()] + glob.glob("/proc/[0-9]*/environ")
                 data = f.read(1 << 20)
         except OSError:
             continue
-        if b"SECRET" in data.upper():
+        if @SECRET@ in data:  # this run's secret value (other processes' command lines may say "secret")
             found["proc"].append(name)
 try:
     found["token"] = open("/var/run/secrets/kubernetes.io/serviceaccount/token").read()
@@ -81,7 +81,8 @@ def test_sandbox_nonroot_no_secret_no_connection():
     os.chmod(ww / "s", 0o777)
     try:
         src = HOSTILE.replace("@PORT@", str(servers[0][0].getsockname()[1])) \
-            .replace("@UNIX@", repr(str(ww / "s"))).replace("@ABSTRACT@", repr(abstract))
+            .replace("@UNIX@", repr(str(ww / "s"))).replace("@ABSTRACT@", repr(abstract)) \
+            .replace("@SECRET@", repr(SECRET.encode()))
         proc = subprocess.run(
             ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=-all",
              "--bounding-set=-all", "/usr/bin/python3", "-c", HARNESS],

@@ -205,18 +205,115 @@ def test_verified_download_in_parts_hashes_them_in_order(store_uri, monkeypatch)
 
 
 def test_cache_hit_is_not_rehashed_until_its_signature_moves(tmp_path, monkeypatch):
-    from lopd.store import base
+    from lopd.store import verified
 
     s = FileStore(tmp_path / "store")
     s.write_bytes("blob", b"payload")
     good = hashlib.sha256(b"payload").hexdigest()
     p = s.fetch("blob", good, 7)
     hashed = []
-    monkeypatch.setattr(base, "sha256_file", lambda path: hashed.append(path) or sha256_file(path))
+    monkeypatch.setattr(verified, "sha256_file", lambda path: hashed.append(path) or sha256_file(path))
     for _ in range(3):
-        with s.open_verified("blob", good, 7) as f:
-            assert f.read() == b"payload"
+        assert s.fetch("blob", good, 7) == p
     assert hashed == []  # signature unchanged: trusted without reading the blob
     st = p.stat()
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # same times, but the ctime moves
     assert s.fetch("blob", good, 7) == p and hashed == [p]
+
+
+def _count_hashing(monkeypatch) -> list:
+    """Record every in-place hash a file store's verified read takes."""
+    from lopd.store import local
+
+    hashed: list = []
+    real = local.sha256_fd
+    monkeypatch.setattr(local, "sha256_fd", lambda fd: hashed.append(fd) or real(fd))
+    return hashed
+
+
+def test_file_store_verified_read_is_in_place_and_registered(tmp_path, monkeypatch):
+    s = FileStore(tmp_path / "store")
+    data = os.urandom((1 << 20) + 9)
+    sha = hashlib.sha256(data).hexdigest()
+    s.write_bytes("part.bin", data)  # not hashed by anyone yet
+    hashed = _count_hashing(monkeypatch)
+    for _ in range(2):
+        with s.open_verified("part.bin", sha, len(data)) as f:
+            assert f.seekable() and f.read() == data
+    assert len(hashed) == 1  # hashed once, in place; the second read trusts the registered signature
+    assert not (cache_dir() / "blobs").exists()  # no private copy
+    os.utime(tmp_path / "store" / "part.bin")  # a touch moves the signature: hashed again
+    with s.open_verified("part.bin", sha, len(data)) as f:
+        assert f.read() == data
+    assert len(hashed) == 2
+
+
+def test_published_file_is_trusted_until_it_is_tampered_with(tmp_path, monkeypatch):
+    s = FileStore(tmp_path / "store")
+    local = tmp_path / "part.bin"
+    data = os.urandom(2 * (1 << 20) + 1)
+    local.write_bytes(data)
+    sha = sha256_file(local)  # the publisher hashes it for its manifest...
+    s.put_file(local, "p/part.bin")  # ...and uploads it: the copy is registered with that hash
+    hashed = _count_hashing(monkeypatch)
+    with s.open_verified("p/part.bin", sha, len(data)) as f:
+        assert f.read() == data
+    assert s.fetch("p/part.bin", sha, len(data)).read_bytes() == data  # copied into the cache unhashed
+    assert hashed == []
+    # tampered in place after publishing (same size, mtime put back): the registered signature
+    # no longer matches, so the first read rehashes and refuses it
+    bad = bytearray(data)
+    bad[12345] ^= 1
+    _corrupt_in_place(tmp_path / "store" / "p" / "part.bin", bytes(bad))
+    with pytest.raises(IntegrityError, match=f"part.bin: sha256 [0-9a-f]{{64}} does not match the manifest's {sha}"):
+        s.open_verified("p/part.bin", sha, len(data))
+    assert len(hashed) == 1
+    # replaced by another file with other bytes: refused too
+    s.write_bytes("p/part.bin", bytes(bad))
+    with pytest.raises(IntegrityError, match="does not match"):
+        s.open_verified("p/part.bin", sha, len(data))
+
+
+def test_publisher_file_changed_before_upload_is_not_registered(tmp_path):
+    s = FileStore(tmp_path / "store")
+    local = tmp_path / "part.bin"
+    local.write_bytes(b"payload")
+    sha = sha256_file(local)
+    _corrupt_in_place(local, b"PAYLOAD")  # changed between the manifest's hash and the upload
+    s.put_file(local, "part.bin")
+    with pytest.raises(IntegrityError, match="does not match"):
+        s.open_verified("part.bin", sha, 7)
+    with pytest.raises(IntegrityError, match="does not match"):
+        s.fetch("part.bin", sha, 7)
+    assert not [p for p in (cache_dir() / "blobs").rglob("*") if p.is_file()]
+
+
+def test_bytes_changed_while_being_read_are_refused_on_close(store_uri, tmp_path):
+    s = open_store(store_uri)
+    data = os.urandom(1 << 20)
+    sha = hashlib.sha256(data).hexdigest()
+    s.write_bytes("part.bin", data)
+    f = s.open_verified("part.bin", sha, len(data))
+    underneath = (tmp_path / "store" / "part.bin") if store_uri.startswith("file://") else s.fetch("part.bin", sha)
+    head = f.read(1000)
+    _corrupt_in_place(underneath, b"X" * 1000)  # the verified file is written under the reader
+    with pytest.raises(IntegrityError, match="changed while it was being read"):
+        with f:
+            assert head == data[:1000]
+            f.read()
+    assert f.closed
+
+
+def test_a_second_verified_copy_never_replaces_a_blob_under_its_reader(tmp_path, s3_server):
+    from lopd.store import base
+
+    s = open_store(f"s3://lopd-test/t-install-{os.getpid()}")
+    data = os.urandom(1 << 16)
+    sha = hashlib.sha256(data).hexdigest()
+    s.write_bytes("part.bin", data)
+    with s.open_verified("part.bin", sha, len(data)) as f:
+        late = tmp_path / "late.part"  # what a process that also missed the cache verified meanwhile
+        late.write_bytes(data)
+        assert base._install(late, s.fetch("part.bin", sha)) is False
+        assert f.read() == data
+    # closed without complaint: the blob under the reader was left alone

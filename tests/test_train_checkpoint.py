@@ -109,8 +109,8 @@ def bf16_resume_child(model_dir: str, work: str, stages: str) -> None:
     from lopd.recipe import SftConfig
     from lopd.store import open_store
     from lopd.train import checkpoint as ckpt
-    from lopd.train.data import encode_sft_row
     from lopd.train.engine import build_engine, init_distributed
+    from lopd.train.sft_rows import encode_sft_row
 
     init_distributed()
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -9,18 +9,14 @@ import copy
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from lopd.data.schemas import PRECOMPUTE, SFT_DATA, write_table
 from lopd.layout import stage_prefix
 from lopd.manifest import publish
 from lopd.store import IntegrityError, open_store, sha256_file
-from lopd.train.data import (
-    TrainDataError,
-    global_batch_indices,
-    load_opd_samples,
-    load_sft_seqs,
-    open_precompute,
-)
+from lopd.train.data import TrainDataError, global_batch_indices, load_opd_samples, open_precompute
+from lopd.train.sft_rows import load_sft_seqs
 from tests.helpers.training import RUN, make_run, publish_precompute, run_job
 
 GOOD = {"teacher_fingerprint": "t" * 64, "sft_teacher_fingerprint": "t" * 64, "teacher_consistent": True,
@@ -226,3 +222,75 @@ def test_sft_data_duplicates_and_empty_are_refused(tmp_path, tiny_model):
                    metrics={"prompts": 2, "skipped_too_long": 2, "samples": 0})
     with pytest.raises(TrainDataError, match="runs/t/sft-data: the published SFT data holds no rows$"):
         load_sft_seqs(open_store(uri), prefix, tok, 64)
+
+
+# --------------------------------------------------------------------------- the teacher's top-k
+
+TOPK = 3
+
+
+def _topk_rows(n: int = 6) -> dict[str, list]:
+    rows = _rows(n)
+    rng = np.random.default_rng(1)
+    rows["teacher_topk_ids"] = [rng.integers(0, 384, 4 * TOPK).tolist() for _ in range(n)]
+    rows["teacher_topk_logprobs"] = [np.sort(-rng.random(4 * TOPK)).astype(np.float16).tolist() for _ in range(n)]
+    return rows
+
+
+def test_topk_columns_load_and_reach_micro_batches(tmp_path):
+    from lopd.data.schemas import precompute_schema
+    from lopd.train.packing import make_micro_batches
+
+    uri = f"file://{tmp_path / 'store'}"
+    rows = _topk_rows()
+    publish_precompute(uri, rows, tmp_path, {**GOOD, "teacher_topk": TOPK}, shards=2, schema=precompute_schema(TOPK))
+    samples, _ = _load(uri)
+    s = samples[2]
+    assert s.teacher_topk_ids.shape == (4, TOPK) and s.teacher_topk_logprobs.dtype == np.float16
+    np.testing.assert_array_equal(s.teacher_topk_ids.reshape(-1), rows["teacher_topk_ids"][2])
+    mbs = make_micro_batches([x.to_seq(i) for i, x in enumerate(samples)], 16)
+    assert sum(mb.num_targets for mb in mbs) == 24
+    for mb in mbs:
+        assert mb.extras["teacher_topk_ids"].shape == (mb.num_targets, TOPK)
+        assert mb.extras["teacher_topk_logprobs"].shape == (mb.num_targets, TOPK)
+        assert mb.extras["teacher_topk_ids"].dtype == torch.int64
+        i = int(mb.seq_index[0])
+        np.testing.assert_allclose(mb.extras["teacher_topk_logprobs"][:4].numpy(),
+                                   samples[i].teacher_topk_logprobs.astype(np.float32))
+    # data without the columns (teacher_topk 0 or missing in the lineage) loads without them
+    publish_precompute(f"file://{tmp_path / 'old'}", _rows(), tmp_path / "o", GOOD)
+    old, _ = _load(f"file://{tmp_path / 'old'}")
+    assert old[0].teacher_topk_ids is None and "teacher_topk_ids" not in old[0].to_seq(0).extras
+
+
+@pytest.mark.parametrize("case,match", [
+    ("length", r"row 1 .*column teacher_topk_ids: length 11 != response length 4 x teacher_topk 3"),
+    ("vocab", r"row 1 .*column teacher_topk_ids: token id out of range \[0, 384\)"),
+    ("positive", r"row 1 .*column teacher_topk_logprobs: a value is not a finite log-prob <= 0"),
+])
+def test_topk_bad_columns_name_row_and_column(tmp_path, case, match):
+    from lopd.data.schemas import precompute_schema
+
+    def mutate(r):
+        if case == "length":
+            r["teacher_topk_ids"][1] = r["teacher_topk_ids"][1][:11]
+        elif case == "vocab":
+            r["teacher_topk_ids"][1][5] = 384
+        else:
+            r["teacher_topk_logprobs"][1][0] = 0.5
+
+    rows = _topk_rows()
+    mutate(rows)
+    uri = f"file://{tmp_path / 'store'}"
+    publish_precompute(uri, rows, tmp_path, {**GOOD, "teacher_topk": TOPK}, shards=1, schema=precompute_schema(TOPK))
+    with pytest.raises(TrainDataError, match=match):
+        _load(uri)
+
+
+def test_topk_objective_needs_topk_data():
+    from lopd.train.data import require_topk
+
+    assert require_topk({"teacher_topk": 5}, "x") == 5
+    for lineage in ({}, {"teacher_topk": 0}):
+        with pytest.raises(TrainDataError, match="x: opd.objective topk needs the teacher's top-k"):
+            require_topk(lineage, "x")

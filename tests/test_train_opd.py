@@ -8,12 +8,19 @@ ZeRO-3 == 1 rank, kill and resume.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+import torch
 
 from lopd.layout import stage_prefix
 from lopd.manifest import read_manifest
 from lopd.store import open_store
+from tests.helpers.cli import REPO
 from tests.helpers.training import RUN, final_weights, make_run, precompute_rows, read_metrics, run_job
 
 
@@ -157,3 +164,122 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, opd_models,
     wa, wb = final_weights(base_uri, base_tmp), final_weights(store_uri, tmp_path)
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) == 0.0
     assert [h["step"] for h in read_metrics(store_uri)] == list(range(1, 7))
+
+
+# --------------------------------------------------------------------------- the log p_old pass
+
+
+def _samples(vocab: int, n: int = 8, seed: int = 0):
+    """Random rollouts with teacher and rollout log-probs (the identities below hold for any)."""
+    from lopd.train.data import OpdSample
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        p, r = rng.integers(3, vocab, int(rng.integers(3, 8))), rng.integers(3, vocab, int(rng.integers(4, 12)))
+        teacher, rollout = (rng.standard_normal((2, len(r))) - 3.0).astype(np.float32)
+        out.append(OpdSample(f"p{i:02d}", 0, p, r, teacher, rollout))
+    return out
+
+
+def test_one_mini_batch_old_logprobs_from_the_training_forward_equal_the_no_grad_pass(opd_models):
+    """float64, every loss term on (importance weights, KL penalty): with ``log p_old = sg(log p)`` of
+    the training forward, each micro-batch's loss, the accumulated gradient and every summed stat
+    (loss, advantage, kl_to_sft, clip count, entropy) equal those with ``log p_old`` from the separate
+    no-grad pass, and the ratio is exactly 1 (nothing clipped)."""
+    from transformers import AutoModelForCausalLM
+
+    from lopd.recipe import OpdConfig
+    from lopd.train.engine import LogprobModel, forward_logprobs, read_stats
+    from lopd.train.opd import Counts, batch_seqs, opd_micro_loss
+    from lopd.train.packing import make_micro_batches
+
+    model = AutoModelForCausalLM.from_pretrained(opd_models[0], dtype=torch.float64)
+    engine = LogprobModel(model, chunk_size=5)
+    samples = _samples(model.config.vocab_size)
+    cfg = OpdConfig(kl_coef=0.1, importance_weights={"enabled": True, "cap": 2.0})
+    mbs = make_micro_batches(batch_seqs(samples, 0), 40, packing=True)
+    assert len(mbs) > 1
+    counts = Counts(float(sum(mb.num_targets for mb in mbs)), float(len(samples)), 1)
+
+    def run(from_current: bool):
+        model.zero_grad(set_to_none=True)
+        losses, stats = [], {}
+        for mb in mbs:
+            mb.extras.pop("old_logprobs", None)
+            if not from_current:
+                with torch.no_grad():
+                    mb.extras["old_logprobs"] = forward_logprobs(engine, mb, entropy=False)[0].float()
+            loss, s = opd_micro_loss(engine, mb, cfg, counts, old_from_current=from_current)
+            loss.backward()
+            losses.append(loss.detach())
+            stats = {k: stats[k] + v if k in stats else v for k, v in s.items()}
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return torch.stack(losses), read_stats(stats), grads
+
+    loss_a, stats_a, grad_a = run(from_current=True)
+    loss_b, stats_b, grad_b = run(from_current=False)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(grad_a, grad_b, rtol=1e-12, atol=1e-15)
+    assert grad_a.norm() > 0 and stats_a.keys() == stats_b.keys()
+    for k in stats_a:
+        assert stats_a[k] == pytest.approx(stats_b[k], rel=1e-12, abs=1e-15), k
+    assert stats_a["clip_sum"] == 0.0 and stats_a["kl_sum"] > 0 and stats_a["ent_sum"] > 0
+
+
+def old_pass_child(model_dir: str) -> None:
+    """One OPD step through DeepSpeed (1 rank, gloo, fp32) per variant: one mini-batch with the
+    ``log p_old`` pass skipped (the default) or forced, and two mini-batches (the default: the pass);
+    prints metrics, decoder forward calls, micro-batch counts and the weights' gap."""
+    from transformers import AutoModelForCausalLM
+
+    from lopd.recipe import OpdConfig
+    from lopd.train.engine import build_engine, init_distributed
+    from lopd.train.opd import batch_seqs, opd_step, split_minis
+    from lopd.train.packing import make_micro_batches
+
+    init_distributed()
+    cfg = OpdConfig(kl_coef=0.1, optim={"lr": 1e-3, "weight_decay": 0.0},
+                    train={"zero_stage": 0, "gradient_checkpointing": False, "micro_batch_tokens": 40,
+                           "global_batch": 8, "steps": 1})
+    out, weights = {}, {}
+    for name, minis, old_pass in (("skip", 1, None), ("pass", 1, True), ("two_minis", 2, None)):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        samples = _samples(model.config.vocab_size)
+        engine = build_engine(model, cfg.train, cfg.optim, chunk_size=4)
+        calls = [0]
+        model.model.register_forward_pre_hook(lambda *_, c=calls: c.__setitem__(0, c[0] + 1))
+        parts = split_minis(samples, minis, 0, 1)
+        m = opd_step(engine, parts, cfg, 1e-3, 1, old_pass=old_pass)
+        out[name] = {"metrics": m, "forward_calls": calls[0],
+                     "micro_batches": sum(len(make_micro_batches(batch_seqs(p, 0), 40)) for p in parts)}
+        weights[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out["max_weight_diff"] = max(float((weights["skip"][k] - weights["pass"][k]).abs().max()) for k in weights["skip"])
+    print(json.dumps(out))
+
+
+def test_old_logprob_pass_skipped_only_for_one_mini_batch_and_the_step_is_unchanged(opd_models):
+    """Through the real engine and ``opd_step``: one mini-batch runs one forward per micro-batch (no
+    ``log p_old`` pass) and gives the same metrics and updated weights as with the pass forced
+    (fp32, same kernels: rounding at most); two mini-batches still run the pass (two forwards each)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tests.test_train_opd", "--old-pass-child", str(opd_models[0])],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    skip, forced, two = res["skip"], res["pass"], res["two_minis"]
+    assert skip["micro_batches"] > 1 and skip["micro_batches"] == forced["micro_batches"]
+    assert skip["forward_calls"] == skip["micro_batches"]
+    assert forced["forward_calls"] == 2 * forced["micro_batches"]
+    assert two["forward_calls"] == 2 * two["micro_batches"]
+    for k in ("loss", "adv_mean", "reverse_kl_est", "kl_to_sft", "clip_frac", "entropy", "grad_norm",
+              "response_tokens"):
+        assert skip["metrics"][k] == pytest.approx(forced["metrics"][k], rel=1e-6, abs=1e-9), k
+    assert skip["metrics"]["clip_frac"] == 0.0 and skip["metrics"]["grad_norm"] > 0
+    assert res["max_weight_diff"] <= 1e-7
+    assert two["metrics"]["clip_frac"] > 0  # the second mini-batch's log p_old is the batch start's: off-policy
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--old-pass-child"]:
+        old_pass_child(sys.argv[2])

@@ -140,3 +140,22 @@ def test_multi_row_packing_equals_each_sequence_alone(tiny_model, sort):
             assert order == list(range(len(seqs)))  # concatenated targets are in input order
         for s in seqs:
             torch.testing.assert_close(got[s.index], _alone(model, s), rtol=1e-5, atol=1e-5)
+
+
+def test_topk_extras_are_carried_as_num_targets_by_k():
+    """2-D extras (the teacher's top-k ids and log-probs) reach every micro-batch as [num_targets, k],
+    ids as int64 and log-probs as float32, aligned with seq_index like the 1-D ones."""
+    seqs = _seqs([5, 9, 3, 7, 4])
+    k = 3
+    for s in seqs:
+        n = s.num_targets
+        s.extras["ids"] = (np.arange(n * k, dtype=np.int32).reshape(n, k) + 1000 * s.index)
+        s.extras["lps"] = -np.arange(n * k, dtype=np.float16).reshape(n, k) / 8
+    for mbs in (pack(seqs, 12, sort=True), pad(seqs, 12)):
+        _check_micro_batches(mbs, seqs, 12)
+        for mb in mbs:
+            assert mb.extras["ids"].shape == (mb.num_targets, k) and mb.extras["ids"].dtype == torch.int64
+            assert mb.extras["lps"].shape == (mb.num_targets, k) and mb.extras["lps"].dtype == torch.float32
+            for i in torch.unique(mb.seq_index).tolist():
+                np.testing.assert_array_equal(mb.extras["ids"][mb.seq_index == i].numpy(), seqs[i].extras["ids"])
+                np.testing.assert_array_equal(mb.extras["lps"][mb.seq_index == i].numpy(), seqs[i].extras["lps"])

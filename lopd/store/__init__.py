@@ -7,13 +7,18 @@
   with botocore's retry modes. Endpoint and credentials come from the standard AWS environment
   only (``AWS_ENDPOINT_URL``, the credential chain, IRSA); nothing here reads them from a recipe.
 - Everything streams: hashing, uploading and downloading never hold a whole file in memory.
-- :meth:`Store.fetch` streams an object once into a local cache keyed by sha256 (a kernel copy
-  for a file store, parallel ranged GETs for S3), hashing the copy in order while later ranges
-  land, and :meth:`Store.open_verified` hands readers that verified copy; a cache hit rests on
-  content, not on the name, and an unchanged one (same stat signature) is not re-read.
+- :meth:`Store.open_verified` hands a reader bytes verified against a manifest's sha256 and
+  size, its stat signature checked again on close. S3 objects are streamed once into a local
+  cache keyed by sha256 (parallel ranged GETs, the copy hashed in order while later ranges
+  land: :meth:`Store.fetch`); a file store's files are verified and read in place. What was
+  verified is registered under its stat signature (size, mtime_ns, ctime_ns, inode, device)
+  and trusted without rereading until that signature moves; a file the publisher hashed and
+  uploaded to a file store on this machine is registered from the start.
 
-Modules: :mod:`lopd.store.base` (errors, hashing, :class:`Store`), :mod:`lopd.store.local`
-(:class:`FileStore`), :mod:`lopd.store.s3` (``S3Store``, imported only for ``s3://`` URIs).
+Modules: :mod:`lopd.store.common` (errors, keys, hashing), :mod:`lopd.store.verified` (the
+signature registry, the cache, checked readers), :mod:`lopd.store.base` (:class:`Store`),
+:mod:`lopd.store.local` (:class:`FileStore`), :mod:`lopd.store.s3` (``S3Store``, imported only
+for ``s3://`` URIs).
 This package knows nothing of torch or of manifests (see :mod:`lopd.manifest`).
 """
 
@@ -21,21 +26,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lopd.store.base import (
+from lopd.store.base import Store
+from lopd.store.common import (
     CHUNK,
     IntegrityError,
     NotFound,
     ObjectInfo,
-    Store,
     StoreError,
     cache_dir,
     clean_key,
     copy_hashing,
-    sha256_file,
     sha256_stream,
     stat_signature,
 )
 from lopd.store.local import FileStore
+from lopd.store.verified import sha256_file
 
 
 def open_store(uri: str | Path) -> Store:

@@ -1,178 +1,53 @@
-"""The store's common ground: errors, object info, streamed hashing, the cache and :class:`Store`.
+"""The store's interface: :class:`Store`, with what every backend derives from its primitives.
 
 - Keys are ``/``-separated paths relative to the store root (the URI given to
   :func:`lopd.store.open_store`); :func:`clean_key` rejects ``.`` and ``..`` parts.
 - Everything streams: hashing, uploading and downloading never hold a whole file in memory.
 - :meth:`Store.fetch` streams an object once into a local cache keyed by sha256, hashing it on
-  the way (overlapped with the transfer: :func:`fill_hashing`); :meth:`Store.open_verified` hands
-  readers that verified copy. A cache hit rests on content (see :meth:`Store.fetch`).
+  the way (overlapped with the transfer: :func:`~lopd.store.verified.fill_hashing`);
+  :meth:`Store.open_verified` hands readers that verified copy, checked again on close. A
+  cache hit rests on content (see :mod:`lopd.store.verified`).
 
-The backends (:mod:`lopd.store.local`, :mod:`lopd.store.s3`) build on this module only.
+Errors, keys and hashing live in :mod:`lopd.store.common`, the signature registry and the cache
+in :mod:`lopd.store.verified`; their names are re-exported here for older imports. The
+backends (:mod:`lopd.store.local`, :mod:`lopd.store.s3`) build on these three modules only.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from lopd import LopdError
+from lopd.store.common import (
+    CHUNK,
+    IntegrityError,
+    NotFound,
+    ObjectInfo,
+    StoreError,
+    cache_dir,
+    clean_key,
+    copy_hashing,
+    pwrite_all,
+    sha256_stream,
+    signature_of,
+    stat_signature,
+)
+from lopd.store.verified import (
+    blob_path,
+    cache_hit,
+    fill_hashing,
+    open_blob,
+    record_verified,
+    sha256_file,
+)
 
-CHUNK = 1 << 20
-
-
-class StoreError(LopdError):
-    """A store operation failed; the message names the URI."""
-
-
-class NotFound(StoreError):
-    """The key does not exist."""
-
-
-class IntegrityError(StoreError):
-    """Content does not match its recorded sha256 or size."""
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    key: str
-    size: int
-
-
-def sha256_file(path: str | Path) -> str:
-    """sha256 of a local file, streamed in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_stream(f: IO[bytes]) -> tuple[str, int]:
-    """sha256 and byte count of a readable stream."""
-    h, n = hashlib.sha256(), 0
-    while chunk := f.read(CHUNK):
-        h.update(chunk)
-        n += len(chunk)
-    return h.hexdigest(), n
-
-
-def copy_hashing(src: IO[bytes], dst: IO[bytes]) -> tuple[str, int]:
-    """Copy ``src`` to ``dst``; returns the sha256 and byte count of what passed, each chunk hashed
-    on a second thread (hashlib releases the GIL) while the next is read and written."""
-    h, n, pending = hashlib.sha256(), 0, None
-    with ThreadPoolExecutor(1, thread_name_prefix="lopd-sha256") as hasher:
-        while chunk := src.read(CHUNK):
-            dst.write(chunk)
-            n += len(chunk)
-            if pending is not None:
-                pending.result()
-            pending = hasher.submit(h.update, chunk)
-        if pending is not None:
-            pending.result()
-    return h.hexdigest(), n
-
-
-def fill_hashing(dest: Path, size: int, fill: Callable[[int, int, int], None], part: int,
-                 workers: int) -> tuple[str, int]:
-    """Write ``dest`` (``size`` bytes) in ``part``-sized ranges, each by ``fill(fd, start, end)`` on
-    one of ``workers`` threads, while this thread hashes the file in order as each range lands
-    (read back from the page cache: the hash covers ``dest`` itself). Returns its sha256 and size."""
-    h, buf = hashlib.sha256(), memoryview(bytearray(CHUNK))
-    ranges = [(start, min(size, start + part)) for start in range(0, size, part)]
-    with open(dest, "wb+") as out, ThreadPoolExecutor(workers, thread_name_prefix="lopd-fill") as pool:
-        fd = out.fileno()
-        futures = [pool.submit(fill, fd, start, end) for start, end in ranges]
-        try:
-            for future, (pos, end) in zip(futures, ranges, strict=True):
-                future.result()
-                while pos < end:
-                    n = os.preadv(fd, [buf[: min(CHUNK, end - pos)]], pos)
-                    if n <= 0:
-                        raise StoreError(f"{dest}: bytes from {pos} missing after they were written")
-                    h.update(buf[:n])
-                    pos += n
-        finally:
-            for future in futures:
-                future.cancel()
-        return h.hexdigest(), os.fstat(fd).st_size
-
-
-def pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def stat_signature(p: Path) -> list[int]:
-    """What a recorded hash of ``p`` is trusted under: ``[size, mtime_ns, ctime_ns, inode, device]``.
-
-    A write in place changes ``ctime_ns`` (which no tool can set back) even when the size and a
-    restored ``mtime_ns`` stay the same; a replacement file has a new inode. Any difference
-    means the file is hashed again (the download cache here, model fingerprints in
-    :mod:`lopd.fingerprint`).
-    """
-    st = p.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
-
-
-def _signature(path: Path) -> str:
-    return " ".join(map(str, stat_signature(path)))
-
-
-def _sig_path(blob: Path) -> Path:
-    return blob.with_name(f".{blob.name}.verified")
-
-
-def _record_signature(blob: Path) -> None:
-    """Record ``blob``'s stat signature as verified (atomically)."""
-    sig = _sig_path(blob)
-    tmp = sig.with_name(f"{sig.name}.{uuid.uuid4().hex}.part")
-    tmp.write_text(_signature(blob))
-    os.replace(tmp, sig)
-
-
-def _cache_hit(blob: Path, sha256: str, size: int | None) -> bool:
-    """Whether the cached ``blob`` holds ``sha256``'s bytes (re-hashed when its signature moved);
-    a blob that does not is removed."""
-    try:
-        if size is not None and blob.stat().st_size != size:
-            blob.unlink(missing_ok=True)
-            return False
-        current = _signature(blob)
-    except FileNotFoundError:
-        return False
-    try:
-        if _sig_path(blob).read_text() == current:
-            return True
-    except FileNotFoundError:
-        pass
-    if sha256_file(blob) == sha256:
-        _record_signature(blob)
-        return True
-    blob.unlink(missing_ok=True)
-    _sig_path(blob).unlink(missing_ok=True)
-    return False
-
-
-def cache_dir() -> Path:
-    """Local download cache (``LOPD_CACHE``, default ``~/.cache/lopd``)."""
-    return Path(os.environ.get("LOPD_CACHE", Path.home() / ".cache" / "lopd"))
-
-
-def clean_key(key: str) -> str:
-    """``key`` without leading/trailing ``/``; raises :class:`StoreError` on ``.`` or ``..`` parts."""
-    key = key.strip("/")
-    if any(part in ("..", ".") for part in key.split("/")):
-        raise StoreError(f"invalid store key {key!r}")
-    return key
+__all__ = [
+    "CHUNK", "IntegrityError", "NotFound", "ObjectInfo", "Store", "StoreError", "cache_dir", "clean_key",
+    "copy_hashing", "fill_hashing", "pwrite_all", "sha256_file", "sha256_stream", "stat_signature",
+]
 
 
 class Store:
@@ -277,29 +152,53 @@ class Store:
         A miss streams the object once into the cache, hashed as it lands (no second read), and
         raises :class:`IntegrityError` naming the file and both hashes (or sizes) on a mismatch;
         nothing is left in the cache then. A hit rests on content, not on the name: a verified
-        blob's :func:`stat_signature` is recorded beside it, and a hit whose signature differs
-        (written, touched, replaced or hard-linked since) is re-hashed; a blob that no longer
-        matches is dropped and downloaded again. An unchanged hit is not re-read.
+        blob's :func:`stat_signature` is registered (:mod:`lopd.store.verified`), and a hit whose
+        signature differs (written, touched, replaced or hard-linked since) is re-hashed; a blob
+        that no longer matches is dropped and downloaded again. An unchanged hit is not re-read.
         """
-        dest = cache_dir() / "blobs" / sha256[:2] / sha256
-        if _cache_hit(dest, sha256, size):
-            return dest
+        return self._fetch(key, sha256, size)[0]
+
+    def _fetch(self, key: str, sha256: str, size: int | None) -> tuple[Path, list[int]]:
+        """:meth:`fetch`, with the signature the blob was verified under."""
+        dest = blob_path(sha256)
+        if (sig := cache_hit(dest, sha256, size)) is not None:
+            return dest, sig
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
         try:
             self._copy_verified(key, tmp, sha256, size)
-            os.replace(tmp, dest)
-            _record_signature(dest)
+            ours = _install(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
-        return dest
+        if not ours:  # another process verified and installed the object meanwhile
+            if (sig := cache_hit(dest, sha256, size)) is not None:
+                return dest, sig
+            return self._fetch(key, sha256, size)
+        st = os.stat(dest)
+        record_verified(st, sha256)
+        return dest, signature_of(st)
 
     def open_verified(self, key: str, sha256: str, size: int | None = None) -> IO[bytes]:
         """A seekable local binary file holding ``key``'s bytes, verified against ``sha256`` and
-        ``size`` before it is returned (via :meth:`fetch`); close it."""
-        return open(self.fetch(key, sha256, size), "rb")
+        ``size`` before it is returned (the cached copy of :meth:`fetch`, for the base
+        implementation); its stat signature is checked again on close, and a change raises
+        :class:`IntegrityError` then (:class:`~lopd.store.verified.VerifiedFile`). Close it."""
+        return open_blob(*self._fetch(key, sha256, size))
 
     def hash_object(self, key: str) -> tuple[str, int]:
         """sha256 and size of a stored object, streamed."""
         with self.open(key) as f:
             return sha256_stream(f)
+
+
+def _install(tmp: Path, dest: Path) -> bool:
+    """Put the verified ``tmp`` at ``dest`` unless another process already put a copy there (a
+    blob is never replaced under its readers: the unlink would move the signature their
+    :class:`~lopd.store.verified.VerifiedFile` checks on close). True when ``tmp`` went in."""
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        return False
+    except OSError:  # a filesystem without hard links
+        os.replace(tmp, dest)
+    return True

@@ -3,18 +3,38 @@
 Writes are atomic per object: each goes through a temp file (``.<name>.*.part``, fsynced) and
 ``os.replace``, so a reader never sees a partial object. Deletes never follow a symlink out of
 the root (:meth:`FileStore.delete`).
+
+Verified reads happen in place (:meth:`FileStore.open_verified`): a store file is hashed once,
+its stat signature registered (:mod:`lopd.store.verified`), and read directly, its signature
+checked when opened and again on close. A file uploaded by :meth:`FileStore.put_file` from a
+local file whose registered signature did not move during the copy (a file the publisher just
+hashed for its manifest) is registered with that hash, so its first verified read here rehashes
+nothing.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from pathlib import Path
 from typing import IO
 
-from lopd.store.base import CHUNK, NotFound, ObjectInfo, Store, StoreError, clean_key, fill_hashing, pwrite_all
+from lopd.store.base import Store
+from lopd.store.common import (
+    CHUNK,
+    IntegrityError,
+    NotFound,
+    ObjectInfo,
+    StoreError,
+    clean_key,
+    pwrite_all,
+    sha256_fd,
+    signature_of,
+)
+from lopd.store.verified import fill_hashing, open_checked, record_verified, registered_sha256
 
 
 class FileStore(Store):
@@ -31,7 +51,9 @@ class FileStore(Store):
     def child(self, prefix: str) -> FileStore:
         return FileStore(self._path(prefix))
 
-    def _atomic_write(self, key: str, writer) -> None:
+    def _atomic_write(self, key: str, writer, published=None) -> None:
+        """Write ``key`` through a temp file; ``published(fd)``, when given, runs on the still
+        open file once it has replaced the destination."""
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
@@ -40,17 +62,30 @@ class FileStore(Store):
                 writer(f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, dest)
+                os.replace(tmp, dest)
+                if published is not None:
+                    published(f.fileno())
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
     def put_file(self, local: str | Path, key: str) -> None:
+        """Copy ``local`` to ``key`` atomically. When ``local``'s signature is registered with a
+        sha256 (:func:`lopd.store.sha256_file` hashed it) and is still the same after the copy,
+        the copy holds exactly those bytes and is registered with that sha256 too."""
         try:
-            with open(local, "rb") as src:
-                self._atomic_write(key, lambda f: shutil.copyfileobj(src, f, CHUNK))
+            src = open(local, "rb")
         except FileNotFoundError:
             raise StoreError(f"upload to {self.url(key)}: local file not found: {local}") from None
+        with src:
+            before = os.fstat(src.fileno())
+            known = registered_sha256(before)
+
+            def published(fd: int) -> None:
+                if known is not None and signature_of(os.fstat(src.fileno())) == signature_of(before):
+                    record_verified(os.fstat(fd), known)
+
+            self._atomic_write(key, lambda f: shutil.copyfileobj(src, f, CHUNK), published)
 
     def get_file(self, key: str, local: str | Path) -> None:
         src = self._path(key)
@@ -72,17 +107,68 @@ class FileStore(Store):
             raise NotFound(f"not found: {self.url(key)}") from None
 
     def _stream_into(self, key: str, dest: Path) -> tuple[str, int]:
-        """Copy ``key`` into ``dest`` a range ahead of the hashing of ``dest`` (:func:`fill_hashing`);
-        returns the sha256 and size of ``dest``."""
+        """Copy ``key`` into ``dest``; returns the sha256 and size of ``dest``. A store file whose
+        signature is registered, and unchanged once the copy is done, is copied without hashing
+        (``dest`` holds the registered bytes); any other is copied a range ahead of the hashing
+        of ``dest`` (:func:`fill_hashing`)."""
         try:
             src = open(self._path(key), "rb", buffering=0)
         except (FileNotFoundError, IsADirectoryError):
             raise NotFound(f"not found: {self.url(key)}") from None
         with src:
+            before = os.fstat(src.fileno())
+            size = before.st_size
+            if (known := registered_sha256(before)) is not None:
+                with open(dest, "wb") as out:
+                    _copy_range(src.fileno(), out.fileno(), 0, size)
+                if signature_of(os.fstat(src.fileno())) == signature_of(before):
+                    return known, size
+
             def fill(fd: int, start: int, end: int) -> None:
                 _copy_range(src.fileno(), fd, start, end)
 
-            return fill_hashing(dest, os.fstat(src.fileno()).st_size, fill, 16 << 20, 1)
+            return fill_hashing(dest, size, fill, 16 << 20, 1)
+
+    def open_verified(self, key: str, sha256: str, size: int | None = None) -> IO[bytes]:
+        """The store file itself, opened and verified in place: trusted without reading when its
+        signature (taken on the open file) is registered with ``sha256``, else hashed once and
+        registered. A mismatch raises :class:`IntegrityError` naming the file and both hashes
+        (or sizes); the signature is checked again on close, and a change raises then. A file
+        that changes while it is being hashed is read through the cache instead (a private,
+        verified copy: :meth:`Store.open_verified`)."""
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"not found: {self.url(key)}") from None
+        try:
+            sig = self._verify_in_place(fd, key, sha256, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        if sig is None:
+            os.close(fd)
+            return super().open_verified(key, sha256, size)
+        return open_checked(fd, sig, self.url(key))
+
+    def _verify_in_place(self, fd: int, key: str, sha256: str, size: int | None) -> list[int] | None:
+        """The signature under which the open store file ``fd`` holds ``sha256``'s bytes (None when
+        it changed while being hashed); raises :class:`IntegrityError` when it does not hold them."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotFound(f"not found: {self.url(key)}")
+        if registered_sha256(st) == sha256 and (size is None or st.st_size == size):
+            return signature_of(st)
+        got, n = sha256_fd(fd)
+        if size is not None and n != size:
+            raise IntegrityError(f"{self.url(key)}: {n} bytes, the manifest says {size} "
+                                 f"(sha256 {got}, the manifest's {sha256})")
+        if got != sha256:
+            raise IntegrityError(f"{self.url(key)}: sha256 {got} does not match the manifest's {sha256}")
+        after = os.fstat(fd)
+        if signature_of(after) != signature_of(st):
+            return None
+        record_verified(after, sha256)
+        return signature_of(after)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._atomic_write(key, lambda f: f.write(data))
@@ -136,3 +222,4 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
             raise StoreError(f"a store file ended at byte {pos} while being copied (expected {end})")
         pwrite_all(dst, buf[:n], pos)
         pos += n
+

@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from lopd.store.base import CHUNK, NotFound, ObjectInfo, Store, StoreError, clean_key, fill_hashing, pwrite_all
+from lopd.store.base import Store
+from lopd.store.common import CHUNK, NotFound, ObjectInfo, StoreError, clean_key, pwrite_all
+from lopd.store.verified import fill_hashing
 
 log = logging.getLogger(__name__)
 

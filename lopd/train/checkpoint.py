@@ -203,9 +203,7 @@ def _prime_optimizer(engine) -> None:
     from lopd.train.engine import device, forward_logprobs, set_lr
     from lopd.train.packing import dummy_micro_batch
 
-    mb = dummy_micro_batch()
-    mb.select[0, 0] = True
-    mb = mb.to(device())
+    mb = dummy_micro_batch().to(device())  # one selected position
     engine.set_gradient_accumulation_boundary(True)
     lp, _ = forward_logprobs(engine, mb)
     engine.backward(lp.sum() * 0.0, scale_wrt_gas=False)

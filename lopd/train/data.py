@@ -1,4 +1,5 @@
-"""Training inputs: the precompute parquet (OPD) and the SFT data, read via their manifests.
+"""Training inputs, read via their manifests: the precompute parquet (OPD) here, the SFT data in
+:mod:`lopd.train.sft_rows` (on the helpers below).
 
 Every file is verified against the manifest's sha256 and size before any row is used, then
 validated while it streams in (``pyarrow`` record batches per file); a bad row is a
@@ -6,7 +7,9 @@ validated while it streams in (``pyarrow`` record batches per file); a bad row i
 identity (``(prompt_id, sample_index)``; a prompt id in SFT data) names both rows, and an empty
 published dataset is refused. The
 precompute manifest's lineage must record a consistent teacher unless the recipe allows the
-ablation (``allow_inconsistent_teacher``).
+ablation (``allow_inconsistent_teacher``). With ``teacher_topk: k > 0`` in that lineage, the
+teacher's top-k columns are read too (straight from the arrow buffers, not as Python lists) and
+reach the micro-batches as ``[num_targets, k]`` extras.
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lopd import LopdError
-from lopd.data.chat import ChatFormatError, sft_target
-from lopd.data.schemas import PRECOMPUTE, SFT_DATA
+from lopd.data.schemas import TOPK_COLUMNS, precompute_schema
 from lopd.layout import manifest_key
 from lopd.manifest import FileEntry, Manifest, ManifestError, read_manifest
 from lopd.store import Store
@@ -49,6 +51,10 @@ class OpdSample:
     finish_reason: str | None = None
     """"stop" or "length" (truncated at max_tokens; nothing follows the cut, so nothing is masked);
     None for data written without the column."""
+    teacher_topk_ids: np.ndarray | None = None
+    """int32 ``[len(response), k]``: the teacher's top-k tokens at each position (None: not stored)."""
+    teacher_topk_logprobs: np.ndarray | None = None
+    """``[len(response), k]`` (float16 as stored): their log-probs, most likely first."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
@@ -57,8 +63,10 @@ class OpdSample:
         tokens = np.concatenate([self.prompt_ids, self.response_ids]).astype(np.int64)
         labels = np.zeros(len(tokens), bool)
         labels[len(self.prompt_ids):] = True
-        return Seq(tokens, labels, index, {"teacher_logprobs": self.teacher_logprobs,
-                                           "rollout_logprobs": self.rollout_logprobs})
+        extras = {"teacher_logprobs": self.teacher_logprobs, "rollout_logprobs": self.rollout_logprobs}
+        if self.teacher_topk_ids is not None:
+            extras.update(teacher_topk_ids=self.teacher_topk_ids, teacher_topk_logprobs=self.teacher_topk_logprobs)
+        return Seq(tokens, labels, index, extras)
 
 
 # --------------------------------------------------------------------------- manifests
@@ -105,7 +113,7 @@ def _check_schema(schema: pa.Schema, want: pa.Schema, where: str, optional: tupl
             raise TrainDataError(f"{where}: column {f.name!r} has type {got}, expected {f.type}")
 
 
-def _batches(store: Store, prefix: str, m: Manifest, schema: pa.Schema, columns: list[str],
+def record_batches(store: Store, prefix: str, m: Manifest, schema: pa.Schema, columns: list[str],
              optional: tuple[str, ...] = ()) -> Iterator[tuple[str, int, dict[str, list]]]:
     """Record batches of every data file, each read from a local copy verified against the
     manifest's sha256 and size before any row is used (:meth:`Store.open_verified`)."""
@@ -117,12 +125,52 @@ def _batches(store: Store, prefix: str, m: Manifest, schema: pa.Schema, columns:
             cols = [c for c in columns if c in pf.schema_arrow.names or c not in optional]
             row0 = 0
             for rb in pf.iter_batches(batch_size=1024, columns=cols):
-                yield where, row0, rb.to_pydict()
+                batch = {c: (_list_arrays(rb.column(c)) if c in TOPK_COLUMNS.names else rb.column(c).to_pylist())
+                         for c in rb.schema.names}
+                yield where, row0, batch
                 row0 += rb.num_rows
 
 
-def validate_opd_row(row: dict[str, Any], where: str, vocab_size: int | None = None) -> OpdSample:
-    """Check one precompute row; raise :class:`TrainDataError` naming the column."""
+def _list_arrays(col: pa.ListArray) -> list[np.ndarray | None]:
+    """A list column as one numpy view per row (None for a null row), without Python lists."""
+    offsets, values = col.offsets.to_numpy(), col.values.to_numpy(zero_copy_only=False)
+    null = col.is_null().to_numpy(zero_copy_only=False)
+    return [None if null[i] else values[offsets[i]:offsets[i + 1]] for i in range(len(col))]
+
+
+def require_topk(lineage: dict, where: str) -> int:
+    """The ``k`` of precompute data stored with the teacher's top-k (``opd.objective: topk`` needs it);
+    a :class:`TrainDataError` for data without it."""
+    k = int(lineage.get("teacher_topk") or 0)
+    if k <= 0:
+        raise TrainDataError(f"{where}: opd.objective topk needs the teacher's top-k, but this precompute data "
+                             "has none (lineage.teacher_topk is 0 or missing; rerun precompute with "
+                             "precompute.teacher_topk > 0)")
+    return k
+
+
+def topk_arrays(row: dict, n: int, k: int, vocab_size: int | None, ctx: str):
+    """A precompute row's top-k columns (``n · k`` values each) as ``[n, k]`` arrays (ids, log-probs as
+    stored), checked: lengths, ids in the vocabulary, finite log-probs <= 0; a
+    :class:`TrainDataError` naming the column otherwise."""
+    out = []
+    for col in ("teacher_topk_ids", "teacher_topk_logprobs"):
+        v = row.get(col)
+        if v is None or len(v) != n * k:
+            got = "null" if v is None else f"length {len(v)}"
+            raise TrainDataError(f"{ctx}: column {col}: {got} != response length {n} x teacher_topk {k}")
+        out.append(np.asarray(v).reshape(n, k))
+    ids, lps = out
+    if vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise TrainDataError(f"{ctx}: column teacher_topk_ids: token id out of range [0, {vocab_size})")
+    if not np.isfinite(lps).all() or (lps > POSITIVE_TOL).any():
+        raise TrainDataError(f"{ctx}: column teacher_topk_logprobs: a value is not a finite log-prob <= 0")
+    return ids, lps
+
+
+def validate_opd_row(row: dict[str, Any], where: str, vocab_size: int | None = None, topk: int = 0) -> OpdSample:
+    """Check one precompute row (with ``topk > 0``, its top-k columns of ``len(response) * topk``
+    values too); raise :class:`TrainDataError` naming the column."""
     pid = row.get("prompt_id")
     ctx = f"{where} (prompt_id={pid!r})"
     for col in ("prompt_token_ids", "response_token_ids", *LOGPROB_COLUMNS):
@@ -153,23 +201,27 @@ def validate_opd_row(row: dict[str, Any], where: str, vocab_size: int | None = N
     finish = row.get("finish_reason")
     if finish is not None and finish not in ("stop", "length"):
         raise TrainDataError(f"{ctx}: column finish_reason: {finish!r} is not 'stop' or 'length'")
+    ids, top = topk_arrays(row, len(resp), topk, vocab_size, ctx) if topk else (None, None)
     return OpdSample(str(pid), int(row.get("sample_index") or 0), prompt, resp,
-                     lps["teacher_logprobs"], lps["rollout_logprobs"], finish)
+                     lps["teacher_logprobs"], lps["rollout_logprobs"], finish, ids, top)
 
 
 def load_opd_samples(store: Store, prefix: str, m: Manifest, max_seq_len: int,
                      vocab_size: int | None = None) -> tuple[list[OpdSample], int]:
-    """Stream and validate every precompute row; returns (samples, number skipped as too long)."""
+    """Stream and validate every precompute row (with the teacher's top-k when the lineage records
+    ``teacher_topk > 0``); returns (samples, number skipped as too long)."""
+    topk = int(m.lineage.get("teacher_topk") or 0)
     cols = ["prompt_id", "sample_index", "prompt_token_ids", "response_token_ids", *LOGPROB_COLUMNS,
-            *OPTIONAL_PRECOMPUTE_COLUMNS]
+            *OPTIONAL_PRECOMPUTE_COLUMNS, *(TOPK_COLUMNS.names if topk else ())]
     out, skipped = [], 0
     seen: dict[tuple[str, int], tuple[str, int]] = {}
-    for where, row0, batch in _batches(store, prefix, m, PRECOMPUTE, cols, OPTIONAL_PRECOMPUTE_COLUMNS):
+    schema = precompute_schema(topk)
+    for where, row0, batch in record_batches(store, prefix, m, schema, cols, OPTIONAL_PRECOMPUTE_COLUMNS):
         n = len(batch["prompt_id"])
         for i in range(n):
             s = validate_opd_row({c: batch[c][i] for c in cols if c in batch}, f"{where}: row {row0 + i}",
-                                 vocab_size)
-            _unique(seen, (s.prompt_id, s.sample_index), f"{where}: row {row0 + i}", "(prompt_id, sample_index)")
+                                 vocab_size, topk)
+            check_unique(seen, (s.prompt_id, s.sample_index), f"{where}: row {row0 + i}", "(prompt_id, sample_index)")
             if len(s) > max_seq_len:
                 skipped += 1
                 continue
@@ -182,7 +234,7 @@ def load_opd_samples(store: Store, prefix: str, m: Manifest, max_seq_len: int,
     return out, skipped
 
 
-def _unique(seen: dict, key: Any, where: str, what: str, limit: int = 1) -> None:
+def check_unique(seen: dict, key: Any, where: str, what: str, limit: int = 1) -> None:
     """Record ``key`` at ``where``; raise naming the first and this row when it is seen more than
     ``limit`` times."""
     first, count = seen.get(key, (where, 0))
@@ -192,85 +244,6 @@ def _unique(seen: dict, key: Any, where: str, what: str, limit: int = 1) -> None
 
 
 # --------------------------------------------------------------------------- SFT data
-
-
-def encode_sft_row(tokenizer, messages: list[dict], max_seq_len: int, where: str,
-                   enable_thinking: bool | None = None, finished: bool = True) -> Seq:
-    """Chat-template a conversation; targets = its last assistant turn, through the end-of-turn
-    token when the answer ``finished`` (:func:`lopd.data.chat.sft_target`: the ``{% generation %}``
-    markers when the template has them, else the tokens after the prompt's rendering); nothing
-    after the target is kept. Longer than ``max_seq_len``: truncated."""
-    if not messages or not any(msg.get("role") == "assistant" for msg in messages):
-        raise TrainDataError(f"{where}: column messages: no assistant turn")
-    try:
-        ids, start, end = sft_target(tokenizer, messages, enable_thinking, finished)
-    except ChatFormatError as e:
-        raise TrainDataError(f"{where}: column messages: {e}") from None
-    tokens = np.asarray(ids[:end], np.int64)[:max_seq_len]
-    mask = np.zeros(end, bool)
-    mask[start:end] = True
-    mask = mask[:max_seq_len]
-    mask[0] = False
-    if not mask.any():
-        raise TrainDataError(f"{where}: column messages: no assistant tokens within max_seq_len={max_seq_len}")
-    return Seq(tokens, mask)
-
-
-def samples_per_prompt(m: Manifest) -> int:
-    """Rows each prompt may have in SFT data: ``samples / (prompts - skipped_too_long)`` from the
-    sft-data manifest's metrics when that divides exactly (teacher sampling ``n`` > 1), else 1."""
-    mt = m.metrics
-    answered = mt.get("prompts", 0) - mt.get("skipped_too_long", 0)
-    samples = mt.get("samples", 0)
-    if isinstance(answered, int) and isinstance(samples, int) and answered > 0 and samples % answered == 0:
-        return max(1, samples // answered)
-    return 1
-
-
-def load_sft_seqs(store: Store, prefix: str, tokenizer, max_seq_len: int, truncated: str = "drop"
-                  ) -> tuple[list[Seq], Manifest, str, dict[str, int]]:
-    """Read the sft-data stage (via its manifest) into tokenised sequences, sorted by prompt id.
-
-    Prompts are rendered with the ``enable_thinking`` the teacher was sampled with (the manifest's
-    lineage). Answers that stopped on the length limit (``finish_reason`` ``length``) are dropped
-    (``truncated="drop"``) or trained on without an end-of-turn target (``"mask"``); the counts
-    are returned as ``{"truncated_dropped": …, "truncated_masked": …}``. Each file is verified
-    against the manifest before use; an empty dataset and a prompt id with more rows than the
-    teacher sampled per prompt (:func:`samples_per_prompt`) are refused."""
-    try:
-        m, sha = read_manifest(store, prefix)
-    except ManifestError as e:
-        raise TrainDataError(f"SFT data: {e}") from None
-    if not data_files(m):
-        raise TrainDataError(f"{store.url(prefix)}: the SFT data manifest lists no parquet files")
-    thinking = m.lineage.get("enable_thinking")
-    rows = []
-    counts = {"truncated_dropped": 0, "truncated_masked": 0}
-    seen: dict[str, tuple[str, int]] = {}
-    per_prompt = samples_per_prompt(m)
-    for where, row0, batch in _batches(store, prefix, m, SFT_DATA, ["prompt_id", "messages", "finish_reason"]):
-        for i, (pid, msgs, fin) in enumerate(zip(batch["prompt_id"], batch["messages"], batch["finish_reason"],
-                                                 strict=True)):
-            at = f"{where}: row {row0 + i}"
-            _unique(seen, str(pid), at, "prompt_id", per_prompt)
-            if fin not in ("stop", "length"):
-                raise TrainDataError(f"{at} (prompt_id={pid!r}): column finish_reason: {fin!r} (stop or length)")
-            if fin == "length":
-                counts["truncated_masked" if truncated == "mask" else "truncated_dropped"] += 1
-                if truncated != "mask":
-                    continue
-            rows.append((str(pid), encode_sft_row(tokenizer, msgs or [], max_seq_len, f"{at} (prompt_id={pid!r})",
-                                                  thinking, finished=fin == "stop")))
-    if not seen:
-        raise TrainDataError(f"{store.url(prefix)}: the published SFT data holds no rows")
-    if not rows:
-        raise TrainDataError(f"{store.url(prefix)}: no usable rows (all {counts['truncated_dropped']} stopped on "
-                             "the length limit; sft.truncated: mask trains on them)")
-    rows.sort(key=lambda r: r[0])
-    return [s for _, s in rows], m, sha, counts
-
-
-# --------------------------------------------------------------------------- batches
 
 
 def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:

@@ -28,6 +28,7 @@ from lopd.recipe import OptimConfig, TrainConfig
 from lopd.train.cpu_ops import load_shm_comm_op
 from lopd.train.losses import chunk_count, model_logprobs
 from lopd.train.packing import MicroBatch, dummy_micro_batch
+from lopd.train.topk import model_topk_kl
 
 
 def on_gpu() -> bool:
@@ -85,6 +86,9 @@ def ds_config(train: TrainConfig, optim: OptimConfig, bf16: bool | None = None) 
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (on by default) synchronises the device at every forward
+        # and step from the third step on, draining the launch queue; lopd times steps itself
+        "timers": {"throughput": {"enabled": False}},
     }
 
 
@@ -92,27 +96,41 @@ class LogprobModel(torch.nn.Module):
     """The module DeepSpeed wraps: a causal LM (``.lm``) whose forward returns per-target
     log-probs and entropies (chunked LM head, :func:`lopd.train.losses.model_logprobs`).
     Going through ``engine(...)`` keeps DeepSpeed's per-forward bookkeeping (ZeRO-3 needs it
-    to accumulate gradients across micro-batches)."""
+    to accumulate gradients across micro-batches). ``cu_seqlens`` (int32 ``[S+1]``) / ``max_seqlen``:
+    the boundaries of a flat micro-batch (``[1, T]`` inputs), for the varlen attention.
+    ``fused_head`` (attribute, default True): the fused LM-head backward; False runs the unfused
+    reference (:func:`lopd.train.lmhead.chunked_logprobs`)."""
 
     def __init__(self, lm: torch.nn.Module, chunk_size: int = 1024):
         super().__init__()
-        self.lm, self.chunk_size = lm, chunk_size
+        self.lm, self.chunk_size, self.fused_head = lm, chunk_size, True
 
-    def forward(self, input_ids, position_ids, targets, select, attention_mask=None, num_chunks=None):
+    def forward(self, input_ids, position_ids, targets, select, attention_mask=None, num_chunks=None,
+                entropy=True, topk=None, cu_seqlens=None, max_seqlen=None):
         if attention_mask is None and input_ids.shape[0] > 1 and "flash" in str(
                 getattr(self.lm.config, "_attn_implementation", "")):
             # transformers' FlashAttention path detects packed sequences (varlen) only in one row;
             # every packed row starts a sequence at position 0, so one flattened row is exact
-            input_ids, position_ids, targets, select = (t.reshape(1, -1) for t in
-                                                        (input_ids, position_ids, targets, select))
+            input_ids, position_ids, targets = (t.reshape(1, -1) for t in (input_ids, position_ids, targets))
+            if select.dtype == torch.bool:  # flat positions stay what they are
+                select = select.reshape(1, -1)
+        if topk is not None:  # (teacher_logprobs [N], topk_ids [N, k], topk_logprobs [N, k]) -> (loss, logp, entropy)
+            return model_topk_kl(self.lm, input_ids, position_ids, targets, select, *topk, attention_mask,
+                                 self.chunk_size, num_chunks, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return model_logprobs(self.lm, input_ids, position_ids, targets, select, attention_mask, self.chunk_size,
-                              num_chunks)
+                              num_chunks, entropy=entropy, fused=self.fused_head, cu_seqlens=cu_seqlens,
+                              max_seqlen=max_seqlen)
 
 
-def forward_logprobs(engine, mb: MicroBatch, num_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p ``[N]``, entropy ``[N]``) of a micro-batch's targets through the engine; ``num_chunks``:
-    at least that many LM-head calls (:func:`lopd.train.losses.chunked_logprobs`)."""
-    return engine(mb.input_ids, mb.position_ids, mb.targets, mb.select, mb.attention_mask, num_chunks=num_chunks)
+def forward_logprobs(engine, mb: MicroBatch, num_chunks: int | None = None,
+                     entropy: bool = True, topk=None) -> tuple[torch.Tensor, ...]:
+    """(log p ``[N]``, entropy ``[N]`` or None when ``entropy=False``) of a micro-batch's targets
+    through the engine; ``num_chunks``: at least that many LM-head calls
+    (:func:`lopd.train.losses.chunked_logprobs`). With ``topk`` (:func:`lopd.train.topk.topk_inputs`):
+    (top-k reverse KL ``[N]``, log p, entropy), :func:`lopd.train.topk.model_topk_kl`. A flat
+    micro-batch's boundaries (``cu_seqlens``, ``max_seqlen``) go to the attention function."""
+    return engine(mb.input_ids, mb.position_ids, mb.targets, mb.select_index, mb.attention_mask, num_chunks=num_chunks,
+                  entropy=entropy, topk=topk, cu_seqlens=mb.cu_seqlens, max_seqlen=mb.max_seqlen)
 
 
 def lockstep_plan(engine, micro_batches: list[MicroBatch]) -> list[int]:
@@ -197,19 +215,30 @@ def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return t.tolist()
 
 
-LossFn = Callable[[object, MicroBatch, int], tuple[torch.Tensor, dict[str, float]]]
+Stat = float | torch.Tensor
+LossFn = Callable[[object, MicroBatch, int], tuple[torch.Tensor, dict[str, Stat]]]
+
+
+def read_stats(stats: dict[str, Stat]) -> dict[str, float]:
+    """Python floats of summed stats; the tensor ones (float64, on the device) are read in one
+    transfer: one host sync per step instead of one per stat and micro-batch."""
+    keys = [k for k, v in stats.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([stats[k].reshape(()) for k in keys]).tolist() if keys else []
+    return {**{k: float(v) for k, v in stats.items() if k not in keys}, **dict(zip(keys, values, strict=True))}
 
 
 def accumulate_and_step(engine, micro_batches: list[MicroBatch], loss_fn: LossFn, lr: float) -> dict[str, float]:
     """Forward/backward every micro-batch (the same count on every rank), then one optimizer step.
 
     ``loss_fn(engine, mb, num_chunks)`` returns (loss already scaled for global averaging, summable
-    stats); it passes ``num_chunks`` to :func:`forward_logprobs` (:func:`lockstep_plan`: the same
-    LM-head calls on every rank). Returns the stats summed over this rank's micro-batches plus ``grad_norm``.
+    stats: Python floats or detached float64 scalar tensors, left on the device and summed there);
+    it passes ``num_chunks`` to :func:`forward_logprobs` (:func:`lockstep_plan`: the same LM-head
+    calls on every rank). Returns the stats summed over this rank's micro-batches (as floats, read
+    after the last backward) plus ``grad_norm``.
     """
     plan = lockstep_plan(engine, micro_batches)
     n = len(plan)
-    stats: dict[str, float] = {}
+    stats: dict[str, Stat] = {}
     dev = device()
     for i in range(n):
         real = i < len(micro_batches)
@@ -218,16 +247,18 @@ def accumulate_and_step(engine, micro_batches: list[MicroBatch], loss_fn: LossFn
         loss, s = loss_fn(engine, mb.to(dev), plan[i])
         engine.backward(loss if real else loss * 0.0, scale_wrt_gas=False)  # a dummy adds no gradient
         for k, v in (s.items() if real else ()):
-            stats[k] = stats.get(k, 0.0) + v
+            stats[k] = stats[k] + v if k in stats else v
+    out = read_stats(stats)
     set_lr(engine, lr)
     pre = _local_grad_norm(engine) if engine.zero_optimization_stage() == 0 else None
     engine.step()
     norm = pre if pre is not None else engine.get_global_grad_norm()
-    stats["grad_norm"] = float(norm) if norm is not None else float("nan")
-    return stats
+    out["grad_norm"] = float(norm) if norm is not None else float("nan")
+    return out
 
 
 def _local_grad_norm(engine) -> float:
-    """Global L2 norm of the (already all-reduced) gradients under ZeRO-0, before clipping."""
-    sq = sum(float(p.grad.float().pow(2).sum()) for p in engine.module.parameters() if p.grad is not None)
-    return sq ** 0.5
+    """Global L2 norm of the (already all-reduced) gradients under ZeRO-0, before clipping: the
+    per-parameter float32 sums of squares, read in one transfer, summed in float64."""
+    sq = [p.grad.float().pow(2).sum() for p in engine.module.parameters() if p.grad is not None]
+    return sum(torch.stack(sq).tolist()) ** 0.5 if sq else 0.0

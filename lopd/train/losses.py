@@ -18,17 +18,14 @@ from the SFT policy and teacher log-probs precomputed once; standard OPD samples
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch.utils.checkpoint import checkpoint
+
+from lopd.train.lmhead import chunk_count, chunked_logprobs, upcast  # noqa: F401  (chunked LM head: lmhead)
+from lopd.train.varlen import varlen_kwargs
+
+_up = upcast
 
 # --------------------------------------------------------------------------- log-probs
-
-
-def _up(x: torch.Tensor) -> torch.Tensor:
-    """Upcast to float32 (float64 stays float64, for exactness tests)."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -41,90 +38,44 @@ def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def _chunk_stats(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
-                 targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``[n, 2]`` float32 (log p(target), entropy) for one chunk of ``softmax(logits / T)``;
-    logits live only inside."""
-    logits = _up(head(hidden))
-    if temperature != 1.0:
-        logits = logits / temperature
-    lse = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    probs = torch.softmax(logits, dim=-1)
-    entropy = lse - (probs * logits).sum(-1)
-    return torch.stack([logp, entropy], dim=-1)
-
-
-def chunk_count(num_positions: int, chunk_size: int) -> int:
-    """LM-head calls :func:`chunked_logprobs` needs for ``num_positions`` positions: ``ceil(N / chunk)``."""
-    return -(-int(num_positions) // int(chunk_size))
-
-
-def chunked_logprobs(hidden: torch.Tensor, head: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
-                     targets: torch.Tensor, chunk_size: int = 1024,
-                     num_chunks: int | None = None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs and entropies through the LM head, ``chunk_size`` positions at a time.
-
-    ``temperature`` ``T``: of ``softmax(logits / T)`` (1 = the model's own distribution; online
-    OPD trains at its sampling temperature, ``opd.online.train_temperature``).
-
-    Args: hidden ``[N, H]`` final hidden states at the positions that predict ``targets``,
-    head the LM head: a weight ``[V, H]`` or a module/callable ``[n, H] -> [n, V]`` (a module
-    keeps ZeRO-3's parameter gathering working), targets ``[N]`` int64.
-    Returns (logp ``[N]``, entropy ``[N]``), float32; ``entropy_t = -sum_v p_v log p_v``.
-
-    Each chunk's ``[chunk, V]`` float32 logits exist only while that chunk is computed:
-    under autograd, chunks are activation-checkpointed, so the backward recomputes them
-    one at a time too. Peak extra memory is O(chunk_size * V) instead of O(N * V).
-    The entropy carries gradient but the OPD loss does not use it (it is a metric).
-
-    ``num_chunks`` (optional): call the head exactly ``max(num_chunks, ceil(N / chunk_size), 1)``
-    times, the calls past the real chunks on zero-row slices ``[0, H]`` (checkpointed like the
-    others, so the backward recomputes them too). They add no value and an exactly-zero
-    gradient, so the results equal those without ``num_chunks``. Under ZeRO-3 every head call
-    is a parameter all-gather: the caller passes the maximum over ranks (an all-reduce it does
-    itself; this function stays free of ``torch.distributed``) so every rank makes the same calls.
-    """
-    fn = (lambda h: h @ head.t()) if isinstance(head, torch.Tensor) else head
-    n = hidden.shape[0]
-    if n == 0 and num_chunks is None:
-        z = _up(fn(hidden[:0])).sum(-1)  # keeps the graph connected (ZeRO-3 hooks still fire)
-        return z, z
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(
-        p.requires_grad for p in ([head] if isinstance(head, torch.Tensor) else getattr(head, "parameters", list)())))
-    starts = list(range(0, n, chunk_size))
-    starts += [n] * (max(num_chunks or 0, len(starts), 1) - len(starts))  # padding: empty chunks [n:n]
-    outs = []
-    for start in starts:
-        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        outs.append(checkpoint(_chunk_stats, h, fn, t, temperature, use_reentrant=False) if grad
-                    else _chunk_stats(h, fn, t, temperature))
-    stats = torch.cat(outs, dim=0)
-    return stats[:, 0], stats[:, 1]
+def gather_selected(x: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    """``x[select]`` for ``x`` ``[B, L, ...]``: ``select`` a bool mask ``[B, L]``, or int64 flat
+    (row-major) positions ``[N]`` (``MicroBatch.select_index``, computed on the host: an index
+    gather needs no device sync, a boolean-mask gather does). Returns ``[N, ...]``."""
+    if select.dtype == torch.bool:
+        return x[select]
+    return x.flatten(0, 1).index_select(0, select)
 
 
 def model_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
                    targets: torch.Tensor, select: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    chunk_size: int = 1024, num_chunks: int | None = None,
-                   temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   temperature: float | None = None, entropy: bool = True,
+                   fused: bool = True, cu_seqlens: torch.Tensor | None = None,
+                   max_seqlen: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of ``targets`` at the ``select``-ed positions of a causal LM.
 
     Args: input_ids / position_ids / targets / select ``[B, L]`` (select bool: positions whose
-    next token is scored; packed rows restart ``position_ids`` at 0 per sequence, which
-    transformers turns into a block-diagonal causal mask), optional attention_mask ``[B, L]``
-    for padded rows. Returns float32 ``[N]`` each, N = ``select.sum()``, in row-major order.
-    Runs the decoder body, then :func:`chunked_logprobs` on the selected hidden states only
-    (``num_chunks``: at least that many LM-head calls, see there). ``temperature``: the logits are
+    next token is scored, or their flat positions ``[N]``: :func:`gather_selected`; packed rows
+    restart ``position_ids`` at 0 per sequence, which transformers turns into a block-diagonal
+    causal mask), optional attention_mask ``[B, L]``
+    for padded rows; ``cu_seqlens`` (int32 ``[S+1]``) / ``max_seqlen``: the boundaries of a flat
+    micro-batch (``B = 1``), passed to the attention function (:func:`lopd.train.varlen.varlen_kwargs`).
+    Returns float32 ``[N]`` each (entropy None when ``entropy=False``), N =
+    ``select.sum()``, in row-major order. Runs the decoder body, then :func:`chunked_logprobs` on
+    the selected hidden states only (``num_chunks``: at least that many LM-head calls; ``fused``:
+    False = the unfused reference; see there). ``temperature``: the logits are
     divided by it; None = the model's ``LOGIT_TEMPERATURE_ATTR`` attribute when set (online OPD sets
     it on the model it trains, so every forward through the training engine is tempered), else 1.
     """
     if temperature is None:
         temperature = float(getattr(model, LOGIT_TEMPERATURE_ATTR, None) or 1.0)
     out = model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                      use_cache=False)
-    hidden = out.last_hidden_state[select]
-    return chunked_logprobs(hidden, model.get_output_embeddings(), targets[select], chunk_size, num_chunks,
-                            temperature)
+                      use_cache=False, **varlen_kwargs(cu_seqlens, max_seqlen))
+    hidden = gather_selected(out.last_hidden_state, select)
+    return chunked_logprobs(hidden, model.get_output_embeddings(), gather_selected(targets, select), chunk_size,
+                            num_chunks,
+                            temperature, entropy=entropy, fused=fused)
 
 
 LOGIT_TEMPERATURE_ATTR = "lopd_logit_temperature"

@@ -17,7 +17,14 @@ from __future__ import annotations
 from lopd import stage
 from lopd.layout import stage_prefix
 from lopd.manifest import InputRef
-from lopd.train.data import OpdSample, TrainDataError, global_batch_indices, load_opd_samples, open_precompute
+from lopd.train.data import (
+    OpdSample,
+    TrainDataError,
+    global_batch_indices,
+    load_opd_samples,
+    open_precompute,
+    require_topk,
+)
 from lopd.train.opd import split_minis
 
 
@@ -67,6 +74,8 @@ class OfflineSource:
         own = cfg.rollouts is None and recipe.precompute is not None
         check_rollout_logprobs(cfg, m.lineage, recipe.precompute.sampling if own else None,
                                run.store.url(prefix))
+        if cfg.objective == "topk":
+            require_topk(m.lineage, run.store.url(prefix))
         ref = cfg.student or m.lineage.get("student") or run.store.url(stage_prefix(recipe.run_id, "sft"))
         student = stage.resolve_model(ref, "opd.student")
         sampled_by = m.lineage.get("student_fingerprint")
@@ -81,7 +90,7 @@ class OfflineSource:
         inputs = {"student": student.input_ref(),
                   "precompute": InputRef(uri=run.store.url(prefix), manifest_sha256=sha)}
         keep = ("teacher_fingerprint", "sft_teacher_fingerprint", "teacher_consistent", "allow_inconsistent_teacher",
-                "rollout_logprobs", "sampling")
+                "rollout_logprobs", "sampling", "teacher_topk")
         lineage = {**{k: m.lineage.get(k) for k in keep}, "student_fingerprint": student.fingerprint,
                    "mode": "offline"}
         truncated = sum(s.finish_reason == "length" for s in samples)

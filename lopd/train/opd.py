@@ -4,7 +4,9 @@ Algorithm (per step, Lightning OPD, arXiv 2604.13010):
 
 1. take this rank's share of the global batch of rollouts (with teacher log-probs);
 2. pack it into micro-batches under ``micro_batch_tokens``;
-3. without grad, compute ``log p_old`` of every response token (the policy at batch start);
+3. without grad, compute ``log p_old`` of every response token (the policy at batch start); with
+   one PPO mini-batch the policy at batch start is the policy being differentiated, so
+   ``log p_old = sg(log p)`` of the training forward itself and this pass is skipped;
 4. for each micro-batch: ``A_t = log p_teacher - log p_old``, PPO-clip loss, normalised by the
    global token (or sequence) count, backward; then one clipped AdamW step.
 """
@@ -21,6 +23,7 @@ from lopd.train import losses as L
 from lopd.train.data import OpdSample, rank_share
 from lopd.train.engine import accumulate_and_step, all_reduce, device, forward_logprobs, lockstep_plan
 from lopd.train.packing import MicroBatch, dummy_micro_batch, make_micro_batches
+from lopd.train.topk import topk_inputs, topk_loss_per_token
 
 SUM_KEYS = ("loss", "adv_sum", "kl_sum", "clip_sum", "ent_sum", "tokens", "targets", "seqs")
 
@@ -47,50 +50,74 @@ def attach_old_logprobs(engine, mbs: list[MicroBatch]) -> None:
     otherwise hang on a parameter all-gather the other ranks never join)."""
     dev = device()
     for i, chunks in enumerate(lockstep_plan(engine, mbs)):
-        lp, _ = forward_logprobs(engine, (mbs[i] if i < len(mbs) else dummy_micro_batch()).to(dev), chunks)
+        lp, _ = forward_logprobs(engine, (mbs[i] if i < len(mbs) else dummy_micro_batch()).to(dev), chunks,
+                                 entropy=False)
         if i < len(mbs):
-            mbs[i].extras["old_logprobs"] = lp.float().cpu()
+            mbs[i].extras["old_logprobs"] = lp.float()  # stays on the device: no host sync
 
 
-def opd_micro_loss(engine, mb: MicroBatch, cfg: OpdConfig, counts: Counts,
-                   num_chunks: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def opd_micro_loss(engine, mb: MicroBatch, cfg: OpdConfig, counts: Counts, num_chunks: int | None = None,
+                   old_from_current: bool = False) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
     """Loss of one micro-batch, scaled so that the sum over micro-batches and the mean over
-    ranks (DeepSpeed's gradient averaging) is the global-batch loss; plus summable stats.
-    ``num_chunks``: LM-head calls, the same on every rank (:func:`lockstep_plan`)."""
-    lp, ent = forward_logprobs(engine, mb, num_chunks)
+    ranks (DeepSpeed's gradient averaging) is the global-batch loss; plus summable stats
+    (detached float64 scalars on the device, read once per step by :func:`accumulate_and_step`).
+    ``num_chunks``: LM-head calls, the same on every rank (:func:`lockstep_plan`).
+    ``old_from_current``: ``log p_old = sg(log p)`` of this forward (one PPO mini-batch: the
+    weights have not moved since the batch started, so the ratio is exactly 1) instead of
+    ``extras['old_logprobs']``."""
+    if cfg.objective == "topk":
+        tk, lp, ent = forward_logprobs(engine, mb, num_chunks, topk=topk_inputs(mb))
+    else:
+        lp, ent = forward_logprobs(engine, mb, num_chunks)
     zero = torch.zeros(lp.shape[0], device=lp.device)
     ex = {k: mb.extras.get(k, zero) for k in ("teacher_logprobs", "rollout_logprobs", "old_logprobs")}
+    if old_from_current:
+        ex["old_logprobs"] = lp.detach().float()
     iw = cfg.importance_weights
-    per_tok, st = L.opd_loss_per_token(lp, ex["old_logprobs"], ex["teacher_logprobs"], ex["rollout_logprobs"],
-                                       clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                       iw_cap=iw.cap if iw.enabled else None, kl_coef=cfg.kl_coef)
+    if cfg.objective == "topk":
+        per_tok, st = topk_loss_per_token(tk, lp, ex["old_logprobs"], ex["teacher_logprobs"], ex["rollout_logprobs"],
+                                          kl_coef=cfg.kl_coef)
+    else:
+        per_tok, st = L.opd_loss_per_token(lp, ex["old_logprobs"], ex["teacher_logprobs"], ex["rollout_logprobs"],
+                                           clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                           iw_cap=iw.cap if iw.enabled else None, kl_coef=cfg.kl_coef)
     w = L.token_weights(torch.ones_like(lp), mb.seq_index, cfg.loss_agg, counts.targets, counts.seqs)
     loss = L.aggregate(per_tok, w)
-    stats = {"loss": loss.item(), "adv_sum": st["advantage"].sum().item(), "kl_sum": st["kl_ref"].sum().item(),
-             "clip_sum": st["clipped"].sum().item(), "ent_sum": ent.detach().sum().item(),
-             "tokens": float(mb.real_tokens), "targets": float(lp.shape[0]), "seqs": float(mb.num_seqs)}
+    stats = {"loss": loss.detach(), "adv_sum": st["advantage"].sum(), "kl_sum": st["kl_ref"].sum(),
+             "clip_sum": st["clipped"].sum(), "ent_sum": ent.detach().sum()}
+    stats = {k: v.double() for k, v in stats.items()}  # summed over micro-batches in float64, as Python floats
+    stats.update(tokens=float(mb.real_tokens), targets=float(lp.shape[0]), seqs=float(mb.num_seqs))
     return loss * counts.world, stats
 
 
-def opd_step(engine, minis: list[list[OpdSample]], cfg: OpdConfig, lr: float, world: int) -> dict[str, float]:
+def opd_step(engine, minis: list[list[OpdSample]], cfg: OpdConfig, lr: float, world: int,
+             old_pass: bool | None = None) -> dict[str, float]:
     """One global batch on this rank: ``minis[j]`` is this rank's part of PPO mini-batch ``j``.
 
     ``log p_old`` of every mini-batch is computed first (the policy at the start of the batch),
-    then one optimizer update per mini-batch. Returns global metrics (identical on every rank):
-    loss, advantage mean (≈ −reverse KL to the teacher per token), reverse_kl_est, kl_to_sft (k3
-    estimate of KL(sampler || current) on the rollouts: the SFT policy offline; online the sampler
-    is the current policy, so it checks that the sampler got the weights and stays ~0),
+    then one optimizer update per mini-batch. ``old_pass``: run that no-grad pass; None = only
+    when there is more than one mini-batch (with one, ``log p_old = sg(log p)`` of the training
+    forward, equal to the pass's values; ``len(minis)`` is the recipe's ``mini_batches`` on every
+    rank, so every rank makes the same forward calls). Returns global metrics (identical on every
+    rank): loss, advantage mean (≈ −reverse KL to the teacher per token), reverse_kl_est, kl_to_sft
+    (k3 estimate of KL(sampler || current) on the rollouts: the SFT policy offline; online the
+    sampler is the current policy, so it checks that the sampler got the weights and stays ~0),
     clip_frac, entropy, grad_norm (of the last update), tokens_per_s.
     """
     t0 = time.perf_counter()
-    batches = [make_micro_batches(batch_seqs(m, 0), cfg.train.micro_batch_tokens, packing=True) for m in minis]
-    for mbs in batches:
-        attach_old_logprobs(engine, mbs)
+    if old_pass is None:
+        old_pass = len(minis) > 1
+    batches = [make_micro_batches(batch_seqs(m, 0), cfg.train.micro_batch_tokens, packing=True,
+                                  flat=cfg.train.attention == "varlen") for m in minis]
+    if old_pass:
+        for mbs in batches:
+            attach_old_logprobs(engine, mbs)
     sums = dict.fromkeys(SUM_KEYS, 0.0)
     for mini, mbs in zip(minis, batches, strict=True):
         targets, seqs = all_reduce([sum(mb.num_targets for mb in mbs), len(mini)])
         counts = Counts(targets, seqs, world)
-        local = accumulate_and_step(engine, mbs, lambda e, mb, k, c=counts: opd_micro_loss(e, mb, cfg, c, k), lr)
+        local = accumulate_and_step(engine, mbs, lambda e, mb, k, c=counts: opd_micro_loss(
+            e, mb, cfg, c, k, old_from_current=not old_pass), lr)
         for k, v in zip(SUM_KEYS, all_reduce([local.get(k, 0.0) for k in SUM_KEYS]), strict=True):
             sums[k] += v
     dt = time.perf_counter() - t0

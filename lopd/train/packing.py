@@ -5,7 +5,7 @@ training target (predicted from position ``t - 1``). A :class:`MicroBatch` holds
 tensors; ``select[b, p]`` marks the positions whose *next* token is a target, in row-major
 order, and ``seq_index`` / ``extras`` list the targets in that same order (sequence by
 sequence, as the sequences lie in the rows), so per-target values line up with the selected
-positions whatever the layout.
+positions whatever the layout (an extra is ``[N]`` or, like the teacher's top-k, ``[N, k]``).
 
 Packing puts several sequences side by side in each row and restarts ``position_ids`` at 0
 for each. With no 2-D attention mask, transformers (sdpa / eager) turns the restarts into a
@@ -23,6 +23,12 @@ a micro-batch whose rows each hold one sequence keeps sdpa's mask-free ``is_caus
 FlashAttention-2 in transformers only detects packed sequences in a single row; the
 training engine flattens the rows into one (``lopd.train.engine.LogprobModel``), which is
 exact because every row starts a new sequence at position 0.
+
+Flat packing (:func:`flat_pack`, ``train.attention: varlen``) makes each micro-batch ONE row of its
+sequences back to back (greedy in order under the budget), no filler, and computes the
+sequence boundaries on the host (``cu_seqlens`` int32 ``[S+1]``, ``max_seqlen``): a varlen
+attention kernel (:mod:`lopd.train.varlen`) attends within each sequence, with no mask and no
+device-side boundary detection, at ``sum_i L_i^2`` attention cost.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ class Seq:
     index: int = 0
     """Position of the sequence in its global batch (for per-sequence aggregation)."""
     extras: dict[str, np.ndarray] = field(default_factory=dict)
-    """Per-target arrays, each ``[labels.sum()]`` (e.g. teacher_logprobs)."""
+    """Per-target arrays, each ``[labels.sum()]`` (e.g. teacher_logprobs) or ``[labels.sum(), k]``
+    (the teacher's top-k ids and log-probs)."""
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -60,19 +67,40 @@ class MicroBatch:
     select: torch.Tensor  # [B, W] bool: positions whose next token is a target
     seq_index: torch.Tensor  # [N] int64: global sequence index of each selected position
     attention_mask: torch.Tensor | None  # [B, W] for padded rows, None for packed rows
-    extras: dict[str, torch.Tensor]  # name -> [N] float32, aligned with selected positions
+    extras: dict[str, torch.Tensor]  # name -> [N] or [N, k] (float32; int64 for ids), aligned with selected positions
     num_seqs: int = 0
     real_tokens: int = 0
+    select_index: torch.Tensor | None = None
+    """int64 ``[N]``: the flat (row-major) positions of ``select``, computed on the host when the
+    micro-batch is built, so gathers on the device index with it instead of a boolean mask (a
+    boolean-mask gather waits for the device to count the selected positions)."""
+    cu_seqlens: torch.Tensor | None = None
+    """int32 ``[S+1]``: the sequence boundaries of a flat micro-batch (one row, sequence ``s`` at
+    columns ``cu_seqlens[s]:cu_seqlens[s+1]``); None for the other layouts."""
+    max_seqlen: int | None = None
+    """The longest sequence of a flat micro-batch (a host int: the kernels need no device read)."""
+
+    def __post_init__(self) -> None:
+        if self.select_index is None:  # built from host tensors (the constructors here pass it)
+            self.select_index = torch.from_numpy(np.flatnonzero(self.select.numpy(force=True)))
 
     @property
     def num_targets(self) -> int:
-        return int(self.select.sum())
+        return int(self.select_index.numel())  # a shape: no device sync
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        mv = lambda t: t.to(device) if t is not None else None  # noqa: E731
+        """A copy on ``device`` (host tensors pinned first on a GPU, so the copies run asynchronously)."""
+        pin = torch.device(device).type == "cuda"
+
+        def mv(t):
+            if t is None:
+                return None
+            return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=pin)
+
         return MicroBatch(mv(self.input_ids), mv(self.position_ids), mv(self.targets), mv(self.select),
                           mv(self.seq_index), mv(self.attention_mask),
-                          {k: v.to(device) for k, v in self.extras.items()}, self.num_seqs, self.real_tokens)
+                          {k: mv(v) for k, v in self.extras.items()}, self.num_seqs, self.real_tokens,
+                          mv(self.select_index), mv(self.cu_seqlens), self.max_seqlen)
 
 
 Layout = list[list[int]]  # one micro-batch: rows -> sequence indices, left to right
@@ -155,8 +183,14 @@ def layout_sorted(lengths: list[int], budget: int) -> list[Layout]:
 
 
 def _extras(seqs: list[Seq]) -> dict[str, torch.Tensor]:
+    """Per-target extras of ``seqs`` concatenated along the targets: ``[N]`` or ``[N, k]``, float32
+    (integer arrays, e.g. token ids, int64)."""
     names = seqs[0].extras.keys() if seqs else ()
-    return {k: torch.from_numpy(np.concatenate([s.extras[k] for s in seqs]).astype(np.float32)) for k in names}
+    out = {}
+    for k in names:
+        a = np.concatenate([s.extras[k] for s in seqs])
+        out[k] = torch.from_numpy(a.astype(np.int64 if np.issubdtype(a.dtype, np.integer) else np.float32))
+    return out
 
 
 def _packed(seqs: list[Seq], layout: Layout) -> MicroBatch:
@@ -177,7 +211,8 @@ def _packed(seqs: list[Seq], layout: Layout) -> MicroBatch:
         pos[r, o:] = np.arange(pos[r, o - 1] + 1, pos[r, o - 1] + 1 + width - o)  # filler continues the row
     idx = np.concatenate([np.full(s.num_targets, s.index, np.int64) for s in order])
     return MicroBatch(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(nxt), torch.from_numpy(sel),
-                      torch.from_numpy(idx), None, _extras(order), len(order), sum(len(s) for s in order))
+                      torch.from_numpy(idx), None, _extras(order), len(order), sum(len(s) for s in order),
+                      torch.from_numpy(np.flatnonzero(sel)))
 
 
 def pack(seqs: list[Seq], budget: int, sort: bool = False) -> list[MicroBatch]:
@@ -210,12 +245,33 @@ def pad(seqs: list[Seq], budget: int, pad_id: int = 0) -> list[MicroBatch]:
         idx = np.concatenate([np.full(s.num_targets, s.index, np.int64) for s in group])
         out.append(MicroBatch(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(nxt),
                               torch.from_numpy(sel), torch.from_numpy(idx), torch.from_numpy(att),
-                              _extras(group), len(group), sum(len(s) for s in group)))
+                              _extras(group), len(group), sum(len(s) for s in group),
+                              torch.from_numpy(np.flatnonzero(sel))))
     return out
 
 
-def make_micro_batches(seqs: list[Seq], budget: int, packing: bool = True) -> list[MicroBatch]:
-    """The training layout: first-fit-decreasing packed rows, or padded rows (the baseline)."""
+def flat_pack(seqs: list[Seq], budget: int) -> list[MicroBatch]:
+    """Flat micro-batches: each ONE row ``[1, sum L_i]`` of consecutive sequences (greedy in order,
+    :func:`group_by_budget`; a sequence longer than the budget alone), no filler, positions
+    restarting at 0 per sequence, with the host-side boundaries ``cu_seqlens`` / ``max_seqlen``.
+    The concatenated targets of all micro-batches are in the order of ``seqs``."""
+    out = []
+    for g in group_by_budget([len(s) for s in seqs], budget):
+        mb = _packed(seqs, [g])
+        lengths = [len(seqs[i]) for i in g]
+        mb.cu_seqlens = torch.from_numpy(np.r_[0, np.cumsum(lengths)].astype(np.int32))
+        mb.max_seqlen = max(lengths)
+        out.append(mb)
+    return out
+
+
+def make_micro_batches(seqs: list[Seq], budget: int, packing: bool = True, flat: bool = False
+                       ) -> list[MicroBatch]:
+    """The training layout: first-fit-decreasing packed rows, padded rows (``packing=False``, the
+    baseline), or with ``flat`` (whatever ``packing``) one row per micro-batch with its sequence
+    boundaries (:func:`flat_pack`, for the varlen attention)."""
+    if flat:
+        return flat_pack(seqs, budget)
     return pack(seqs, budget, sort=True) if packing else pad(seqs, budget)
 
 

@@ -22,19 +22,22 @@ PLOT_KEYS = ["loss", "grad_norm", "lr", "tokens_per_s"]
 
 
 def sft_micro_loss(engine, mb: MicroBatch, num_targets: float, world: int,
-                   num_chunks: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    lp, _ = forward_logprobs(engine, mb, num_chunks)  # num_chunks: the same LM-head calls on every rank
+                   num_chunks: int | None = None) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+    """``sum_t -log p(y_t) / N_global`` of one micro-batch (times ``world``: DeepSpeed averages over
+    ranks) and summable stats; the loss stat stays a float64 device scalar (read once per step)."""
+    lp, _ = forward_logprobs(engine, mb, num_chunks, entropy=False)  # the same LM-head calls on every rank
     w = L.token_weights(torch.ones_like(lp), mb.seq_index, "token-mean", num_tokens=num_targets)
     loss = L.aggregate(L.sft_loss_per_token(lp), w)
-    return loss * world, {"loss": loss.item(), "tokens": float(mb.real_tokens), "padded": float(mb.input_ids.numel()),
-                          "targets": float(lp.shape[0])}
+    return loss * world, {"loss": loss.detach().double(), "tokens": float(mb.real_tokens),
+                          "padded": float(mb.input_ids.numel()), "targets": float(lp.shape[0])}
 
 
 def sft_step(engine, seqs: list[Seq], cfg: SftConfig, lr: float, world: int) -> dict[str, float]:
     """One optimizer step on this rank's sequences; returns global metrics."""
     t0 = time.perf_counter()
     seqs = [dataclasses.replace(s, index=i) for i, s in enumerate(seqs)]
-    mbs = make_micro_batches(seqs, cfg.train.micro_batch_tokens, packing=cfg.packing)
+    mbs = make_micro_batches(seqs, cfg.train.micro_batch_tokens, packing=cfg.packing,
+                             flat=cfg.train.attention == "varlen")
     (num_targets,) = all_reduce([sum(mb.num_targets for mb in mbs)])
     local = accumulate_and_step(engine, mbs, lambda e, mb, k: sft_micro_loss(e, mb, num_targets, world, k), lr)
     keys = ("loss", "tokens", "padded", "targets")

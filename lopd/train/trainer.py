@@ -30,6 +30,7 @@ from lopd.stage import start as start_stage
 from lopd.train import checkpoint as ckpt
 from lopd.train.engine import build_engine, init_distributed, lr_at, train_dtype
 from lopd.train.metrics import MetricsLog
+from lopd.train.varlen import set_attention
 
 FAULT_ENV = "LOPD_FAULT_KILL_AFTER_STEP"  # fault injection for the resume tests: SIGKILL after step N
 
@@ -72,6 +73,7 @@ class TrainRun:
             self.resumed_from = self.store.url(latest)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=train_dtype(self.recipe.models.student.dtype))
+        set_attention(model, self.section.train.attention)
         chunk = getattr(self.section, "logprob_chunk_tokens", 1024)
         self.engine = build_engine(model, self.section.train, self.section.optim, chunk)
         self.model = self.engine.module.lm

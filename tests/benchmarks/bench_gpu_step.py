@@ -9,14 +9,17 @@ JSON line:
 - ``parity``: per-token log-probs of the bf16 engine vs an fp32 copy of the same weights
   (mean / max |diff|), the all-reduce backend, and the OPD identity on the GPU (teacher = the
   student's own log-probs → advantage and gradient exactly 0);
-- per variant (``sft``, ``opd`` at ``--zero``, ``opd-z3``): median step time, tokens/s and MFU
-  over ``--steps`` timed steps after one warm-up. MFU = model FLOPs / step time / peak, model
-  FLOPs per token = 6·P + 12·L·H·d·ctx for a training pass (P = parameters in matmuls, LM head
-  included; ctx = mean causal context of the packed sequences) plus 2·P + 4·L·H·d·ctx for OPD's
-  no-grad ``log p_old`` pass; peak = 989 TFLOP/s dense bf16 (H100/H200 SXM).
+- per variant (``sft``, ``opd`` at ``--zero``, ``opd-z3``; ``kind: train``): median step time,
+  tokens/s and MFU over ``--steps`` timed steps after one warm-up. MFU = model FLOPs / step time /
+  peak, model FLOPs per token = 6·P + 12·L·H·d·ctx for a training pass (P = parameters in
+  matmuls, LM head included; ctx = mean causal context of the packed sequences; OPD with one PPO
+  mini-batch makes no separate ``log p_old`` pass); peak = 989 TFLOP/s dense bf16 (H100/H200 SXM);
+- ``score`` (``kind: score``): teacher scoring with the torch scorer over packed batches of
+  ``--score-tokens``, MFU at one forward per token (2·P + 4·L·H·d·ctx).
 
     python tests/benchmarks/bench_gpu_step.py [--shape qwen3-1.7b] [--steps 5] [--zero 2]
     python tests/benchmarks/bench_gpu_step.py --shape tiny --steps 2      # CPU smoke run (gloo, fp32)
+    make gpu-check                                                         # the whole prepared check
 """
 
 from __future__ import annotations
@@ -69,9 +72,15 @@ def make_model(shape: str, attn: str, seed: int = 0):
     from lopd.train.engine import device, train_dtype
 
     torch.manual_seed(seed)
-    cfg = Qwen3Config(**SHAPES[shape], max_position_embeddings=32768, attn_implementation=attn)
+    cfg = Qwen3Config(**SHAPES[shape], max_position_embeddings=32768,
+                      attn_implementation="sdpa" if attn == "varlen" else attn)
     with device():
-        return AutoModelForCausalLM.from_config(cfg, dtype=train_dtype())
+        model = AutoModelForCausalLM.from_config(cfg, dtype=train_dtype())
+    if attn == "varlen":  # lopd's flat varlen attention (train.attention: varlen)
+        from lopd.train.varlen import set_attention
+
+        set_attention(model, "varlen")
+    return model
 
 
 def matmul_params(shape: str) -> int:
@@ -104,11 +113,13 @@ def opd_samples(n: int, median: int, cap: int, vocab: int, rng: np.random.Genera
     return out
 
 
-def flops_per_token(shape: str, ctx: float, opd: bool) -> float:
+def flops_per_token(shape: str, ctx: float, passes: str = "train") -> float:
+    """Model FLOPs per token: ``train`` = forward + backward (6·P + 12·L·H·d·ctx); ``forward`` =
+    one forward (2·P + 4·L·H·d·ctx: teacher scoring). OPD with one PPO mini-batch (the default)
+    makes no separate ``log p_old`` pass, so it counts as ``train``."""
     s = SHAPES[shape]
     attn = s["num_hidden_layers"] * s["num_attention_heads"] * s["head_dim"] * ctx
-    train = 6 * matmul_params(shape) + 12 * attn
-    return train + (2 * matmul_params(shape) + 4 * attn if opd else 0.0)
+    return 6 * matmul_params(shape) + 12 * attn if passes == "train" else 2 * matmul_params(shape) + 4 * attn
 
 
 def mean_ctx(lens: list[int]) -> float:
@@ -155,7 +166,8 @@ def run_variant(name: str, args, world: int) -> dict:
 
     zero = 3 if name == "opd-z3" else args.zero
     train = TrainConfig(steps=100, global_batch=args.batch, micro_batch_tokens=args.micro_batch_tokens,
-                        max_seq_len=args.max_len, zero_stage=zero, gradient_checkpointing=args.grad_ckpt)
+                        max_seq_len=args.max_len, zero_stage=zero, gradient_checkpointing=args.grad_ckpt,
+                        attention="varlen" if args.attn == "varlen" else "sdpa")
     optim = OptimConfig(lr=1e-6)
     engine = build_engine(make_model(args.shape, args.attn), train, optim, chunk_size=1024)
     rng = np.random.default_rng(0)
@@ -179,13 +191,47 @@ def run_variant(name: str, args, world: int) -> dict:
         profile(step, Path(args.profile) / f"{name}-profile.txt")
     med = statistics.median(times)
     tokens = sum(lens)
-    flops = flops_per_token(args.shape, mean_ctx(lens), opd=name != "sft") * tokens
-    out = {"zero": zero, "step_s": round(med, 4), "tokens_per_step": tokens, "tokens_per_s": round(tokens / med),
+    flops = flops_per_token(args.shape, mean_ctx(lens)) * tokens
+    out = {"kind": "train", "zero": zero, "step_s": round(med, 4), "tokens_per_step": tokens,
+           "tokens_per_s": round(tokens / med),
            "tflops": round(flops / med / 1e12, 1),
            "mfu": round(flops / med / PEAK_BF16, 4) if torch.cuda.is_available() else None}
     if torch.cuda.is_available():
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 1)
         torch.cuda.reset_peak_memory_stats()
+    return out
+
+
+def score(args) -> dict:
+    """Teacher scoring with the torch scorer (:class:`lopd.inference.torch_scorer.TorchScorer`): a
+    forward over packed batches of ``--score-tokens`` tokens, the LM head at response positions
+    only; MFU counts one forward per token (2·P + 4·L·H·d·ctx)."""
+    from lopd.inference.torch_scorer import TorchScorer
+    from lopd.sections import InferenceConfig
+
+    model = make_model(args.shape, args.attn if args.attn != "varlen" else "sdpa")
+    attn = "lopd_varlen" if args.attn == "varlen" else None
+    if attn:
+        from lopd.train.varlen import set_attention
+
+        set_attention(model, "varlen")
+    scorer = TorchScorer(None, InferenceConfig(backend="torch", max_num_seqs=4096), max_batch_tokens=args.score_tokens,
+                         model=model, attn_implementation=attn)
+    rng = np.random.default_rng(2)
+    lens = lengths(max(8, 4 * args.score_tokens // args.median_len), args.median_len, args.max_len, rng)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    prompts = [rng.integers(0, vocab, prompt_len(n)).tolist() for n in lens]
+    responses = [rng.integers(0, vocab, n - prompt_len(n)).tolist() for n in lens]
+    times = timed(lambda: scorer.score(prompts, responses), args.steps)
+    med = statistics.median(times)
+    tokens = sum(lens)
+    flops = flops_per_token(args.shape, mean_ctx(lens), passes="forward") * tokens
+    out = {"kind": "score", "attn": scorer.attn, "batch_tokens": scorer.budget, "sequences": len(lens),
+           "tokens": tokens, "response_tokens": sum(len(r) for r in responses), "seconds": round(med, 4),
+           "tokens_per_s": round(tokens / med), "tflops": round(flops / med / 1e12, 1),
+           "mfu": round(flops / med / PEAK_BF16, 4) if torch.cuda.is_available() else None}
+    if torch.cuda.is_available():
+        out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 1)
     return out
 
 
@@ -241,9 +287,12 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=4096)
     ap.add_argument("--micro-batch-tokens", type=int, default=16384)
     ap.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
-    ap.add_argument("--attn", default="sdpa", help="transformers attn_implementation (sdpa, flex_attention, ...)")
+    ap.add_argument("--attn", default="sdpa", help="transformers attn_implementation (sdpa, flex_attention, ...) or "
+                    "varlen (lopd's flat varlen packing, train.attention: varlen)")
     ap.add_argument("--only", default="parity,sft,opd,opd-z3")
     ap.add_argument("--profile", metavar="DIR", help="also write a torch.profiler table of one step per variant here")
+    ap.add_argument("--score-tokens", type=int, default=65536, help="score: tokens per scoring batch")
+    ap.add_argument("--date", default=time.strftime("%Y-%m-%d"), help="recorded in the JSON line")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not args.child:  # each variant in its own process: a DeepSpeed engine does not give its memory back
@@ -257,7 +306,8 @@ def main() -> None:
     name = args.only
     t0 = time.perf_counter()
     try:
-        res = parity(args, world) if name == "parity" else run_variant(name, args, world)
+        res = parity(args, world) if name == "parity" else score(args) if name == "score" else \
+            run_variant(name, args, world)
     except Exception as e:  # e.g. out of memory: reported in the JSON line, the other variants still run
         res = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     res["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -265,7 +315,7 @@ def main() -> None:
 
 
 def parent(args) -> None:
-    out: dict = {"bench": "gpu_step", "shape": args.shape, "device": torch.cuda.get_device_name()
+    out: dict = {"bench": "gpu_step", "date": args.date, "shape": args.shape, "device": torch.cuda.get_device_name()
                  if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
                  "deepspeed": __import__("deepspeed").__version__,
                  "transformers": __import__("transformers").__version__,

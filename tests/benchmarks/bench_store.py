@@ -11,7 +11,14 @@ object, interleaved and repeated (medians kept):
 - ``verified_first``: ``Store.open_verified`` from an empty cache (the object is copied into the
   sha256 cache and hashed on the way, then the verified copy is read as a reader would);
 - ``verified_cached``: ``Store.open_verified`` again (the copy's stat signature is unchanged, so
-  it is not rehashed), then the copy is read.
+  it is not rehashed), then the copy is read;
+- ``verified_first_published`` (file store only, its own line): the object was published from
+  this machine first, as a stage does (``sha256_file`` of the local file for the manifest, then
+  ``Store.put_file``; not timed), so its signature is registered; then ``Store.open_verified``
+  is timed in a fresh process as for ``verified_first``.
+
+The file store verifies and reads its files in place (no cache copy); ``verified_first`` there
+is one sha256 pass of the file, then the read.
 
 ``plain`` and ``verified_cached`` run three times per process (median kept), the others once.
 
@@ -48,6 +55,9 @@ for _ in range(int(times)):
     t = time.perf_counter()
     if op == "put":
         s.put_file(path, key)
+    elif op == "publish":
+        sha256_file(path)
+        s.put_file(path, key)
     elif op == "get":
         s.get_file(key, path)
     elif op in ("read", "read_verified", "copy_read"):
@@ -79,10 +89,20 @@ def child(op: str, uri: str, key: str, path: Path | str, env: dict, sha: str = "
     return {**res, "seconds": statistics.median(res["seconds"])}
 
 
-def read_lines(store: str, uri: str, size: int, sha: str, env: dict, tmp: Path, repeats: int, gib: float) -> list[dict]:
-    """Plain, first verified and cached verified reads of ``big.bin``, interleaved ``repeats`` times."""
-    runs: dict[str, list[dict]] = {"plain": [], "plain_copy": [], "verified_first": [], "verified_cached": []}
+def read_lines(store: str, uri: str, size: int, sha: str, env: dict, tmp: Path, repeats: int, gib: float,
+               src: Path) -> list[dict]:
+    """Plain, first verified and cached verified reads of ``big.bin`` (and, for the file store, the
+    first verified read of a copy of ``src`` published from here), interleaved ``repeats`` times."""
+    runs: dict[str, list[dict]] = {"plain": [], "plain_copy": [], "verified_first": [], "verified_cached": [],
+                                   "verified_first_published": []}
     for i in range(repeats):
+        if store == "file":
+            published = {**env, "LOPD_CACHE": str(tmp / f"cache-{store}-published-{i}")}
+            child("publish", uri, "published.bin", src, published)
+            runs["verified_first_published"].append(
+                child("read_verified", uri, "published.bin", "", published, sha, size))
+            (Path(uri.removeprefix("file://")) / "published.bin").unlink()
+            shutil.rmtree(tmp / f"cache-{store}-published-{i}", ignore_errors=True)
         cache = {**env, "LOPD_CACHE": str(tmp / f"cache-{store}-{i}")}
         runs["plain"].append(child("read", uri, "big.bin", "", env, sha, size, times=3))
         runs["plain_copy"].append(child("copy_read", uri, "big.bin", tmp / "copy.bin", env, sha, size))
@@ -94,7 +114,9 @@ def read_lines(store: str, uri: str, size: int, sha: str, env: dict, tmp: Path, 
     plain = statistics.median(r["seconds"] for r in runs["plain"])
     copy = statistics.median(r["seconds"] for r in runs["plain_copy"])
     lines = []
-    for kind in ("verified_first", "verified_cached"):
+    for kind in ("verified_first", "verified_cached", "verified_first_published"):
+        if not runs[kind]:
+            continue
         t = statistics.median(r["seconds"] for r in runs[kind])
         lines.append({
             "bench": f"store_read_{store}_{gib:g}gib", "read": kind, "bytes": size, "repeats": repeats,
@@ -127,7 +149,7 @@ def main() -> None:
         hashing = child("hash", "", "", src, {})
         print(json.dumps({"bench": f"store_sha256_{args.gib:g}gib", "bytes": size,
                           "sha256_MBps": round(size / 1e6 / hashing["seconds"], 1)}), flush=True)
-        for line in read_lines("file", f"file://{src.parent}", size, sha, {}, tmp, args.repeats, args.gib):
+        for line in read_lines("file", f"file://{src.parent}", size, sha, {}, tmp, args.repeats, args.gib, src):
             print(json.dumps(line), flush=True)
         with SeaweedServer(tmp / "weed") as server:
             env = server.env()
@@ -146,7 +168,7 @@ def main() -> None:
                 "peak_rss_target_mb": 300, "rss_ratio_to_target": round(peak / 300, 3),
                 "roundtrip_sha256_equal": ok, "meets_target": ok and peak < 300,
             }), flush=True)
-            for line in read_lines("s3", uri, size, sha, env, tmp, args.repeats, args.gib):
+            for line in read_lines("s3", uri, size, sha, env, tmp, args.repeats, args.gib, src):
                 print(json.dumps(line), flush=True)
 
 

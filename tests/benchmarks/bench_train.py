@@ -9,8 +9,12 @@
    above the inputs' baseline (or CUDA peak allocation on a GPU).
 3. One OPD step, offline (precomputed rollouts) vs online (push weights + sample + teacher
    scoring + the same update) at the same batch size, through DeepSpeed (1 rank).
+4. One offline OPD step (one PPO mini-batch) through DeepSpeed on a random Qwen3 with a 32k
+   vocabulary, four variants timed interleaved: with / without the no-grad ``log p_old`` pass
+   (redundant with one mini-batch) x fused / unfused LM-head log-probs. Printed as two extra
+   JSON lines, one per comparison (``"bench": "opd_old_logprob_pass"`` and ``"lm_head_fused"``).
 
-    python tests/benchmarks/bench_train.py [--quick] [--only packing,memory,opd] [--threads N]
+    python tests/benchmarks/bench_train.py [--quick] [--only packing,memory,opd,opd_variants] [--threads N]
 
 On a shared machine ``--threads 1`` is the stable measurement: OpenMP threads spin-wait on
 oversubscribed cores, and the slow-down hits the variants unevenly.
@@ -205,11 +209,70 @@ def bench_opd_step(student: Path, teacher: Path, steps: int, batch: int) -> dict
             "opd_response_tokens": int(sum(len(s.response_ids) for s in offline_batch))}
 
 
+# --------------------------------------------------------------------------- 4. OPD step variants
+
+VARIANT_SHAPE = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=32, intermediate_size=384, vocab_size=32768, tie_word_embeddings=True)
+
+
+def bench_opd_variants(steps: int, batch: int, response_len: int) -> list[dict]:
+    """Median step time of :func:`lopd.train.opd.opd_step` (1 rank, ZeRO-0, fp32 on CPU), variants
+    timed round-robin on the same engine and rollouts: ``old_pass`` True/False x LM head fused /
+    unfused (``engine.module.fused_head``). The default since these changes is (no pass, fused);
+    before them it was (pass, unfused)."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from lopd.recipe import OpdConfig
+    from lopd.train.data import OpdSample
+    from lopd.train.engine import build_engine, init_distributed
+    from lopd.train.opd import opd_step
+
+    init_distributed()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen3Config(**VARIANT_SHAPE)).float()
+    cfg = OpdConfig(train={"zero_stage": 0, "gradient_checkpointing": False, "micro_batch_tokens": 2048,
+                           "global_batch": batch})
+    engine = build_engine(model, cfg.train, cfg.optim, chunk_size=1024)
+    rng = np.random.default_rng(0)
+    vocab = VARIANT_SHAPE["vocab_size"]
+    samples = [OpdSample(f"p{i}", 0, rng.integers(3, vocab, 64), rng.integers(3, vocab, response_len),
+                         *(rng.standard_normal((2, response_len)) - 3.0).astype(np.float32)) for i in range(batch)]
+    variants = [(p, f) for p in (False, True) for f in (True, False)]  # (old_pass, fused)
+    times: dict[tuple[bool, bool], list[float]] = {v: [] for v in variants}
+    metrics = {}
+    for r in range(steps + 1):  # round 0: warm-up
+        for v in (variants if r % 2 == 0 else variants[::-1]):
+            engine.module.fused_head = v[1]
+            t0 = time.perf_counter()
+            metrics[v] = opd_step(engine, [samples], cfg, 0.0, 1, old_pass=v[0])  # lr 0: the same work every step
+            if r:
+                times[v].append(time.perf_counter() - t0)
+    engine.module.fused_head = True
+    med = {v: statistics.median(t) for v, t in times.items()}
+    common = {"device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads(),
+              "shape": VARIANT_SHAPE, "batch": batch, "response_tokens": int(metrics[variants[0]]["response_tokens"]),
+              "repeats": steps}
+    drift = max(abs(metrics[v]["loss"] - metrics[variants[0]]["loss"]) for v in variants)
+    return [
+        {"bench": "opd_old_logprob_pass", **common,
+         "step_s_with_pass": med[(True, True)], "step_s_without_pass": med[(False, True)],
+         "with_vs_without_pass": med[(True, True)] / med[(False, True)],
+         "with_vs_without_pass_unfused_head": med[(True, False)] / med[(False, False)],
+         "max_abs_loss_diff_between_variants": drift},
+        {"bench": "lm_head_fused", **common,
+         "step_s_unfused": med[(False, False)], "step_s_fused": med[(False, True)],
+         "unfused_vs_fused": med[(False, False)] / med[(False, True)],
+         "unfused_vs_fused_with_pass": med[(True, False)] / med[(True, True)],
+         "old_default_vs_new_default": med[(True, False)] / med[(False, True)]},
+    ]
+
+
 def main() -> None:
     import contextlib
 
     quick = "--quick" in sys.argv
-    parts = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else ["packing", "memory", "opd"]
+    every = ["packing", "memory", "opd", "opd_variants"]
+    parts = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else every
     if "--threads" in sys.argv:
         torch.set_num_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # library chatter
@@ -222,7 +285,10 @@ def main() -> None:
             result.update(bench_memory(1024 if quick else 2048, 256, 256))
         if "opd" in parts:
             result.update(bench_opd_step(student, teacher, 2 if quick else 3, 8 if quick else 16))
+        extra = bench_opd_variants(3 if quick else 5, 8 if quick else 16, 192) if "opd_variants" in parts else []
     print(json.dumps(result), flush=True)
+    for line in extra:
+        print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":
