@@ -17,11 +17,16 @@ importance weights or the KL guard, and ``teacher_topk`` (0: no top-k columns). 
 resume from their last complete part after a kill; phase-1 parts are intermediates (``rollouts-NNNNN.parquet``)
 that the manifest does not list.
 
-    python -m jobs.precompute --recipe jobs/recipes/tiny.yaml [--shard-index I --num-shards N] [--force]
+With ``opd.rounds: R`` > 1 this entrypoint also runs Lightning round r's instance
+(``--round r``, stage ``precompute-r<r>``): part r of the prompts, sampled by round r-1's OPD
+output, scored by the same teacher (:mod:`lopd.rounds`).
+
+    python -m jobs.precompute --recipe jobs/recipes/tiny.yaml [--shard-index I --num-shards N] [--round R] [--force]
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,6 +40,8 @@ from lopd.inference import context_length, load_backend, sample_chats
 from lopd.layout import stage_prefix
 from lopd.lineage import check_teacher_consistency
 from lopd.manifest import InputRef
+from lopd.rounds import check_round_teacher, round_items
+from lopd.stages import instance
 
 STAGE = "precompute"
 ROLLOUTS = pa.schema([f for f in PRECOMPUTE if f.name != "teacher_logprobs"])
@@ -42,11 +49,13 @@ SAMPLING_KEYS = {"temperature", "top_p", "n", "max_tokens", "seed"}  # recorded 
 
 
 def rollout_part(part: list[Prompt], tokenizer, student: stage.Lazy, cfg, ctx_len: int) -> tuple[pa.Table, dict]:
-    """Phase 1 for one part: ``sampling.n`` student rollouts per prompt, token ids kept as sampled."""
+    """Phase 1 for one part: ``sampling.n`` student rollouts per prompt, token ids kept as sampled;
+    ``sample_s`` is the wall time of the sampling (the engine's start included when it happens here)."""
+    t0 = time.perf_counter()
     kept, skipped = sample_chats(student.get, tokenizer, part, cfg.sampling, ctx_len)
     rows: dict[str, list] = {k: [] for k in ROLLOUTS.names}
     metrics = {"prompts": len(part), "skipped_too_long": skipped, "rollouts": 0, "response_tokens": 0,
-               "finished_stop": 0, "truncated": 0}
+               "finished_stop": 0, "truncated": 0, "sample_s": round(time.perf_counter() - t0, 3)}
     for p, ids, comps in kept:
         for k, c in enumerate(comps):
             for name, v in (("prompt_id", p.prompt_id), ("sample_index", k), ("prompt_token_ids", ids),
@@ -62,7 +71,9 @@ def rollout_part(part: list[Prompt], tokenizer, student: stage.Lazy, cfg, ctx_le
 
 def score_part(rollouts: pa.Table, teacher: stage.Lazy, where: str, topk: int = 0) -> tuple[pa.Table, dict]:
     """Phase 2 for one part: teacher log p(y_t | x, y_<t) for every response token (float32) and,
-    with ``topk > 0``, the teacher's top-k ids and log-probs at every position, flattened ``[t, j]``."""
+    with ``topk > 0``, the teacher's top-k ids and log-probs at every position, flattened ``[t, j]``;
+    ``score_s`` is the wall time of the scoring (the engine's start included when it happens here)."""
+    t0 = time.perf_counter()
     prompts = rollouts.column("prompt_token_ids").to_pylist()
     responses = rollouts.column("response_token_ids").to_pylist()
     scores, lps = [], []
@@ -71,6 +82,7 @@ def score_part(rollouts: pa.Table, teacher: stage.Lazy, where: str, topk: int = 
         lps = [s.logprobs for s in scores]
     elif responses:
         lps = teacher.get().score(prompts, responses)
+    score_s = round(time.perf_counter() - t0, 3)
     for row, (r, s) in enumerate(zip(responses, lps, strict=True)):
         if len(s) != len(r) or not np.all(np.isfinite(s)):
             raise LopdError(f"{where}: row {row}: teacher returned {len(s)} finite log-probs for {len(r)} tokens")
@@ -86,7 +98,7 @@ def score_part(rollouts: pa.Table, teacher: stage.Lazy, where: str, topk: int = 
         cols["teacher_topk_logprobs"] = [np.asarray(s.topk_logprobs).astype(lp_type).reshape(-1) for s in scores]
     for name, values in cols.items():
         rollouts = rollouts.append_column(name, pa.array(values, type=schema.field(name).type))
-    return rollouts.select(schema.names), {"scored_tokens": int(sum(len(r) for r in responses))}
+    return rollouts.select(schema.names), {"scored_tokens": int(sum(len(r) for r in responses)), "score_s": score_s}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -94,17 +106,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     if ctx is None:
         return
     cfg, recipe = ctx.section, ctx.recipe
-    # resolve inputs; the consistency and vocabulary checks come before any work
-    student_ref = cfg.student or ctx.store.url(stage_prefix(recipe.run_id, "sft"))
+    # resolve inputs; the consistency and vocabulary checks come before any work. Round 1 samples
+    # with the SFT student; Lightning round r >= 2 with round r-1's OPD output (lopd.rounds)
+    if ctx.round == 1:
+        student_ref = cfg.student or ctx.store.url(stage_prefix(recipe.run_id, "sft"))
+    else:
+        student_ref = ctx.store.url(stage_prefix(recipe.run_id, instance("opd", ctx.round - 1)))
     student = ctx.resolve_model(student_ref, "precompute.student")
     teacher = ctx.resolve_model(recipe.models.teacher, "models.teacher.uri")
-    consistency = check_teacher_consistency(student.lineage.get("teacher_fingerprint"), teacher.fingerprint,
-                                            recipe.allow_inconsistent_teacher)
+    if ctx.round == 1:
+        consistency = check_teacher_consistency(student.lineage.get("teacher_fingerprint"), teacher.fingerprint,
+                                                recipe.allow_inconsistent_teacher)
+    else:
+        consistency = check_round_teacher(student.lineage, teacher.fingerprint, student_ref)
     from transformers import AutoTokenizer
 
     s_tok = AutoTokenizer.from_pretrained(str(student.path))
     check_same_vocab(AutoTokenizer.from_pretrained(str(teacher.path)), s_tok, "teacher", "SFT student")
-    prompts = ctx.shard_items(load_prompts(cfg.prompts))
+    prompts = ctx.shard_items(round_items(load_prompts(cfg.prompts), ctx.round, ctx.rounds))
     scoring = cfg.scoring or cfg.inference
     ctx_len = min(context_length(student.path, cfg.inference), context_length(teacher.path, scoring))
     # phase 1: the SFT student samples (engine started only if a part is left to do)
@@ -135,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 lineage={**consistency, "student_fingerprint": student.fingerprint,
                          "student": student_ref, "teacher": recipe.models.teacher.uri, "context_length": ctx_len,
                          "rollout_logprobs": "raw", "sampling": cfg.sampling.model_dump(include=SAMPLING_KEYS),
-                         "teacher_topk": cfg.teacher_topk, "scoring_backend": scoring.backend})
+                         "teacher_topk": cfg.teacher_topk, "scoring_backend": scoring.backend,
+                         "round": ctx.round, "rounds": ctx.rounds})
     for r in rollouts:  # the phase-1 intermediates are now inside the scored parts
         ctx.store.delete(f"{ctx.shard}/{r.file.path}")
 

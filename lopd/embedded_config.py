@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from lopd.sections import MAX_TOKENS, Section, SftConfig
 
@@ -79,15 +79,19 @@ class ReproVariant(Section):
     opd: dict[str, Any] = {}
     """Changes to the recipe's ``opd`` section for this variant (nested keys), e.g.
     ``{mode: online}`` or ``{importance_weights: {enabled: true}}``."""
+    precompute: dict[str, Any] = {}
+    """Changes to the recipe's ``precompute`` section for this variant (nested keys), e.g.
+    ``{teacher_topk: 8}``. A variant with changes here, or whose ``opd`` has ``rounds`` > 1, owns
+    its rollouts: it samples and scores them in its own run, from the shared SFT checkpoint."""
     teacher: Literal["consistent", "inconsistent"] = "consistent"
     """inconsistent: train on rollouts scored by teacher B (ground truth written in
     ``repro.teacher_b_style``) while the SFT data came from teacher A (the ablation)."""
 
     @model_validator(mode="after")
     def _sft_takes_no_opd_changes(self) -> ReproVariant:
-        if self.stage == "sft" and (self.opd or self.teacher != "consistent"):
-            raise ValueError("a 'stage: sft' variant takes no 'opd' changes and no 'teacher' "
-                             "(it continues SFT on the study's SFT data)")
+        if self.stage == "sft" and (self.opd or self.precompute or self.teacher != "consistent"):
+            raise ValueError("a 'stage: sft' variant takes no 'opd' changes, no 'precompute' changes and no "
+                             "'teacher' (it continues SFT on the study's SFT data)")
         return self
 
 
@@ -99,6 +103,8 @@ class ReproConfig(Section):
     """Seeds (at most 100); each sets the OPD data order and sampling, and the eval's sampling."""
     variants: dict[str, ReproVariant] = Field(min_length=1, max_length=100)
     """Row name (lowercase, digits, '-') -> variant (at most 100). The SFT student is always the first row."""
+    rows: list[str] | None = Field(None, min_length=1, max_length=100)
+    """Which variants to run and tabulate, in the variants' order (None = all)."""
     teacher_b_style: Literal["chain", "words"] = "words"
     """Solution style teacher B learns (for ``teacher: inconsistent`` variants)."""
 
@@ -110,3 +116,17 @@ class ReproConfig(Section):
                 raise ValueError(f"variant {name!r}: use lowercase letters, digits and '-' "
                                  "(not sft, eval, b or incons: those runs exist already)")
         return v
+
+    @field_validator("rows")
+    @classmethod
+    def _rows(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        variants = info.data.get("variants") or {}
+        for name in v or []:
+            if name not in variants:
+                raise ValueError(f"unknown variant {name!r} (one of {', '.join(variants)}; "
+                                 "the sft row is always shown)")
+        return v
+
+    def selected(self) -> dict[str, ReproVariant]:
+        """The variants to run and tabulate: those in ``rows`` (all when unset), in the variants' order."""
+        return {n: v for n, v in self.variants.items() if self.rows is None or n in self.rows}

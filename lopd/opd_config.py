@@ -67,6 +67,13 @@ class OpdConfig(Section):
     """Offline mode: the precompute output to train on, as a key prefix in the recipe's store
     (``runs/<run>/precompute``); None = this run's precompute stage. Lets several OPD variants
     (``lopd repro``) share one set of precomputed rollouts."""
+    rounds: int = Field(1, ge=1, le=64)
+    """Lightning rounds (offline mode; 1 = the paper, at most 64). The precompute prompts are split
+    into ``rounds`` contiguous, disjoint parts; round r: the student as round r-1 left it (round 1:
+    the SFT student) samples part r, the same teacher scores it (stage ``precompute-r<r>``), then
+    OPD makes updates ``(r-1)·steps/R .. r·steps/R`` on it (stage ``opd-r<r>``), continuing round
+    r-1's weights, Adam state and learning-rate schedule. Sampled and scored tokens are those of one
+    round; the cost is R-1 more stage start-ups (:mod:`lopd.rounds`)."""
     logprob_chunk_tokens: int = Field(1024, ge=1, le=MAX_TOKENS)
     """Positions per LM-head chunk when computing log-probs (bounds the fp32 [T, vocab] logits; at
     most 2^20)."""
@@ -102,6 +109,17 @@ class OpdConfig(Section):
     """Settings used when mode is online."""
     resources: ResourcesConfig = ResourcesConfig()
     """Pod resources."""
+
+    @model_validator(mode="after")
+    def _rounds(self) -> OpdConfig:
+        if self.rounds > 1 and self.mode != "offline":
+            raise ValueError("rounds: Lightning rounds are offline OPD (online OPD samples every step already)")
+        if self.rounds > 1 and self.rollouts is not None:
+            raise ValueError("rounds: each round trains on its own precompute round; rollouts must be unset")
+        if self.rounds > self.train.steps:
+            raise ValueError(f"rounds: {self.rounds} rounds need at least as many train.steps "
+                             f"(got {self.train.steps})")
+        return self
 
     @model_validator(mode="after")
     def _topk_objective(self) -> OpdConfig:

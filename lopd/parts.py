@@ -1,5 +1,6 @@
 """The pieces of a shard's resumable parts that need no stage context: a finished :class:`Part`,
-:class:`Lazy` (an engine built on first use), item-key hashing, and the empty-output rule.
+:class:`Lazy` (an engine built on first use), item-key hashing, per-prompt sampling seeds, and
+the empty-output rule.
 
 A stage that produces no rows at all (every input skipped) must not publish: the next stage
 would find an empty dataset. :func:`require_rows` turns that into one line naming the stage and
@@ -15,6 +16,12 @@ from typing import Any
 
 from lopd import LopdError
 from lopd.manifest import FileEntry
+
+
+def prompt_seed(base_seed: int, prompt_id: str) -> int:
+    """A per-prompt sampling seed from the recipe seed and the prompt id: the same prompt gets the
+    same samples whichever shard, part or batch it lands in (and after a resume)."""
+    return int.from_bytes(hashlib.sha256(f"{base_seed}:{prompt_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
 class EmptyOutputError(LopdError):

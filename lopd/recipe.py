@@ -103,6 +103,9 @@ class Recipe(Section):
     def _clips(self) -> Recipe:
         if self.opd.clip_low >= 1.0:
             raise ValueError("opd.clip_low must be < 1 (ratio lower bound 1 - clip_low must stay positive)")
+        if self.opd.rounds > 1 and self.precompute is None:
+            raise ValueError("opd.rounds: Lightning rounds sample and score each round in a precompute stage; "
+                             "the recipe has no precompute section")
         return self
 
     def sha256(self) -> str:

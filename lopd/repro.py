@@ -1,17 +1,20 @@
 """``lopd repro``: the paper's comparison at toy scale, from one recipe with a ``repro`` section.
 
     bootstrap teacher A; sft-data → sft → precompute            (the recipe's own run, once)
-    if a variant needs it: bootstrap teacher B (other solution style), then
-        precompute the same SFT student's rollouts scored by B  (run <run>-incons)
+    if a variant needs it: bootstrap teacher B (other solution style), then, for those on the
+        shared rollouts, precompute the SFT student's rollouts scored by B  (run <run>-incons)
     for seed in seeds:
-        for variant in variants: opd from the SFT checkpoint    (run <run>-<variant>-s<seed>)
-            (or, for a ``stage: sft`` variant, sft continued from it: the same-compute control)
+        for variant in the selected variants (``repro.rows``):  (run <run>-<variant>-s<seed>)
+            opd from the SFT checkpoint on the shared rollouts, or, for a variant that owns its
+            rollouts (``precompute`` changes or ``opd.rounds`` > 1), its own precompute and opd
+            instances (precompute, opd, precompute-r2, opd-r2, ...) from the SFT checkpoint,
+            or, for a ``stage: sft`` variant, sft continued from it: the same-compute control
         eval the SFT checkpoint and every variant               (run <run>-eval<digest>-s<seed>)
-    results.json, results.md (mean and 95% interval over seeds), results.png
+    results.json, results.md (mean and 95% interval over seeds, cost per row), results.png
 
 Every variant starts from the same SFT checkpoint and makes the same number of updates on
-the same batch size ("same compute per method"); offline variants share the precomputed
-rollouts. Each run is an ordinary stage run with a derived recipe (written under
+the same batch size ("same compute per method"); the other offline variants share the
+precomputed rollouts. Each run is an ordinary stage run with a derived recipe (written under
 ``runs/<run>/repro/recipes``), so a killed study resumes where it stopped.
 :func:`check` compares a results file with an expected-results file.
 """
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,11 @@ from typing import Any
 import yaml
 
 from lopd.layout import local_run_dir, report_prefix, repro_dir, stage_prefix, teacher_sft_prefix
-from lopd.manifest import read_verified, read_verified_json
+from lopd.manifest import read_verified_json
 from lopd.recipe import Recipe, load_recipe
+from lopd.repro_cost import row_costs, train_steps
 from lopd.repro_results import SFT_ROW, ReproError, mean_ci, write_results
+from lopd.stages import instance, stages_of
 from lopd.store import open_store
 
 
@@ -54,7 +58,9 @@ class Study:
         self.store = open_store(recipe.store)
         self.dir = repro_dir(local_run_dir(recipe.store, recipe.run_id))
         self.base = recipe.model_dump(mode="json", exclude={"repro"})
-        for name in self.cfg.variants:
+        self.variants = self.cfg.selected()
+        """The variants this study runs and tabulates (``repro.rows``), in the variants' order."""
+        for name in self.variants:
             self.run_id(name, max(self.cfg.seeds))  # fails early when too long
 
     def run_id(self, name: str, seed: int | None = None) -> str:
@@ -99,9 +105,38 @@ class Study:
         data["allow_inconsistent_teacher"] = True
         return self.write(self.run_id("incons"), data)
 
+    def opd(self, name: str) -> dict:
+        """The recipe's ``opd`` section with the variant's changes merged in."""
+        return _merge(self.base["opd"], self.cfg.variants[name].opd)
+
+    def rounds(self, name: str) -> int:
+        """Lightning rounds of a variant's OPD (1 for the SFT row, the control and online OPD)."""
+        if name == SFT_ROW or self.cfg.variants[name].stage == "sft":
+            return 1
+        opd = self.opd(name)
+        return int(opd.get("rounds", 1)) if opd.get("mode", "offline") == "offline" else 1
+
+    def owns_rollouts(self, name: str) -> bool:
+        """Whether a variant samples and scores its own rollouts (``precompute`` changes or
+        Lightning rounds) instead of sharing the recipe's precompute."""
+        if name == SFT_ROW:
+            return False
+        v = self.cfg.variants[name]
+        return v.stage == "opd" and (bool(v.precompute) or self.rounds(name) > 1)
+
     def stage(self, name: str) -> str:
-        """The stage a row's run trains with (``opd``, or ``sft`` for the control)."""
-        return "sft" if name == SFT_ROW else self.cfg.variants[name].stage
+        """The stage instance that made a row's final checkpoint: ``opd`` (the last round's,
+        ``opd-r<R>``, for Lightning rounds), or ``sft`` for the control."""
+        if name == SFT_ROW or self.cfg.variants[name].stage == "sft":
+            return "sft"
+        return instance("opd", self.rounds(name))
+
+    def stages(self, name: str, recipe: Recipe) -> list[str]:
+        """The stage instances a variant's run runs (its derived ``recipe``): the training stage,
+        or, for a variant that owns its rollouts, every precompute and opd round in order."""
+        if self.owns_rollouts(name):
+            return [s for s in stages_of(recipe) if s not in ("sft-data", "sft", "eval")]
+        return [self.stage(name)]
 
     def sft_control(self, seed: int) -> dict:
         """SFT continued from the SFT checkpoint on the study's SFT data, with the OPD rows' updates,
@@ -116,12 +151,17 @@ class Study:
         v = self.cfg.variants[name]
         if v.stage == "sft":
             return self.write(self.run_id(name, seed), self.sft_control(seed))
-        incons = v.teacher == "inconsistent"
-        data = self.only(self.base)
-        rollouts = stage_prefix(self.run_id("incons") if incons else self.recipe.run_id, "precompute")
-        opd = _merge(data["opd"], v.opd)
-        opd = _merge(opd, {"student": self.uri(self.recipe.run_id, "sft"), "rollouts": rollouts,
-                           "train": {"seed": seed}, "online": {"sampling": {"seed": seed}}})
+        incons, own, sft = v.teacher == "inconsistent", self.owns_rollouts(name), self.uri(self.recipe.run_id, "sft")
+        data = self.only(self.base, *(("precompute",) if own else ()))
+        opd = _merge(self.opd(name), {"student": sft, "train": {"seed": seed}, "online": {"sampling": {"seed": seed}}})
+        if own:  # its own precompute rounds, sampled from the shared SFT checkpoint
+            data["precompute"] = _merge(_merge(data["precompute"], v.precompute), {"student": sft})
+            opd.pop("rollouts", None)
+            if incons:
+                data["models"] = {**data["models"],
+                                  "teacher": self.teacher_b()[0].models.teacher.model_dump(mode="json")}
+        else:
+            opd["rollouts"] = stage_prefix(self.run_id("incons") if incons else self.recipe.run_id, "precompute")
         opd["online"]["prompts"] = opd["online"].get("prompts") or self.base["precompute"]["prompts"]
         data["opd"] = opd
         if incons:
@@ -130,7 +170,7 @@ class Study:
 
     def checkpoints(self, seed: int) -> list[str]:
         ckpts = [f"{SFT_ROW}={self.uri(self.recipe.run_id, 'sft')}"]
-        return ckpts + [f"{n}={self.uri(self.run_id(n, seed), self.stage(n))}" for n in self.cfg.variants]
+        return ckpts + [f"{n}={self.uri(self.run_id(n, seed), self.stage(n))}" for n in self.variants]
 
     def eval_run_id(self, seed: int) -> str:
         """``<run>-eval<digest>-s<seed>``: the digest of the checkpoint list, so that adding a variant
@@ -160,15 +200,17 @@ def run(recipe_path: str, overrides: tuple[str, ...] = (), seeds: list[int] | No
     t0 = time.monotonic()
     run_bootstrap(recipe, nproc, console)
     run_stages(recipe, recipe_path, ["sft-data", "sft", "precompute"], overrides, nproc, console)
-    if any(v.teacher == "inconsistent" for v in study.cfg.variants.values()):
+    incons = [n for n, v in study.variants.items() if v.teacher == "inconsistent"]
+    if incons:
         b, _ = study.teacher_b()
         run_bootstrap(b, nproc, console)
-        r, f = study.inconsistent_precompute(b)
-        run_stages(r, f, ["precompute"], (), nproc, console)
+        if not all(study.owns_rollouts(n) for n in incons):
+            r, f = study.inconsistent_precompute(b)
+            run_stages(r, f, ["precompute"], (), nproc, console)
     for seed in study.cfg.seeds:
-        for name in study.cfg.variants:
+        for name in study.variants:
             r, f = study.variant(name, seed)
-            run_stages(r, f, [study.stage(name)], (), nproc, console)
+            run_stages(r, f, study.stages(name, r), (), nproc, console)
         r, f = study.evaluation(seed)
         run_stages(r, f, ["eval"], (), nproc, console)
     results = collect(study)
@@ -185,16 +227,15 @@ def run(recipe_path: str, overrides: tuple[str, ...] = (), seeds: list[int] | No
 def _train_seconds(store, run_id: str, stage: str) -> float:
     """Seconds one run spent in its training loop: per step, the update plus (online OPD) the
     weight sync, the sampling and the teacher's scoring."""
-    text = read_verified(store, stage_prefix(run_id, stage), "metrics.jsonl").decode()
     keys = ("step_time_s", "sync_s", "sample_s", "score_s")
-    return sum(sum(json.loads(x).get(k, 0.0) for k in keys) for x in text.splitlines() if x.strip())
+    return sum(sum(step.get(k, 0.0) for k in keys) for step in train_steps(store, run_id, stage))
 
 
 def collect(study: Study) -> dict[str, Any]:
-    """Accuracy per row and seed from the eval summaries, training time per OPD run (every file
-    read verified against its stage's manifest)."""
+    """Accuracy per row and seed from the eval summaries, training time per OPD run and each row's
+    cost (:mod:`lopd.repro_cost`); every file read verified against its stage's manifest."""
     rows: dict[str, dict[str, Any]] = {SFT_ROW: {"acc": {}, "train_s": {}}}
-    rows.update({n: {"acc": {}, "train_s": {}} for n in study.cfg.variants})
+    rows.update({n: {"acc": {}, "train_s": {}} for n in study.variants})
     bench = None
     for seed in study.cfg.seeds:
         report = report_prefix(stage_prefix(study.eval_run_id(seed), "eval"))
@@ -211,6 +252,8 @@ def collect(study: Study) -> dict[str, Any]:
         r["stage"] = study.stage(name)
         r["opd"] = study.cfg.variants[name].opd if name in study.cfg.variants else None
         r["teacher"] = study.cfg.variants[name].teacher if name in study.cfg.variants else None
+        r["precompute"] = study.cfg.variants[name].precompute if name in study.cfg.variants else None
+        r["cost"] = row_costs(study, name)
     opd = study.recipe.opd
     return {"run_id": study.recipe.run_id, "benchmark": bench, "seeds": study.cfg.seeds,
             "opd_steps": opd.train.steps, "global_batch": opd.train.global_batch, "lr": opd.optim.lr,

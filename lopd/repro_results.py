@@ -30,19 +30,65 @@ def mean_ci(xs: list[float]) -> dict[str, float]:
 
 
 
+COST_COLUMNS = (("sampled_tokens", "sampled tokens"), ("scored_tokens", "scored tokens"),
+                ("trained_tokens", "trained tokens"), ("sample_s", "sampling s"), ("score_s", "scoring s"),
+                ("train_s", "training s"), ("total_s", "total s"))
+"""Cost quantities of a row (:mod:`lopd.repro_cost`) and their column headers, in the table's order."""
+BASELINE = "lightning"
+"""The row the ``× lightning`` column divides every row's total seconds by (when the table has it)."""
+
+
+def _tokens(x: float | None) -> str:
+    """A token count for the table: ``393k``, ``1.23M``, ``512``; ``–`` when unknown."""
+    if x is None:
+        return "–"
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            v = x / scale
+            return f"{v:.{2 if v < 10 else 1 if v < 100 else 0}f}{unit}"
+    return f"{x:.0f}"
+
+
+def _seconds(x: float | None) -> str:
+    """Seconds for the table: one decimal below 100, whole seconds above; ``–`` when unknown."""
+    return "–" if x is None else f"{x:.1f}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def _cost(r: dict, q: str) -> float | None:
+    cost = r.get("cost")
+    return None if not cost or q not in cost else cost[q]["mean"]
+
+
 def table(results: dict) -> str:
+    """``results.md``: accuracy with 95% intervals and Δ vs SFT per row, then each row's cost
+    (means over seeds) and its total relative to the ``lightning`` row."""
     n = len(results["seeds"])
+    rows = results["rows"]
+    base = _cost(rows[BASELINE], "total_s") if BASELINE in rows else None
+    heads = ["method", "accuracy (%)", "Δ vs SFT (points)"] + [h for _, h in COST_COLUMNS]
+    heads += [f"× {BASELINE}"] if BASELINE in rows else []
     lines = [f"Held-out `{results['benchmark']}` accuracy (avg@{results['eval_k']}), mean ± 95% interval over "
              f"{n} seed{'s' if n > 1 else ''}; every row below SFT: {results['opd_steps']} updates of "
              f"{results['global_batch']} sequences from the same SFT checkpoint.", "",
-             "| method | accuracy (%) | Δ vs SFT (points) | training time (s) |", "|---|---|---|---|"]
-    sft = results["rows"][SFT_ROW]["accuracy"]["mean"]
-    for name, r in results["rows"].items():
+             "Cost, mean over seeds, of each row's own runs: tokens the student sampled, the teacher scored and "
+             "training used; seconds sampling (online: with the weight push), scoring, in training steps, and in "
+             "all the row's stage processes with their start-ups (total; – when not recorded). Offline rows on "
+             "shared rollouts are charged the whole shared precompute, as if they ran alone; rows with Lightning "
+             "rounds every round.", "",
+             "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    sft = rows[SFT_ROW]["accuracy"]["mean"]
+    for name, r in rows.items():
         a = r["accuracy"]
-        t = r["train_seconds"]
-        delta = "" if name == SFT_ROW else f"{100 * (a['mean'] - sft):+.1f}"
-        secs = "" if t is None else f"{t['mean']:.1f} ± {t['ci95']:.1f}"
-        lines.append(f"| {name} | {100 * a['mean']:.1f} ± {100 * a['ci95']:.1f} | {delta} | {secs} |")
+        cells = [name, f"{100 * a['mean']:.1f} ± {100 * a['ci95']:.1f}",
+                 "" if name == SFT_ROW else f"{100 * (a['mean'] - sft):+.1f}"]
+        if r.get("cost") is None:
+            cells += [""] * (len(heads) - len(cells))
+        else:
+            cells += [(_tokens if q.endswith("_tokens") else _seconds)(_cost(r, q)) for q, _ in COST_COLUMNS]
+            if BASELINE in rows:
+                total = _cost(r, "total_s")
+                cells.append("–" if total is None or not base else f"{total / base:.2f}×")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

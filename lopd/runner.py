@@ -8,8 +8,9 @@ subprocess on this machine, exactly as its container runs it.
         check that its manifest now exists
     print the eval table and the path of the report's chart
 
-Each stage's output goes to ``<store>/runs/<run>/logs/<stage>.log``; the terminal shows one
-progress line per stage (rich), and the tail of the log when a stage fails.
+Each stage's output goes to ``<store>/runs/<run>/logs/<stage>.log`` and each process's wall time
+to ``logs/timings.jsonl``; the terminal shows one progress line per stage (rich), and the tail of
+the log when a stage fails.
 """
 
 from __future__ import annotations
@@ -25,8 +26,13 @@ from lopd import LopdError
 from lopd.layout import local_run_dir, report_prefix, run_logs_dir, stage_prefix
 from lopd.manifest import has_manifest, read_manifest, read_verified, read_verified_json
 from lopd.recipe import Recipe, load_recipe
-from lopd.stages import STAGES, stages_of
+from lopd.stages import get as get_stage
+from lopd.stages import split, stages_of
 from lopd.store import open_store
+
+TIMINGS = "timings.jsonl"
+"""``<run dir>/logs/timings.jsonl``: one line per stage process the local runner ran (stage
+instance, label, wall seconds including interpreter and engine start-up, exit code)."""
 
 
 class PipelineError(LopdError):
@@ -41,10 +47,12 @@ def _env() -> dict[str, str]:
 
 def stage_command(stage: str, recipe: str, overrides: tuple[str, ...], extra: list[str],
                   nproc: int = 1) -> list[str]:
-    """The local command line for one stage: ``python -m jobs.<module>``, or torchrun for a
-    training stage with ``nproc > 1`` ranks."""
-    spec = STAGES[stage]
-    args = ["--recipe", recipe, *[a for o in overrides for a in ("--set", o)], *extra]
+    """The local command line for one stage instance: ``python -m jobs.<module>`` (``--round r``
+    for a Lightning round's instance ``<stage>-r<r>``), or torchrun for a training stage with
+    ``nproc > 1`` ranks."""
+    spec, round = get_stage(stage), split(stage)[1]
+    args = ["--recipe", recipe, *[a for o in overrides for a in ("--set", o)], *extra,
+            *(["--round", str(round)] if round > 1 else [])]
     if spec.training and nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc-per-node={nproc}", "-m", spec.entrypoint, *args]
@@ -69,6 +77,9 @@ def run_job(stage: str, recipe_file: Path, overrides: tuple[str, ...], log_path:
         while proc.poll() is None:
             status.update(f"[bold]{label}[/] running… {time.monotonic() - t0:.0f}s")
             time.sleep(0.5)
+    with open(log_path.parent / TIMINGS, "a") as f:  # what each stage process cost (lopd repro's cost columns)
+        f.write(json.dumps({"stage": stage, "label": label, "seconds": round(time.monotonic() - t0, 3),
+                            "returncode": proc.returncode}) + "\n")
     if proc.returncode:
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
         console.print("\n".join(tail), markup=False, highlight=False)
@@ -91,7 +102,7 @@ def run_stages(recipe: Recipe, recipe_file: str | Path, stages: list[str], overr
         if has_manifest(store, prefix):
             console.print(f"[dim]• {recipe.run_id} {stage}: already published, skipped[/]")
             continue
-        spec = STAGES[stage]
+        spec = get_stage(stage)
         shards = spec.shards(recipe)
         for i in range(shards):
             label = f"{recipe.run_id} {stage}" + ("" if shards == 1 else f" shard {i + 1}/{shards}")
@@ -109,7 +120,7 @@ def run_bootstrap(recipe: Recipe, nproc: int = 1, console=None) -> None:
     def run_stage(stage: str, recipe_file: Path) -> None:
         label = f"bootstrap: {teacher_run_id(recipe)} {stage}"
         run_job(stage, recipe_file, (), logs_dir(recipe) / f"bootstrap-{stage}.log", [],
-                nproc if STAGES[stage].training else 1, label, console)
+                nproc if get_stage(stage).training else 1, label, console)
 
     bootstrap(recipe, run_stage, console.print)
 

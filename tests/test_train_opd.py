@@ -115,7 +115,7 @@ def test_tempered_precompute_lineage_is_checked_when_the_source_opens(tmp_path, 
     lineage = {"teacher_consistent": True, "rollout_logprobs": "raw", "sampling": {"temperature": 0.7, "top_p": 0.9}}
     recipe_path, uri = make_run(tmp_path, opd_models, rows, lineage=lineage, importance_weights={"enabled": True})
     recipe = load_recipe(recipe_path, ["opd.student=/nonexistent/model"])  # never reached
-    run = SimpleNamespace(recipe=recipe, section=recipe.opd, store=open_store(uri), stage="opd")
+    run = SimpleNamespace(recipe=recipe, section=recipe.opd, store=open_store(uri), stage="opd", round=1)
     with pytest.raises(TrainDataError, match=r"^opd\.importance_weights\.enabled: .*temperature=0\.7, top_p=0\.9"):
         OfflineSource.from_run(run)
 

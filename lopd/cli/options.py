@@ -8,7 +8,7 @@ import os
 import click
 
 from lopd import LopdError
-from lopd.stages import STAGES
+from lopd.stages import STAGES, split
 
 
 class LopdGroup(click.Group):
@@ -50,6 +50,12 @@ class StageChoice(click.Choice):
     @choices.setter
     def choices(self, _value) -> None:
         pass
+
+    def convert(self, value, param, ctx):
+        """A stage, or a Lightning round's instance of a rounded stage (``opd-r2``)."""
+        if isinstance(value, str) and split(value)[1] > 1:
+            return value
+        return super().convert(value, param, ctx)
 
 
 def stage_argument(f):

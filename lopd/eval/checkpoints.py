@@ -3,7 +3,8 @@
 Each entry of ``eval.checkpoints`` is ``[label=]reference``: a store URI or local directory of a
 published checkpoint (it must carry a ``MANIFEST.json``) or a hub model id. Labels default to
 the reference's last path component and are made unique (``name``, ``name-2``, ...). With no
-entries, the run's published ``sft`` and ``opd`` checkpoints are used (their ``final/`` when
+entries, the run's published ``sft`` and ``opd`` checkpoints are used (``opd``: the last Lightning
+round's, ``opd-r<R>``, with ``opd.rounds: R``) (their ``final/`` when
 the stage root has no manifest of its own).
 """
 
@@ -16,6 +17,7 @@ from lopd.fingerprint import HUB_ID_RE
 from lopd.layout import MANIFEST, stage_prefix
 from lopd.manifest import has_manifest
 from lopd.stage import StageError
+from lopd.stages import instance, rounds
 from lopd.store import is_store_uri, open_store
 
 
@@ -31,11 +33,11 @@ def checkpoint_refs(recipe) -> list[tuple[str, str]]:
     if not cfg.checkpoints:
         root = recipe.store if "://" in recipe.store else f"file://{os.path.abspath(recipe.store)}"
         out = []
-        for st in ("sft", "opd"):
+        for label, st in (("sft", "sft"), ("opd", instance("opd", rounds(recipe)))):  # opd: the last round's
             for sub in ("", "/final"):
                 uri = f"{root.rstrip('/')}/{stage_prefix(recipe.run_id, st)}{sub}"
                 if _has_manifest(uri):
-                    out.append((st, uri))
+                    out.append((label, uri))
                     break
         if not out:
             raise StageError("eval.checkpoints is empty and this run has no published sft or opd checkpoint")

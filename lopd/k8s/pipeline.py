@@ -17,7 +17,7 @@ from lopd.k8s import K8sError
 from lopd.k8s.status import workload_state
 from lopd.layout import manifest_key, stage_prefix
 from lopd.recipe import Recipe
-from lopd.stages import STAGES, stages_of
+from lopd.stages import inputs_of, stages_of
 from lopd.store import Store, open_store
 
 
@@ -33,7 +33,7 @@ def published(store: Store, run_id: str, stage: str) -> bool:
 
 
 def plan(recipe: Recipe, store: Store) -> list[Step]:
-    return [Step(s, STAGES[s].inputs(recipe), published(store, recipe.run_id, s)) for s in stages_of(recipe)]
+    return [Step(s, inputs_of(recipe, s), published(store, recipe.run_id, s)) for s in stages_of(recipe)]
 
 
 def wait_published(recipe: Recipe, store: Store, stage: str, status_of: Callable[[str], tuple[str, str] | None],

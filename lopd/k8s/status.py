@@ -14,7 +14,8 @@ from lopd.k8s.cluster import ROLE_LABEL, STAGE_LABEL, pod_index, selector
 from lopd.k8s.values import release_name
 from lopd.layout import driver_prefix, manifest_key, shard_of, shards_prefix, stage_prefix
 from lopd.recipe import Recipe
-from lopd.stages import STAGES, stages_of
+from lopd.stages import get as get_stage
+from lopd.stages import stages_of
 from lopd.store import Store
 
 BAD_WAITING = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError",
@@ -169,7 +170,7 @@ def run_status(recipe: Recipe, store: Store, workloads: list[dict[str, Any]] | N
     """One row per stage; ``workloads``/``pods`` None means the cluster was not asked."""
     rows = [r for r in [driver_row(recipe, store, workloads)] if r is not None]
     for stage in stages_of(recipe):
-        shards = STAGES[stage].shards(recipe)
+        shards = get_stage(stage).shards(recipe)
         row = StageStatus(stage=stage, release=release_name(recipe.run_id, stage), shards_total=shards)
         row.shards_done, row.published = store_progress(store, recipe.run_id, stage, shards)
         if workloads is None:

@@ -15,8 +15,8 @@ import yaml
 
 from lopd.k8s import K8sError
 from lopd.recipe import Recipe, RecipeError, validate_recipe
-from lopd.stages import STAGES
 from lopd.stages import get as get_stage
+from lopd.stages import rounds, split
 
 MAX_RELEASE = 53  # Helm's release-name limit
 
@@ -38,6 +38,8 @@ def stage_section(recipe: Recipe, stage: str) -> Any:
     section = spec.of(recipe)
     if section is None:
         raise RecipeError(f"recipe error: {spec.section}: the recipe has no such section, so no {stage} stage")
+    if split(stage)[1] > rounds(recipe):
+        raise RecipeError(f"recipe error: opd.rounds is {rounds(recipe)}, so the run has no stage {stage}")
     return section
 
 
@@ -85,7 +87,7 @@ def stage_values(recipe: Recipe, stage: str) -> dict[str, Any]:
     k = recipe.kubernetes
     res = section.resources
     repo, tag, digest = split_image(k.image)
-    spec = STAGES[stage]
+    spec, round = get_stage(stage), split(stage)[1]
     if not spec.training and res.nodes != 1:
         raise RecipeError(f"recipe error: {spec.section}.resources.nodes: inference stages run one pod per "
                           f"shard; use {spec.section}.shards instead (got {res.nodes})")
@@ -108,7 +110,8 @@ def stage_values(recipe: Recipe, stage: str) -> dict[str, Any]:
                       "memory": res.memory, "shmSize": res.shm_size},
         "job": {"backoffLimit": k.backoff_limit, "maxFailedIndexes": None,
                 "ttlSecondsAfterFinished": k.ttl_seconds_after_finished,
-                "activeDeadlineSeconds": res.active_deadline_seconds, "parallelism": 0, "extraArgs": []},
+                "activeDeadlineSeconds": res.active_deadline_seconds, "parallelism": 0,
+                "extraArgs": ["--round", str(round)] if round > 1 else []},
         "nodeSelector": dict(k.node_selector),
         "tolerations": [{_camel(f): v for f, v in t.model_dump().items() if v is not None}
                         for t in k.tolerations],

@@ -17,6 +17,7 @@ from __future__ import annotations
 from lopd import stage
 from lopd.layout import stage_prefix
 from lopd.manifest import InputRef
+from lopd.stages import instance
 from lopd.train.data import (
     OpdSample,
     TrainDataError,
@@ -69,17 +70,20 @@ class OfflineSource:
         """The precompute data (validated) and the SFT checkpoint that sampled it: ``opd.student``
         (or the one the precompute manifest names) must have the fingerprint that sampled it."""
         recipe, cfg = run.recipe, run.section
-        prefix = (cfg.rollouts or stage_prefix(recipe.run_id, "precompute")).strip("/")
+        prefix = (cfg.rollouts or stage_prefix(recipe.run_id, instance("precompute", run.round))).strip("/")
         m, sha = open_precompute(run.store, prefix, recipe.allow_inconsistent_teacher)
         own = cfg.rollouts is None and recipe.precompute is not None
         check_rollout_logprobs(cfg, m.lineage, recipe.precompute.sampling if own else None,
                                run.store.url(prefix))
         if cfg.objective == "topk":
             require_topk(m.lineage, run.store.url(prefix))
-        ref = cfg.student or m.lineage.get("student") or run.store.url(stage_prefix(recipe.run_id, "sft"))
+        if run.round > 1:  # a Lightning round starts from the previous round's output (lopd.rounds)
+            ref = run.store.url(stage_prefix(recipe.run_id, instance("opd", run.round - 1)))
+        else:
+            ref = cfg.student or m.lineage.get("student") or run.store.url(stage_prefix(recipe.run_id, "sft"))
         student = stage.resolve_model(ref, "opd.student")
         sampled_by = m.lineage.get("student_fingerprint")
-        if sampled_by is not None and sampled_by != student.fingerprint:
+        if (sampled_by is not None or run.round > 1) and sampled_by != student.fingerprint:
             raise TrainDataError(f"opd.student: {ref} (fingerprint {student.fingerprint}) is not the model that "
                                  f"sampled the precomputed rollouts ({sampled_by})")
         from transformers import AutoConfig
@@ -90,7 +94,7 @@ class OfflineSource:
         inputs = {"student": student.input_ref(),
                   "precompute": InputRef(uri=run.store.url(prefix), manifest_sha256=sha)}
         keep = ("teacher_fingerprint", "sft_teacher_fingerprint", "teacher_consistent", "allow_inconsistent_teacher",
-                "rollout_logprobs", "sampling", "teacher_topk")
+                "rollout_logprobs", "sampling", "teacher_topk", "round")
         lineage = {**{k: m.lineage.get(k) for k in keep}, "student_fingerprint": student.fingerprint,
                    "mode": "offline"}
         truncated = sum(s.finish_reason == "length" for s in samples)
@@ -107,8 +111,9 @@ class OfflineSource:
             self.diagnostic = GradientDiagnostic(run, self.student)
 
     def minibatches(self, step: int) -> list[list[OpdSample]]:
-        """Step ``step``'s global batch (a deterministic slice of the rollouts), this rank's share
-        of each PPO mini-batch."""
+        """Step ``step``'s global batch (a deterministic slice of the rollouts, by the global step,
+        so Lightning rounds on the same rollouts would make exactly the uninterrupted run's
+        batches), this rank's share of each PPO mini-batch."""
         t = self.cfg.train
         idx = global_batch_indices(len(self.samples), step, t.global_batch, t.seed)
         return split_minis([self.samples[i] for i in idx], self.cfg.mini_batches, self.run.rank, self.run.world)

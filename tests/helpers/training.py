@@ -101,9 +101,9 @@ def publish_sft(store_uri: str, model: Path, teacher_fp: str) -> str:
 
 
 def publish_precompute(store_uri: str, rows: dict[str, list], tmp: Path, lineage: dict, shards: int = 2,
-                       schema: pa.Schema = PRECOMPUTE) -> None:
-    """Write rows as ``shards`` parquet files and publish them under runs/t/precompute (manifest last)."""
-    local = tmp / "precompute-out"
+                       schema: pa.Schema = PRECOMPUTE, stage: str = "precompute") -> None:
+    """Write rows as ``shards`` parquet files and publish them under runs/t/<stage> (manifest last)."""
+    local = tmp / f"{stage}-out"
     local.mkdir(parents=True, exist_ok=True)
     n = len(rows["prompt_id"])
     for s in range(shards):
@@ -113,8 +113,7 @@ def publish_precompute(store_uri: str, rows: dict[str, list], tmp: Path, lineage
         write_table(pa.table({k: pa.array(v, type=schema.field(k).type) for k, v in part.items()}),
                     d / "part-00000.parquet", schema)
     assert n
-    publish(open_store(store_uri), stage_prefix(RUN, "precompute"), local, stage="precompute", run_id=RUN,
-            lineage=lineage)
+    publish(open_store(store_uri), stage_prefix(RUN, stage), local, stage=stage, run_id=RUN, lineage=lineage)
 
 
 def write_recipe(path: Path, store_uri: str, teacher: Path, student: Path, **opd) -> Path:
