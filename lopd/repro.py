@@ -10,7 +10,8 @@
             instances (precompute, opd, precompute-r2, opd-r2, ...) from the SFT checkpoint,
             or, for a ``stage: sft`` variant, sft continued from it: the same-compute control
         eval the SFT checkpoint and every variant               (run <run>-eval<digest>-s<seed>)
-    results.json, results.md (mean and 95% interval over seeds, cost per row), results.png
+    results.json, results.md (mean and 95% interval over seeds, paired Δ vs SFT, cost per row),
+    results.png, diagnostics.png (KL to SFT and the reverse-KL estimate per step, per row)
 
 Every variant starts from the same SFT checkpoint and makes the same number of updates on
 the same batch size ("same compute per method"); the other offline variants share the
@@ -33,7 +34,8 @@ from lopd.layout import local_run_dir, report_prefix, repro_dir, stage_prefix, t
 from lopd.manifest import read_verified_json
 from lopd.recipe import Recipe, load_recipe
 from lopd.repro_cost import row_costs, train_steps
-from lopd.repro_results import SFT_ROW, ReproError, mean_ci, write_results
+from lopd.repro_plots import mean_series
+from lopd.repro_results import SFT_ROW, ReproError, mean_ci, paired, write_results
 from lopd.stages import instance, stages_of
 from lopd.store import open_store
 
@@ -224,18 +226,20 @@ def run(recipe_path: str, overrides: tuple[str, ...] = (), seeds: list[int] | No
 # ---------------------------------------------------------------------- results
 
 
-def _train_seconds(store, run_id: str, stage: str) -> float:
+def _train_seconds(steps: list[dict[str, Any]]) -> float:
     """Seconds one run spent in its training loop: per step, the update plus (online OPD) the
     weight sync, the sampling and the teacher's scoring."""
     keys = ("step_time_s", "sync_s", "sample_s", "score_s")
-    return sum(sum(step.get(k, 0.0) for k in keys) for step in train_steps(store, run_id, stage))
+    return sum(sum(step.get(k, 0.0) for k in keys) for step in steps)
 
 
 def collect(study: Study) -> dict[str, Any]:
-    """Accuracy per row and seed from the eval summaries, training time per OPD run and each row's
-    cost (:mod:`lopd.repro_cost`); every file read verified against its stage's manifest."""
+    """Accuracy per row and seed from the eval summaries, training time per OPD run, each row's
+    cost (:mod:`lopd.repro_cost`) and training diagnostics (:mod:`lopd.repro_plots`); every file
+    read verified against its stage's manifest."""
     rows: dict[str, dict[str, Any]] = {SFT_ROW: {"acc": {}, "train_s": {}}}
     rows.update({n: {"acc": {}, "train_s": {}} for n in study.variants})
+    steps: dict[str, list[list[dict[str, Any]]]] = {n: [] for n in study.variants}
     bench = None
     for seed in study.cfg.seeds:
         report = report_prefix(stage_prefix(study.eval_run_id(seed), "eval"))
@@ -244,8 +248,8 @@ def collect(study: Study) -> dict[str, Any]:
         for name in rows:
             rows[name]["acc"][str(seed)] = s["results"][name]["benchmarks"][bench]["avg"]
             if name != SFT_ROW:
-                rows[name]["train_s"][str(seed)] = _train_seconds(study.store, study.run_id(name, seed),
-                                                                  study.stage(name))
+                steps[name].append(train_steps(study.store, study.run_id(name, seed), study.stage(name)))
+                rows[name]["train_s"][str(seed)] = _train_seconds(steps[name][-1])
     for name, r in rows.items():
         r["accuracy"] = mean_ci(list(r["acc"].values()))
         r["train_seconds"] = mean_ci(list(r["train_s"].values())) if r["train_s"] else None
@@ -254,6 +258,8 @@ def collect(study: Study) -> dict[str, Any]:
         r["teacher"] = study.cfg.variants[name].teacher if name in study.cfg.variants else None
         r["precompute"] = study.cfg.variants[name].precompute if name in study.cfg.variants else None
         r["cost"] = row_costs(study, name)
+        r["vs_sft"] = None if name == SFT_ROW else paired(r["acc"], rows[SFT_ROW]["acc"])
+        r["diagnostics"] = mean_series(steps[name]) if name in steps else None
     opd = study.recipe.opd
     return {"run_id": study.recipe.run_id, "benchmark": bench, "seeds": study.cfg.seeds,
             "opd_steps": opd.train.steps, "global_batch": opd.train.global_batch, "lr": opd.optim.lr,

@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 from lopd import LopdError
+from lopd.repro_plots import write_diagnostics
 
 SFT_ROW = "sft"
 # two-sided 95% Student-t quantiles by degrees of freedom (normal beyond the table)
@@ -27,6 +28,19 @@ def mean_ci(xs: list[float]) -> dict[str, float]:
         return {"mean": m, "ci95": 0.0}
     t = T95.get(len(xs) - 1, 1.96)
     return {"mean": m, "ci95": t * statistics.stdev(xs) / math.sqrt(len(xs))}
+
+
+PAIRED_TEST = "paired t-test over seeds, two-sided, 5%"
+
+
+def paired(acc: dict[str, float], base: dict[str, float]) -> dict[str, float | int | bool | str]:
+    """A row's accuracy minus ``base``'s, seed by seed (each seed's row against the same seed's
+    evaluation of the base): the mean difference, its 95% Student-t interval over seeds and whether
+    the interval excludes 0 (the paired t-test at 5%; never with one seed)."""
+    seeds = [s for s in acc if s in base]
+    d = mean_ci([acc[s] - base[s] for s in seeds])
+    return {**d, "seeds": len(seeds), "significant": len(seeds) > 1 and abs(d["mean"]) > d["ci95"],
+            "test": PAIRED_TEST}
 
 
 
@@ -59,28 +73,36 @@ def _cost(r: dict, q: str) -> float | None:
     return None if not cost or q not in cost else cost[q]["mean"]
 
 
+def _delta(d: dict) -> str:
+    """``+2.7 ± 1.9*`` (points; * = significant), or ``+2.7`` with one seed."""
+    if d["seeds"] < 2:
+        return f"{100 * d['mean']:+.1f}"
+    return f"{100 * d['mean']:+.1f} ± {100 * d['ci95']:.1f}" + ("*" if d["significant"] else "")
+
+
 def table(results: dict) -> str:
     """``results.md``: accuracy with 95% intervals and Δ vs SFT per row, then each row's cost
     (means over seeds) and its total relative to the ``lightning`` row."""
     n = len(results["seeds"])
     rows = results["rows"]
     base = _cost(rows[BASELINE], "total_s") if BASELINE in rows else None
-    heads = ["method", "accuracy (%)", "Δ vs SFT (points)"] + [h for _, h in COST_COLUMNS]
+    heads = ["method", "accuracy (%)", "Δ vs SFT, paired (points)"] + [h for _, h in COST_COLUMNS]
     heads += [f"× {BASELINE}"] if BASELINE in rows else []
     lines = [f"Held-out `{results['benchmark']}` accuracy (avg@{results['eval_k']}), mean ± 95% interval over "
              f"{n} seed{'s' if n > 1 else ''}; every row below SFT: {results['opd_steps']} updates of "
-             f"{results['global_batch']} sequences from the same SFT checkpoint.", "",
+             f"{results['global_batch']} sequences from the same SFT checkpoint. Δ vs SFT: the mean of the "
+             "per-seed differences from the same seed's SFT evaluation with its 95% interval (Student t over "
+             "seeds); * where the interval excludes 0 (a paired t-test, two-sided, at 5%).", "",
              "Cost, mean over seeds, of each row's own runs: tokens the student sampled, the teacher scored and "
              "training used; seconds sampling (online: with the weight push), scoring, in training steps, and in "
              "all the row's stage processes with their start-ups (total; – when not recorded). Offline rows on "
              "shared rollouts are charged the whole shared precompute, as if they ran alone; rows with Lightning "
              "rounds every round.", "",
              "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    sft = rows[SFT_ROW]["accuracy"]["mean"]
     for name, r in rows.items():
         a = r["accuracy"]
         cells = [name, f"{100 * a['mean']:.1f} ± {100 * a['ci95']:.1f}",
-                 "" if name == SFT_ROW else f"{100 * (a['mean'] - sft):+.1f}"]
+                 "" if name == SFT_ROW else _delta(paired(r["acc"], rows[SFT_ROW]["acc"]))]
         if r.get("cost") is None:
             cells += [""] * (len(heads) - len(cells))
         else:
@@ -115,6 +137,7 @@ def write_results(out: Path, results: dict) -> None:
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=120)
     plt.close(fig)
+    write_diagnostics(out, results)
 
 
 # ---------------------------------------------------------------------- check

@@ -4,12 +4,13 @@ end-to-end study at CI size runs in tests/test_embedded.py)."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
 
 from lopd.recipe import RecipeError, load_recipe
-from lopd.repro_results import SFT_ROW, ReproError, check, mean_ci, write_results
+from lopd.repro_results import SFT_ROW, ReproError, check, mean_ci, paired, write_results
 from tests.helpers.cli import lopd_cli
 from tests.helpers.repro import QuietConsole, study
 
@@ -100,6 +101,18 @@ def test_mean_ci_uses_student_t():
     assert r["mean"] == pytest.approx(0.5) and r["ci95"] == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
 
 
+def test_paired_differences_against_sft_are_seed_by_seed():
+    """The paired t-test: per-seed differences, their Student-t interval, significant when it excludes 0."""
+    sft = {"0": 0.75, "1": 0.76, "2": 0.80}
+    d = paired({"0": 0.80, "1": 0.84, "2": 0.86}, sft)  # +5, +8, +6 points: every seed agrees
+    assert d["mean"] == pytest.approx(0.19 / 3) and d["seeds"] == 3 and d["significant"]
+    assert d["ci95"] == pytest.approx(4.303 * statistics.stdev([0.05, 0.08, 0.06]) / 3 ** 0.5)
+    assert d["test"] == "paired t-test over seeds, two-sided, 5%"
+    # the same means unpaired would overlap; paired, a seed that disagrees makes it not significant
+    assert not paired({"0": 0.85, "1": 0.74, "2": 0.80}, sft)["significant"]
+    assert not paired({"0": 0.9}, {"0": 0.7, "1": 0.7})["significant"]  # one common seed: no test
+
+
 def _cost(total: float | None) -> dict:
     values = {"sampled_tokens": 393216.0, "scored_tokens": 393216.0, "trained_tokens": 1234567.0, "sample_s": 40.25,
               "score_s": 15.0, "train_s": 123.4, "total_s": total}
@@ -119,7 +132,7 @@ def test_table_png_and_check(tmp_path):
     res = _results({SFT_ROW: [0.40, 0.42], "lightning": [0.50, 0.52]})
     write_results(tmp_path, res)
     md = (tmp_path / "results.md").read_text()
-    assert "| lightning | 51.0 ± 12.7 | +10.0 | 393k | 393k | 1.23M | 40.2 | 15.0 | 123 | 200 | 1.00× |" in md
+    assert "| lightning | 51.0 ± 12.7 | +10.0 ± 0.0* | 393k | 393k | 1.23M | 40.2 | 15.0 | 123 | 200 | 1.00× |" in md
     assert (tmp_path / "results.png").stat().st_size > 0
     exp = tmp_path / "expected.json"
     exp.write_text(json.dumps({"rows": {SFT_ROW: {"accuracy": 0.41, "tolerance": 0.02},
@@ -159,6 +172,7 @@ def test_published_report_and_metrics_are_read_verified(tmp_path):
     from lopd.layout import report_prefix, stage_prefix
     from lopd.manifest import publish
     from lopd.repro import _train_seconds
+    from lopd.repro_cost import train_steps
     from lopd.runner import print_eval
     from lopd.store import IntegrityError, open_store
 
@@ -173,7 +187,7 @@ def test_published_report_and_metrics_are_read_verified(tmp_path):
     (tmp_path / "opd" / "metrics.jsonl").write_text('{"step_time_s": 1.5, "sync_s": 0.5}\n{"step_time_s": 2.0}\n')
     publish(store, stage_prefix("r1", "opd"), tmp_path / "opd", stage="opd", run_id="r1")
     assert print_eval(recipe, QuietConsole()) == {"benchmarks": ["arith"], "results": {}}
-    assert _train_seconds(store, "r1", "opd") == 4.0
+    assert _train_seconds(train_steps(store, "r1", "opd")) == 4.0
 
     _tamper(tmp_path / "store" / report / "summary.json")  # a file store is read in place: the changed
     with pytest.raises(IntegrityError) as e:  # stat signature forces a rehash, which the bytes fail
@@ -181,7 +195,25 @@ def test_published_report_and_metrics_are_read_verified(tmp_path):
     assert "\n" not in str(e.value) and str(e.value).startswith(store.url(f"{report}/summary.json"))
     _tamper(tmp_path / "store" / stage_prefix("r1", "opd") / "metrics.jsonl")
     with pytest.raises(IntegrityError, match=r"opd/metrics.jsonl: sha256 [0-9a-f]{64} does not match"):
-        _train_seconds(store, "r1", "opd")
+        train_steps(store, "r1", "opd")
+
+
+def test_diagnostics_are_seed_means_of_the_logged_series_and_plotted(tmp_path):
+    from lopd.repro_plots import mean_series, write_diagnostics
+
+    def rec(step, kl, rkl):
+        return {"step": step, "kl_to_sft": kl, "reverse_kl_est": rkl}
+
+    runs = [[rec(1, 0.0, 0.2), rec(2, 0.02, 0.1)],
+            [rec(1, 0.0, 0.4), rec(2, 0.04, 0.3), rec(3, 0.05, 0.2)]]  # step 3: one seed only, left out
+    d = mean_series(runs)
+    assert d["step"] == [1.0, 2.0] and d["kl_to_sft"] == pytest.approx([0.0, 0.03])
+    assert d["reverse_kl_est"] == pytest.approx([0.3, 0.2])
+    assert mean_series([[{"step": 1, "loss": 1.0}]]) is None  # the SFT control logs neither
+    results = {"run_id": "tiny", "seeds": [0, 1],
+               "rows": {"sft": {"diagnostics": None}, "lightning": {"diagnostics": d}}}
+    assert write_diagnostics(tmp_path, results).stat().st_size > 1000
+    assert write_diagnostics(tmp_path / "none", {**results, "rows": {"sft": {}}}) is None
 
 
 # ---------------------------------------------------------------------- rounds, top-k, rows and cost

@@ -81,13 +81,13 @@ def test_cost_of_rounds_topk_shared_online_and_control_rows(tmp_path):
     assert res["rows"]["rounds2"]["train_seconds"]["mean"] == 4.0  # every round's steps
     write_results(s.dir, res)
     md = (s.dir / "results.md").read_text()
-    header = ("| method | accuracy (%) | Δ vs SFT (points) | sampled tokens | scored tokens | trained tokens | "
+    header = ("| method | accuracy (%) | Δ vs SFT, paired (points) | sampled tokens | scored tokens | trained tokens | "
               "sampling s | scoring s | training s | total s | × lightning |")
     assert header in md and "as if they ran alone" in md
-    assert "| lightning | 50.5 ± 6.4 | +0.0 | 1.00k | 1.00k | 220 | 10.0 | 5.0 | 3.0 | 31.5 | 1.00× |" in md
-    assert "| rounds2 | 50.5 ± 6.4 | +0.0 | 900 | 900 | 200 | 10.0 | 5.0 | 4.0 | 30.0 | 0.95× |" in md
-    assert "| online | 50.5 ± 6.4 | +0.0 | 50 | 50 | 50 | 2.5 | 1.5 | 1.0 | – | – |" in md
-    assert "| inconsistent | 50.5 ± 6.4 | +0.0 | 900 | 900 | 10 | – | – | 1.0 | – | – |" in md
+    assert "| lightning | 50.5 ± 6.4 | +0.0 ± 0.0 | 1.00k | 1.00k | 220 | 10.0 | 5.0 | 3.0 | 31.5 | 1.00× |" in md
+    assert "| rounds2 | 50.5 ± 6.4 | +0.0 ± 0.0 | 900 | 900 | 200 | 10.0 | 5.0 | 4.0 | 30.0 | 0.95× |" in md
+    assert "| online | 50.5 ± 6.4 | +0.0 ± 0.0 | 50 | 50 | 50 | 2.5 | 1.5 | 1.0 | – | – |" in md
+    assert "| inconsistent | 50.5 ± 6.4 | +0.0 ± 0.0 | 900 | 900 | 10 | – | – | 1.0 | – | – |" in md
     assert f"| {SFT_ROW} | 50.5 ± 6.4 |  |" in md
 
 
