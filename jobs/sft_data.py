@@ -14,6 +14,7 @@ shard resumes from its last complete part (see :mod:`lopd.stage`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import pyarrow as pa
@@ -29,11 +30,13 @@ STAGE = "sft-data"
 
 
 def answer_part(part: list[Prompt], tokenizer, backend: stage.Lazy, cfg, ctx_len: int) -> tuple[pa.Table, dict]:
-    """Teacher answers for one part: one row per (prompt, sample); too-long prompts skipped."""
+    """Teacher answers for one part: one row per (prompt, sample); too-long prompts skipped.
+    ``sample_s`` is the wall time of the sampling (the engine's start included when it happens here)."""
+    t0 = time.perf_counter()
     kept, skipped = sample_chats(backend.get, tokenizer, part, cfg.sampling, ctx_len)
     rows: dict[str, list] = {k: [] for k in SFT_DATA.names}
     metrics = {"prompts": len(part), "skipped_too_long": skipped, "samples": 0, "response_tokens": 0,
-               "finished_stop": 0}
+               "finished_stop": 0, "sample_s": round(time.perf_counter() - t0, 3)}
     for p, _, comps in kept:
         for c in comps:
             rows["prompt_id"].append(p.prompt_id)

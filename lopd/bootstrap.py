@@ -20,6 +20,7 @@ import pyarrow as pa
 import yaml
 
 from lopd import LopdError
+from lopd.data.synthetic import teacher_file, write_task
 from lopd.layout import MANIFEST, stage_prefix, teacher_run, teacher_sft_prefix
 from lopd.manifest import has_manifest, publish
 from lopd.recipe import Recipe
@@ -38,15 +39,15 @@ def teacher_run_id(recipe: Recipe) -> str:
 
 def write_task_once(recipe: Recipe) -> dict[str, Path]:
     """Write the task files unless ``TASK.json`` says they exist with the same parameters."""
-    from lopd.data.synthetic import write_task
-
     b = recipe.bootstrap
     out = Path(b.data_dir)
     keys = ("seed", "n_teacher", "n_sft", "n_opd", "n_eval", "min_terms", "max_terms", "max_value")
     params = {k: getattr(b, k) for k in keys}
     marker = out / TASK_MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("params") == params:
-        return {k: Path(v) for k, v in json.loads(marker.read_text())["files"].items()}
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if done.get("params") == params and teacher_file(b.teacher_style, b.teacher_draw) in done.get("files", {}):
+            return {k: Path(v) for k, v in done["files"].items()}
     paths = write_task(out, seed=b.seed, n_teacher=b.n_teacher, n_sft=b.n_sft, n_opd=b.n_opd, n_eval=b.n_eval,
                        min_terms=b.min_terms, max_terms=b.max_terms, max_value=b.max_value)
     marker.write_text(json.dumps({"params": params, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
@@ -124,7 +125,8 @@ def bootstrap(recipe: Recipe, run_stage: Callable[[str, Path], None], echo: Call
     echo(f"bootstrap: task data in {b.data_dir}")
     init_teacher = init_models(recipe, paths["corpus"])
     echo(f"bootstrap: models initialised ({init_teacher}, {recipe.models.student.uri})")
-    publish_ground_truth(recipe, paths[f"teacher_{b.teacher_style}"])
+
+    publish_ground_truth(recipe, paths[teacher_file(b.teacher_style, b.teacher_draw)])
     store = open_store(recipe.store)
     if not has_manifest(store, stage_prefix(teacher_run_id(recipe), "sft")):
         derived = Path(b.data_dir) / "teacher-recipe.yaml"

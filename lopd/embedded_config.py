@@ -60,6 +60,10 @@ class BootstrapConfig(Section):
     """Tokenizer vocabulary (trained on the task corpus; teacher and student share it; at most 2^20)."""
     teacher_style: Literal["chain", "words"] = "chain"
     """How the ground-truth solutions the teacher learns are written."""
+    teacher_draw: int = Field(0, ge=0, le=1)
+    """Which ``n_teacher`` ground-truth problems the teacher learns: 0 the first draw, 1 a second
+    draw disjoint from it and from every other split (another teacher trained like the first on
+    other problems, from the same initial weights)."""
     teacher: InitModelSpec = InitModelSpec(size="small", seed=1)
     """The teacher's architecture before training."""
     teacher_sft: SftConfig = SftConfig()
@@ -68,14 +72,30 @@ class BootstrapConfig(Section):
     """The student base."""
 
 
+class ReproTeacher(Section):
+    """Another teacher for the teacher-consistency rows, bootstrapped like teacher A (the recipe's
+    ``bootstrap``: same initial weights, same training) with these changes."""
+
+    style: Literal["chain", "words"] = "chain"
+    """How its ground-truth solutions are written (``words``: a format clash with A's SFT data)."""
+    draw: int = Field(0, ge=0, le=1)
+    """Which ground-truth problems it learns (``bootstrap.teacher_draw``): 1 = a second draw,
+    disjoint from A's."""
+    seed: int | None = None
+    """Its training seed (data order; ``bootstrap.teacher_sft.train.seed``); None = A's."""
+
+
 class ReproVariant(Section):
-    """One row of the repro table: an OPD run on the shared SFT student and rollouts, or the
-    control that spends the same updates on more SFT."""
+    """One row of the repro table: an OPD run from the shared SFT checkpoint, or SFT continued
+    from it with the OPD rows' updates."""
 
     stage: Literal["opd", "sft"] = "opd"
-    """opd: an OPD run from the SFT checkpoint. sft: the same-compute control: continue SFT from
-    the SFT checkpoint on the study's SFT data with the OPD rows' updates, batch size and
-    optimizer (``opd.train`` / ``opd.optim``), so a gain of OPD over SFT is not just more training."""
+    """opd: an OPD run from the SFT checkpoint. sft: continue SFT from the SFT checkpoint with the
+    OPD rows' updates, batch size and optimizer (``opd.train`` / ``opd.optim``) on ``sft_data``."""
+    sft_data: Literal["sft", "opd"] = "sft"
+    """For ``stage: sft``: sft = the study's SFT data (the same-compute control: a gain of OPD over
+    SFT is not just more training); opd = teacher A's answers to the OPD prompts, one per prompt,
+    sampled like the SFT data (sequence-level distillation on OPD's prompt budget)."""
     opd: dict[str, Any] = {}
     """Changes to the recipe's ``opd`` section for this variant (nested keys), e.g.
     ``{mode: online}`` or ``{importance_weights: {enabled: true}}``."""
@@ -83,15 +103,18 @@ class ReproVariant(Section):
     """Changes to the recipe's ``precompute`` section for this variant (nested keys), e.g.
     ``{teacher_topk: 8}``. A variant with changes here, or whose ``opd`` has ``rounds`` > 1, owns
     its rollouts: it samples and scores them in its own run, from the shared SFT checkpoint."""
-    teacher: Literal["consistent", "inconsistent"] = "consistent"
-    """inconsistent: train on rollouts scored by teacher B (ground truth written in
-    ``repro.teacher_b_style``) while the SFT data came from teacher A (the ablation)."""
+    teacher: str | None = None
+    """None: teacher A (the recipe's). Otherwise a name in ``repro.teachers``: that teacher scores
+    the rollouts (offline) or the student's samples (online) while the SFT data came from A (the
+    teacher-consistency ablations)."""
 
     @model_validator(mode="after")
-    def _sft_takes_no_opd_changes(self) -> ReproVariant:
-        if self.stage == "sft" and (self.opd or self.precompute or self.teacher != "consistent"):
+    def _stage_fields(self) -> ReproVariant:
+        if self.stage == "sft" and (self.opd or self.precompute or self.teacher is not None):
             raise ValueError("a 'stage: sft' variant takes no 'opd' changes, no 'precompute' changes and no "
-                             "'teacher' (it continues SFT on the study's SFT data)")
+                             "'teacher' (it continues SFT on teacher A's answers)")
+        if self.stage == "opd" and self.sft_data != "sft":
+            raise ValueError("'sft_data' is for 'stage: sft' variants")
         return self
 
 
@@ -101,20 +124,34 @@ class ReproConfig(Section):
 
     seeds: list[int] = Field([0, 1, 2], min_length=1, max_length=100)
     """Seeds (at most 100); each sets the OPD data order and sampling, and the eval's sampling."""
+    teachers: dict[str, ReproTeacher] = Field({}, max_length=10)
+    """Other teachers by name (lowercase, digits, '-'; at most 10), for variants' ``teacher``."""
     variants: dict[str, ReproVariant] = Field(min_length=1, max_length=100)
     """Row name (lowercase, digits, '-') -> variant (at most 100). The SFT student is always the first row."""
     rows: list[str] | None = Field(None, min_length=1, max_length=100)
     """Which variants to run and tabulate, in the variants' order (None = all)."""
-    teacher_b_style: Literal["chain", "words"] = "words"
-    """Solution style teacher B learns (for ``teacher: inconsistent`` variants)."""
+
+    @field_validator("teachers")
+    @classmethod
+    def _teacher_names(cls, v: dict[str, ReproTeacher]) -> dict[str, ReproTeacher]:
+        for name in v:
+            if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name) or re.search(r"-s[0-9]+$", name):
+                raise ValueError(f"teacher {name!r}: use lowercase letters, digits and '-', not ending in "
+                                 "-s<digits> (the variants' run ids end so)")
+        return v
 
     @field_validator("variants")
     @classmethod
-    def _names(cls, v: dict[str, ReproVariant]) -> dict[str, ReproVariant]:
+    def _names(cls, v: dict[str, ReproVariant], info: ValidationInfo) -> dict[str, ReproVariant]:
         for name in v:
-            if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name) or name in ("sft", "eval", "b", "incons"):
+            if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name) or name in ("sft", "eval", "kd"):
                 raise ValueError(f"variant {name!r}: use lowercase letters, digits and '-' "
-                                 "(not sft, eval, b or incons: those runs exist already)")
+                                 "(not sft, eval or kd: those runs exist already)")
+        teachers = info.data.get("teachers") or {}
+        for name, var in v.items():
+            if var.teacher is not None and var.teacher not in teachers:
+                raise ValueError(f"variant {name!r}: teacher {var.teacher!r} is not in repro.teachers "
+                                 f"({', '.join(teachers) or 'none'})")
         return v
 
     @field_validator("rows")

@@ -1,14 +1,17 @@
 """``lopd repro``: the paper's comparison at toy scale, from one recipe with a ``repro`` section.
 
     bootstrap teacher A; sft-data → sft → precompute            (the recipe's own run, once)
-    if a variant needs it: bootstrap teacher B (other solution style), then, for those on the
-        shared rollouts, precompute the SFT student's rollouts scored by B  (run <run>-incons)
+    for each other teacher a variant names (repro.teachers): bootstrap it (run <run>-t-<name>),
+        and, for offline variants on the shared rollouts, precompute the SFT student's rollouts
+        scored by it                                              (run <run>-p-<name>)
+    if a variant needs it: teacher A answers the OPD prompts     (run <run>-kd, sft-data)
     for seed in seeds:
         for variant in the selected variants (``repro.rows``):  (run <run>-<variant>-s<seed>)
             opd from the SFT checkpoint on the shared rollouts, or, for a variant that owns its
             rollouts (``precompute`` changes or ``opd.rounds`` > 1), its own precompute and opd
             instances (precompute, opd, precompute-r2, opd-r2, ...) from the SFT checkpoint,
-            or, for a ``stage: sft`` variant, sft continued from it: the same-compute control
+            or, for a ``stage: sft`` variant, sft continued from it on the SFT data (the
+            same-compute control) or on <run>-kd (sequence-level distillation)
         eval the SFT checkpoint and every variant               (run <run>-eval<digest>-s<seed>)
     results.json, results.md (mean and 95% interval over seeds, paired Δ vs SFT, cost per row),
     results.png, diagnostics.png (KL to SFT and the reverse-KL estimate per step, per row)
@@ -95,17 +98,30 @@ class Study:
 
     # ------------------------------------------------------------------ the runs
 
-    def teacher_b(self) -> tuple[Recipe, Path]:
-        b = _merge(self.base, {"run_id": self.run_id("b"), "bootstrap": {"teacher_style": self.cfg.teacher_b_style}})
-        b["models"]["teacher"] = {"uri": teacher_sft_prefix(self.run_id("b"))}
-        return self.write(self.run_id("b"), b)
+    def teacher(self, name: str) -> tuple[Recipe, Path]:
+        """The bootstrap recipe of another teacher (``repro.teachers``): teacher A's with its changes."""
+        t, rid = self.cfg.teachers[name], self.run_id(f"t-{name}")
+        change = {"teacher_style": t.style, "teacher_draw": t.draw}
+        if t.seed is not None:
+            change["teacher_sft"] = {"train": {"seed": t.seed}}
+        b = _merge(self.base, {"run_id": rid, "bootstrap": change})
+        b["models"]["teacher"] = {"uri": teacher_sft_prefix(rid)}
+        return self.write(rid, b)
 
-    def inconsistent_precompute(self, teacher_b: Recipe) -> tuple[Recipe, Path]:
+    def teacher_precompute(self, name: str) -> tuple[Recipe, Path]:
+        """The shared rollouts (the recipe's precompute from the SFT checkpoint) scored by another teacher."""
         data = self.only(self.base, "precompute")
-        data["models"] = {**data["models"], "teacher": teacher_b.models.teacher.model_dump(mode="json")}
+        data["models"] = {**data["models"], "teacher": self.teacher(name)[0].models.teacher.model_dump(mode="json")}
         data["precompute"] = {**data["precompute"], "student": self.uri(self.recipe.run_id, "sft")}
         data["allow_inconsistent_teacher"] = True
-        return self.write(self.run_id("incons"), data)
+        return self.write(self.run_id(f"p-{name}"), data)
+
+    def kd_data(self) -> tuple[Recipe, Path]:
+        """Teacher A's answers to the OPD prompts (the sft-data stage, sampled like the SFT data): the
+        data of sequence-level distillation on OPD's prompt budget."""
+        data = self.only(self.base, "sft_data")
+        data["sft_data"] = {**data["sft_data"], "prompts": self.base["precompute"]["prompts"]}
+        return self.write(self.run_id("kd"), data)
 
     def opd(self, name: str) -> dict:
         """The recipe's ``opd`` section with the variant's changes merged in."""
@@ -140,33 +156,35 @@ class Study:
             return [s for s in stages_of(recipe) if s not in ("sft-data", "sft", "eval")]
         return [self.stage(name)]
 
-    def sft_control(self, seed: int) -> dict:
-        """SFT continued from the SFT checkpoint on the study's SFT data, with the OPD rows' updates,
-        batch size and optimizer: what the same compute buys without OPD."""
+    def sft_control(self, name: str, seed: int) -> dict:
+        """SFT continued from the SFT checkpoint with the OPD rows' updates, batch size and optimizer,
+        on the study's SFT data (what the same compute buys without OPD) or on teacher A's answers
+        to the OPD prompts (sequence-level distillation)."""
         data = self.only(self.base)
         data["models"] = {**data["models"], "student": {"uri": self.uri(self.recipe.run_id, "sft")}}
-        data["sft"] = {**data["sft"], "data": stage_prefix(self.recipe.run_id, "sft-data"),
+        source = self.run_id("kd") if self.cfg.variants[name].sft_data == "opd" else self.recipe.run_id
+        data["sft"] = {**data["sft"], "data": stage_prefix(source, "sft-data"),
                        "optim": data["opd"]["optim"], "train": _merge(data["opd"]["train"], {"seed": seed})}
         return data
 
     def variant(self, name: str, seed: int) -> tuple[Recipe, Path]:
         v = self.cfg.variants[name]
         if v.stage == "sft":
-            return self.write(self.run_id(name, seed), self.sft_control(seed))
-        incons, own, sft = v.teacher == "inconsistent", self.owns_rollouts(name), self.uri(self.recipe.run_id, "sft")
+            return self.write(self.run_id(name, seed), self.sft_control(name, seed))
+        own, sft = self.owns_rollouts(name), self.uri(self.recipe.run_id, "sft")
         data = self.only(self.base, *(("precompute",) if own else ()))
         opd = _merge(self.opd(name), {"student": sft, "train": {"seed": seed}, "online": {"sampling": {"seed": seed}}})
         if own:  # its own precompute rounds, sampled from the shared SFT checkpoint
             data["precompute"] = _merge(_merge(data["precompute"], v.precompute), {"student": sft})
             opd.pop("rollouts", None)
-            if incons:
-                data["models"] = {**data["models"],
-                                  "teacher": self.teacher_b()[0].models.teacher.model_dump(mode="json")}
         else:
-            opd["rollouts"] = stage_prefix(self.run_id("incons") if incons else self.recipe.run_id, "precompute")
+            opd["rollouts"] = stage_prefix(self.run_id(f"p-{v.teacher}") if v.teacher else self.recipe.run_id,
+                                           "precompute")
         opd["online"]["prompts"] = opd["online"].get("prompts") or self.base["precompute"]["prompts"]
         data["opd"] = opd
-        if incons:
+        if v.teacher:  # another teacher scores (offline: its precompute; online: live)
+            data["models"] = {**data["models"],
+                              "teacher": self.teacher(v.teacher)[0].models.teacher.model_dump(mode="json")}
             data["allow_inconsistent_teacher"] = True
         return self.write(self.run_id(name, seed), data)
 
@@ -202,13 +220,15 @@ def run(recipe_path: str, overrides: tuple[str, ...] = (), seeds: list[int] | No
     t0 = time.monotonic()
     run_bootstrap(recipe, nproc, console)
     run_stages(recipe, recipe_path, ["sft-data", "sft", "precompute"], overrides, nproc, console)
-    incons = [n for n, v in study.variants.items() if v.teacher == "inconsistent"]
-    if incons:
-        b, _ = study.teacher_b()
-        run_bootstrap(b, nproc, console)
-        if not all(study.owns_rollouts(n) for n in incons):
-            r, f = study.inconsistent_precompute(b)
+    for name in dict.fromkeys(v.teacher for v in study.variants.values() if v.teacher):
+        run_bootstrap(study.teacher(name)[0], nproc, console)
+        if any(v.teacher == name and not study.owns_rollouts(n) and study.opd(n).get("mode", "offline") == "offline"
+               for n, v in study.variants.items()):
+            r, f = study.teacher_precompute(name)
             run_stages(r, f, ["precompute"], (), nproc, console)
+    if any(v.stage == "sft" and v.sft_data == "opd" for v in study.variants.values()):
+        r, f = study.kd_data()
+        run_stages(r, f, ["sft-data"], (), nproc, console)
     for seed in study.cfg.seeds:
         for name in study.variants:
             r, f = study.variant(name, seed)
@@ -250,13 +270,14 @@ def collect(study: Study) -> dict[str, Any]:
             if name != SFT_ROW:
                 steps[name].append(train_steps(study.store, study.run_id(name, seed), study.stage(name)))
                 rows[name]["train_s"][str(seed)] = _train_seconds(steps[name][-1])
+                rows[name]["updates"] = len(steps[name][-1])
     for name, r in rows.items():
         r["accuracy"] = mean_ci(list(r["acc"].values()))
         r["train_seconds"] = mean_ci(list(r["train_s"].values())) if r["train_s"] else None
         r["stage"] = study.stage(name)
-        r["opd"] = study.cfg.variants[name].opd if name in study.cfg.variants else None
-        r["teacher"] = study.cfg.variants[name].teacher if name in study.cfg.variants else None
-        r["precompute"] = study.cfg.variants[name].precompute if name in study.cfg.variants else None
+        v = study.cfg.variants.get(name)
+        for key in ("opd", "teacher", "precompute", "sft_data"):
+            r[key] = getattr(v, key) if v else None
         r["cost"] = row_costs(study, name)
         r["vs_sft"] = None if name == SFT_ROW else paired(r["acc"], rows[SFT_ROW]["acc"])
         r["diagnostics"] = mean_series(steps[name]) if name in steps else None

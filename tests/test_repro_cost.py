@@ -39,10 +39,12 @@ def test_cost_of_rounds_topk_shared_online_and_control_rows(tmp_path):
     from lopd.repro_cost import row_cost
 
     root = tmp_path / "store"
-    s = study(root, "repro.rows={sft-continued,lightning,online,inconsistent,rounds2}", "repro.seeds={0,1}")
+    s = study(root, "repro.rows={sft-continued,seqkd,lightning,online,inconsistent,rounds2}", "repro.seeds={0,1}")
     store = s.store
     _publish(store, tmp_path, "tiny", "precompute", response_tokens=1000, scored_tokens=1000, sample_s=10.0, score_s=5)
-    _publish(store, tmp_path, "tiny-incons", "precompute", response_tokens=900, scored_tokens=900)  # no timings
+    _publish(store, tmp_path, "tiny-p-words", "precompute", response_tokens=900, scored_tokens=900)  # no timings
+    _publish(store, tmp_path, "tiny-kd", "sft-data", response_tokens=700, sample_s=6.0)  # the teacher samples
+    _timings(root, "tiny-kd", ("sft-data", 8.0))
     _timings(root, "tiny", ("bootstrap", 99.0), ("sft", 50.0), ("precompute", 20.0), ("precompute", 4.0))
     for seed in (0, 1):
         rid = lambda n, seed=seed: s.run_id(n, seed)  # noqa: E731
@@ -55,6 +57,8 @@ def test_cost_of_rounds_topk_shared_online_and_control_rows(tmp_path):
         _timings(root, rid("inconsistent"), ("opd", 3.0))
         _publish(store, tmp_path, rid("sft-continued"), "sft", _steps({"target_tokens": 300, "step_time_s": 0.5}))
         _timings(root, rid("sft-continued"), ("sft", 4.0))
+        _publish(store, tmp_path, rid("seqkd"), "sft", _steps({"target_tokens": 280, "step_time_s": 0.5}))
+        _timings(root, rid("seqkd"), ("sft", 4.5))
         for stage, n, sample_s, score_s in (("precompute", 500, 4.0, 2.0), ("precompute-r2", 400, 6.0, 3.0)):
             _publish(store, tmp_path, rid("rounds2"), stage, response_tokens=n, scored_tokens=n, sample_s=sample_s,
                      score_s=score_s)
@@ -70,11 +74,13 @@ def test_cost_of_rounds_topk_shared_online_and_control_rows(tmp_path):
     assert list(row_cost(s, "lightning", 1).values()) == [1000, 1000, 220, 10, 5, 3, 32]  # the shared precompute
     assert list(row_cost(s, "rounds2", 0).values()) == [900, 900, 200, 10, 5, 4, 30]  # both rounds, every process
     assert list(row_cost(s, "online", 0).values()) == [50, 50, 50, 2.5, 1.5, 1, None]  # no timings recorded
-    assert list(row_cost(s, "inconsistent", 0).values()) == [900, 900, 10, None, None, 1, None]  # -incons: no *_s
+    assert list(row_cost(s, "inconsistent", 0).values()) == [900, 900, 10, None, None, 1, None]  # -p-words: no *_s
+    assert list(row_cost(s, "seqkd", 1).values()) == [700, 0, 280, 6, 0, 0.5, 12.5]  # the teacher's answers
     assert list(row_cost(s, "sft-continued", 0).values()) == [0, 0, 300, 0, 0, 0.5, 4]
 
     res = collect(s)
-    assert list(res["rows"]) == [SFT_ROW, "sft-continued", "lightning", "online", "inconsistent", "rounds2"]
+    assert list(res["rows"]) == [SFT_ROW, "sft-continued", "seqkd", "lightning", "online", "inconsistent", "rounds2"]
+    assert res["rows"]["seqkd"]["sft_data"] == "opd" and res["rows"]["inconsistent"]["teacher"] == "words"
     assert res["rows"][SFT_ROW]["cost"] is None and res["rows"]["rounds2"]["stage"] == "opd-r2"
     assert res["rows"]["lightning"]["cost"]["total_s"] == {"seeds": {"0": 31.0, "1": 32.0}, "mean": 31.5}
     assert res["rows"]["online"]["cost"]["total_s"]["mean"] is None

@@ -40,3 +40,22 @@ def test_write_task_files_load_as_prompts(tmp_path):
     bench = [json.loads(x) for x in paths["benchmark"].read_text().splitlines()]
     assert len(bench) == 20 and set(bench[0]) == {"problem_id", "problem", "answer"}
     assert "assistant" in paths["corpus"].read_text()
+
+
+def test_second_teacher_draw_is_disjoint_and_leaves_the_other_splits_unchanged(tmp_path):
+    from lopd.data.synthetic import teacher_file
+
+    paths = write_task(tmp_path, seed=1, n_teacher=50, n_sft=40, n_opd=30, n_eval=20)
+
+    def questions(name: str) -> set[str]:
+        rows = [json.loads(x) for x in paths[name].read_text().splitlines()]
+        return {r["messages"][0]["content"] if "messages" in r else r["problem"] for r in rows}
+
+    draw1 = questions(teacher_file("chain", 1))
+    assert len(draw1) == 50 and questions(teacher_file("words", 1)) == draw1
+    for other in ("teacher_chain", "sft_prompts", "opd_prompts", "benchmark"):
+        assert not draw1 & questions(other), other
+    # the first splits are what they were before the second draw existed (it is drawn last)
+    before = make_splits(1, {"teacher": 50, "sft": 40, "eval": 20, "opd": 30})
+    assert questions("opd_prompts") == {p.question for p in before["opd"]}
+    assert questions("teacher_chain") == {p.question for p in before["teacher"]}

@@ -6,9 +6,9 @@ previous running result, so a small student that slips once compounds the mistak
 own rollouts — the regime where on-policy distillation helps. The answer sits in the
 final ``\\boxed{}`` and is graded by math-verify like any math benchmark.
 
-Two solution *styles* exist so the inconsistent-teacher ablation can train teacher B on
-differently written chains than teacher A. Everything derives from a seed; the SFT, OPD
-and held-out splits never share a question.
+Two solution *styles* and two *draws* of ground-truth problems exist so the teacher-consistency
+ablations can train another teacher on differently written chains, or in the same style on other
+problems, than teacher A. Everything derives from a seed; no two splits share a question.
 """
 
 from __future__ import annotations
@@ -96,23 +96,32 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def teacher_file(style: str, draw: int = 0) -> str:
+    """The name (without ``.jsonl``) of the ground-truth chats in ``style`` on problem draw ``draw``."""
+    return f"teacher_{style}" + (f"_draw{draw}" if draw else "")
+
+
 def write_task(out_dir: str | Path, seed: int = 0, n_teacher: int = 4000, n_sft: int = 2000,
                n_opd: int = 1000, n_eval: int = 300, **kw) -> dict[str, Path]:
     """Write every file the tiny pipeline needs; returns name -> path.
 
     - ``teacher_chain.jsonl`` / ``teacher_words.jsonl``: ground-truth chats (two styles) to
-      train teachers A and B; ``corpus.txt``: text to train the shared tokenizer on;
+      train teachers; ``teacher_chain_draw1.jsonl`` / ``teacher_words_draw1.jsonl``: the same on a
+      second draw of ``n_teacher`` problems, disjoint from every other split;
+      ``corpus.txt``: text to train the shared tokenizer on (from the first draw);
     - ``sft_prompts.jsonl`` and ``opd_prompts.jsonl``: prompts for sft-data and precompute;
     - ``arith.jsonl``: the held-out benchmark.
     """
     out = Path(out_dir)
-    # the OPD split is drawn last, so its size can change without changing the others
-    splits = make_splits(seed, {"teacher": n_teacher, "sft": n_sft, "eval": n_eval, "opd": n_opd}, **kw)
-    paths = {
-        f"teacher_{style}": write_jsonl(out / f"teacher_{style}.jsonl",
-                                        [sft_row("teacher", i, p, style) for i, p in enumerate(splits["teacher"])])
-        for style in STYLES
-    }
+    # the OPD split and then the second teacher draw come last, so adding them left the others unchanged
+    splits = make_splits(seed, {"teacher": n_teacher, "sft": n_sft, "eval": n_eval, "opd": n_opd,
+                                "teacher_draw1": n_teacher}, **kw)
+    paths = {}
+    for draw in ("teacher", "teacher_draw1"):
+        for style in STYLES:
+            name = teacher_file(style, 0 if draw == "teacher" else 1)
+            paths[name] = write_jsonl(out / f"{name}.jsonl",
+                                      [sft_row(draw, i, p, style) for i, p in enumerate(splits[draw])])
     paths["sft_prompts"] = write_jsonl(out / "sft_prompts.jsonl",
                                        [prompt_row("sft", i, p) for i, p in enumerate(splits["sft"])])
     paths["opd_prompts"] = write_jsonl(out / "opd_prompts.jsonl",
