@@ -63,7 +63,7 @@ class BootstrapConfig(Section):
     teacher_draw: int = Field(0, ge=0, le=1)
     """Which ``n_teacher`` ground-truth problems the teacher learns: 0 the first draw, 1 a second
     draw disjoint from it and from every other split (another teacher trained like the first on
-    other problems, from the same initial weights)."""
+    other problems, from the same initial weights); at most 1."""
     teacher: InitModelSpec = InitModelSpec(size="small", seed=1)
     """The teacher's architecture before training."""
     teacher_sft: SftConfig = SftConfig()
@@ -80,7 +80,7 @@ class ReproTeacher(Section):
     """How its ground-truth solutions are written (``words``: a format clash with A's SFT data)."""
     draw: int = Field(0, ge=0, le=1)
     """Which ground-truth problems it learns (``bootstrap.teacher_draw``): 1 = a second draw,
-    disjoint from A's."""
+    disjoint from A's; at most 1."""
     seed: int | None = None
     """Its training seed (data order; ``bootstrap.teacher_sft.train.seed``); None = A's."""
 
