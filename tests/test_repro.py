@@ -297,7 +297,9 @@ def test_rows_select_rounds_and_topk_variants_in_the_variants_order(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_run_runs_every_round_of_the_rounds_and_topk_rows(tmp_path, monkeypatch):
+@pytest.fixture
+def recorded_runs(monkeypatch) -> list[tuple[str, ...]]:
+    """``(run id, stage, ...)`` of every bootstrap and stage run ``lopd.repro.run`` asks for, none run."""
     import lopd.repro
     import lopd.runner
 
@@ -306,6 +308,13 @@ def test_run_runs_every_round_of_the_rounds_and_topk_rows(tmp_path, monkeypatch)
     monkeypatch.setattr(lopd.runner, "run_stages", lambda r, f, stages, *a: calls.append((r.run_id, *stages)))
     monkeypatch.setattr(lopd.repro, "collect", lambda s: {})
     monkeypatch.setattr(lopd.repro, "write_results", lambda d, res: (d / "results.md").write_text("table\n"))
+    return calls
+
+
+def test_run_runs_every_round_of_the_rounds_and_topk_rows(tmp_path, recorded_runs):
+    import lopd.repro
+
+    calls = recorded_runs
     lopd.repro.run(str(TINY), (f"store={tmp_path}", "repro.rows={lightning,rounds2,topk}",
                                "repro.variants.rounds2.teacher=words"), seeds=[3], console=QuietConsole())
     # teacher "words" is made, but no shared precompute: the only row it scores samples its own
@@ -317,15 +326,11 @@ def test_run_runs_every_round_of_the_rounds_and_topk_rows(tmp_path, monkeypatch)
     assert calls[-1][0].startswith("tiny-eval") and calls[-1][1:] == ("eval",)
 
 
-def test_run_makes_each_teacher_once_its_shared_precompute_only_for_offline_rows_and_the_kd_data(tmp_path, monkeypatch):
+def test_run_makes_each_teacher_once_its_shared_precompute_only_for_offline_rows_and_the_kd_data(tmp_path,
+                                                                                             recorded_runs):
     import lopd.repro
-    import lopd.runner
 
-    calls = []
-    monkeypatch.setattr(lopd.runner, "run_bootstrap", lambda r, *a: calls.append((r.run_id, "bootstrap")))
-    monkeypatch.setattr(lopd.runner, "run_stages", lambda r, f, stages, *a: calls.append((r.run_id, *stages)))
-    monkeypatch.setattr(lopd.repro, "collect", lambda s: {})
-    monkeypatch.setattr(lopd.repro, "write_results", lambda d, res: (d / "results.md").write_text("table\n"))
+    calls = recorded_runs
     lopd.repro.run(str(TINY), (f"store={tmp_path}", "repro.rows={seqkd,inconsistent-redraw,online-redraw}"),
                    seeds=[0], console=QuietConsole())
     assert calls[:-1] == [("tiny", "bootstrap"), ("tiny", "sft-data", "sft", "precompute"),
