@@ -125,7 +125,6 @@ def bootstrap(recipe: Recipe, run_stage: Callable[[str, Path], None], echo: Call
     echo(f"bootstrap: task data in {b.data_dir}")
     init_teacher = init_models(recipe, paths["corpus"])
     echo(f"bootstrap: models initialised ({init_teacher}, {recipe.models.student.uri})")
-
     publish_ground_truth(recipe, paths[teacher_file(b.teacher_style, b.teacher_draw)])
     store = open_store(recipe.store)
     if not has_manifest(store, stage_prefix(teacher_run_id(recipe), "sft")):

@@ -142,6 +142,18 @@ class Study:
         v = self.cfg.variants[name]
         return v.stage == "opd" and (bool(v.precompute) or self.rounds(name) > 1)
 
+    def shares_rollouts(self, name: str) -> bool:
+        """Whether a variant trains offline on a shared precompute (:meth:`rollouts_run`'s)."""
+        if name == SFT_ROW or self.cfg.variants[name].stage == "sft" or self.owns_rollouts(name):
+            return False
+        return self.opd(name).get("mode", "offline") == "offline"
+
+    def rollouts_run(self, name: str) -> str:
+        """The run whose precompute a variant on the shared rollouts trains on: the recipe's, or
+        for a variant another teacher scores, that teacher's (``<run>-p-<teacher>``)."""
+        teacher = self.cfg.variants[name].teacher
+        return self.run_id(f"p-{teacher}") if teacher else self.recipe.run_id
+
     def stage(self, name: str) -> str:
         """The stage instance that made a row's final checkpoint: ``opd`` (the last round's,
         ``opd-r<R>``, for Lightning rounds), or ``sft`` for the control."""
@@ -178,8 +190,7 @@ class Study:
             data["precompute"] = _merge(_merge(data["precompute"], v.precompute), {"student": sft})
             opd.pop("rollouts", None)
         else:
-            opd["rollouts"] = stage_prefix(self.run_id(f"p-{v.teacher}") if v.teacher else self.recipe.run_id,
-                                           "precompute")
+            opd["rollouts"] = stage_prefix(self.rollouts_run(name), "precompute")
         opd["online"]["prompts"] = opd["online"].get("prompts") or self.base["precompute"]["prompts"]
         data["opd"] = opd
         if v.teacher:  # another teacher scores (offline: its precompute; online: live)
@@ -222,8 +233,7 @@ def run(recipe_path: str, overrides: tuple[str, ...] = (), seeds: list[int] | No
     run_stages(recipe, recipe_path, ["sft-data", "sft", "precompute"], overrides, nproc, console)
     for name in dict.fromkeys(v.teacher for v in study.variants.values() if v.teacher):
         run_bootstrap(study.teacher(name)[0], nproc, console)
-        if any(v.teacher == name and not study.owns_rollouts(n) and study.opd(n).get("mode", "offline") == "offline"
-               for n, v in study.variants.items()):
+        if any(v.teacher == name and study.shares_rollouts(n) for n, v in study.variants.items()):
             r, f = study.teacher_precompute(name)
             run_stages(r, f, ["precompute"], (), nproc, console)
     if any(v.stage == "sft" and v.sft_data == "opd" for v in study.variants.values()):

@@ -74,9 +74,7 @@ def charged_precomputes(study: Any, name: str, seed: int) -> list[tuple[str, str
     v = study.cfg.variants[name]
     if v.stage == "sft":
         return [(study.run_id("kd"), "sft-data")] if v.sft_data == "opd" else []
-    if study.opd(name).get("mode", "offline") != "offline":
-        return []
-    return [(study.run_id(f"p-{v.teacher}") if v.teacher else study.recipe.run_id, "precompute")]
+    return [(study.rollouts_run(name), "precompute")] if study.shares_rollouts(name) else []
 
 
 def training_instances(study: Any, name: str, seed: int) -> list[tuple[str, str]]:

@@ -43,7 +43,6 @@ def paired(acc: dict[str, float], base: dict[str, float]) -> dict[str, float | i
             "test": PAIRED_TEST}
 
 
-
 COST_COLUMNS = (("sampled_tokens", "sampled tokens"), ("scored_tokens", "scored tokens"),
                 ("trained_tokens", "trained tokens"), ("sample_s", "sampling s"), ("score_s", "scoring s"),
                 ("train_s", "training s"), ("total_s", "total s"))

@@ -117,11 +117,11 @@ def write_task(out_dir: str | Path, seed: int = 0, n_teacher: int = 4000, n_sft:
     splits = make_splits(seed, {"teacher": n_teacher, "sft": n_sft, "eval": n_eval, "opd": n_opd,
                                 "teacher_draw1": n_teacher}, **kw)
     paths = {}
-    for draw in ("teacher", "teacher_draw1"):
+    for draw, split in enumerate(("teacher", "teacher_draw1")):
         for style in STYLES:
-            name = teacher_file(style, 0 if draw == "teacher" else 1)
+            name = teacher_file(style, draw)
             paths[name] = write_jsonl(out / f"{name}.jsonl",
-                                      [sft_row(draw, i, p, style) for i, p in enumerate(splits[draw])])
+                                      [sft_row(split, i, p, style) for i, p in enumerate(splits[split])])
     paths["sft_prompts"] = write_jsonl(out / "sft_prompts.jsonl",
                                        [prompt_row("sft", i, p) for i, p in enumerate(splits["sft"])])
     paths["opd_prompts"] = write_jsonl(out / "opd_prompts.jsonl",
