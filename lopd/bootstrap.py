@@ -41,7 +41,7 @@ def write_task_once(recipe: Recipe) -> dict[str, Path]:
     """Write the task files unless ``TASK.json`` says they exist with the same parameters."""
     b = recipe.bootstrap
     out = Path(b.data_dir)
-    keys = ("seed", "n_teacher", "n_sft", "n_opd", "n_eval", "min_terms", "max_terms", "max_value")
+    keys = ("seed", "n_teacher", "n_sft", "n_opd", "n_eval", "n_val", "min_terms", "max_terms", "max_value")
     params = {k: getattr(b, k) for k in keys}
     marker = out / TASK_MARKER
     if marker.is_file():
@@ -49,7 +49,7 @@ def write_task_once(recipe: Recipe) -> dict[str, Path]:
         if done.get("params") == params and teacher_file(b.teacher_style, b.teacher_draw) in done.get("files", {}):
             return {k: Path(v) for k, v in done["files"].items()}
     paths = write_task(out, seed=b.seed, n_teacher=b.n_teacher, n_sft=b.n_sft, n_opd=b.n_opd, n_eval=b.n_eval,
-                       min_terms=b.min_terms, max_terms=b.max_terms, max_value=b.max_value)
+                       n_val=b.n_val, min_terms=b.min_terms, max_terms=b.max_terms, max_value=b.max_value)
     marker.write_text(json.dumps({"params": params, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
     return paths
 
@@ -65,11 +65,22 @@ def init_models(recipe: Recipe, corpus: Path) -> Path:
         _fresh(init_teacher)
         init_model(init_teacher, arch=b.teacher.arch, size=b.teacher.size, corpus=corpus, vocab_size=b.vocab_size,
                    seed=b.teacher.seed, overrides=b.teacher.overrides)
-    if not (student / MANIFEST).is_file():
-        _fresh(student)
-        init_model(student, arch=b.student.arch, size=b.student.size, tokenizer=init_teacher, seed=b.student.seed,
-                   overrides=b.student.overrides)
+    init_student(recipe, student)
     return init_teacher
+
+
+def init_student(recipe: Recipe, dest: Path, seed_offset: int = 0) -> Path:
+    """The student base at ``dest``, initialised with seed ``bootstrap.student.seed + seed_offset``
+    and the tokenizer of the teacher's initial weights (made first by :func:`init_models`);
+    skipped when it exists."""
+    from lopd.modelinit import init_model
+
+    b = recipe.bootstrap
+    if not (dest / MANIFEST).is_file():
+        _fresh(dest)
+        init_model(dest, arch=b.student.arch, size=b.student.size, seed=b.student.seed + seed_offset,
+                   tokenizer=Path(b.data_dir).parent / "init" / "teacher", overrides=b.student.overrides)
+    return dest
 
 
 def _fresh(path: Path) -> None:

@@ -49,7 +49,10 @@ class BootstrapConfig(Section):
     n_opd: int = Field(1000, ge=1, le=MAX_TASK_ROWS)
     """OPD prompts (the SFT student answers them in precompute; at most 10^6)."""
     n_eval: int = Field(300, ge=1, le=MAX_TASK_ROWS)
-    """Held-out benchmark problems (at most 10^6)."""
+    """Held-out benchmark problems, the test split (at most 10^6)."""
+    n_val: int = Field(0, ge=0, le=MAX_TASK_ROWS)
+    """Validation problems (``<data_dir>/arith_val.jsonl``, disjoint from every other split) for
+    choosing settings without looking at the test split (``repro.selection``); 0 = none; at most 10^6."""
     min_terms: int = Field(3, ge=2, le=64)
     """Fewest numbers added per problem (at most 64)."""
     max_terms: int = Field(4, ge=2, le=64)
@@ -70,6 +73,24 @@ class BootstrapConfig(Section):
     """How the teacher is trained on ground truth (the sft stage's settings)."""
     student: InitModelSpec = InitModelSpec(size="tiny", seed=2)
     """The student base."""
+
+
+GridValue = float | int | bool | str
+"""One candidate value of a selection grid."""
+Grid = dict[str, Annotated[list[GridValue], Field(min_length=1, max_length=8)]]
+"""A selection grid: dotted key of a row's ``opd`` section -> its candidate values."""
+
+
+def flat_grid(v: Any, prefix: str = "") -> Any:
+    """A grid written nested like the ``opd`` section (``{optim: {lr: [...]}}``, which ``--set
+    repro.selection.grid.optim.lr=...`` also writes) as dotted keys (``{"optim.lr": [...]}``)."""
+    if not isinstance(v, dict):
+        return v
+    out: dict[str, Any] = {}
+    for key, value in v.items():
+        name = f"{prefix}{key}"
+        out.update(flat_grid(value, f"{name}.") if isinstance(value, dict) else {name: value})
+    return out
 
 
 class ReproTeacher(Section):
@@ -107,6 +128,14 @@ class ReproVariant(Section):
     """None: teacher A (the recipe's). Otherwise a name in ``repro.teachers``: that teacher scores
     the rollouts (offline) or the student's samples (online) while the SFT data came from A (the
     teacher-consistency ablations)."""
+    grid: Grid = Field({}, max_length=8)
+    """Keys of ``repro.selection.grid`` this variant replaces (e.g. ``{train: {steps: [32]}}`` to
+    keep a regime's update count); the rest of the study's grid applies unchanged."""
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _flat(cls, v: Any) -> Any:
+        return flat_grid(v)
 
     @model_validator(mode="after")
     def _stage_fields(self) -> ReproVariant:
@@ -118,18 +147,80 @@ class ReproVariant(Section):
         return self
 
 
+class ReproSelection(Section):
+    """How every trained row's settings are chosen without looking at the test split
+    (:mod:`lopd.repro_select`). Each candidate of ``grid`` (the product of its lists, in their
+    order) trains on the selection seed, the first of ``repro.seeds``, and is evaluated on the
+    ``validation`` benchmark; a row takes the candidate with the highest validation accuracy
+    (ties: the earlier candidate). The grid is the same for every row, so no method is tuned more
+    than another; only the test runs with the chosen settings are evaluated on the test split."""
+
+    validation: str = Field(min_length=1)
+    """The validation benchmark file, in the eval benchmark's format and disjoint from it (the
+    bootstrap writes ``<data_dir>/arith_val.jsonl`` with ``bootstrap.n_val`` problems)."""
+    grid: Grid = Field({}, max_length=8)
+    """Candidate values (1-8 each, at most 8 keys) of settings of a row's ``opd`` section, written
+    like it (``{optim: {lr: [1.0e-4, 2.0e-4]}, train: {steps: [40, 80]}}``) and kept as dotted
+    keys (``optim.lr``, ``train.steps``). The SFT rows (``stage: sft``) take only the
+    ``optim.*`` and ``train.*`` keys. ``train.steps`` candidates of a one-round run with a constant
+    learning rate and no warm-up are validated at the checkpoints of one run of the most updates
+    (the weights an s-update run ends with); otherwise each candidate is its own run."""
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _flat(cls, v: Any) -> Any:
+        return flat_grid(v)
+
+    eval: dict[str, Any] = {}
+    """Changes to the recipe's ``eval`` section for the validation run (e.g. ``{k: 2, inference:
+    {backend: hf}}``); intermediate checkpoints need the ``hf`` backend (a resumable checkpoint
+    also holds ``optimizer.safetensors``, and vLLM loads every ``*.safetensors`` of a directory)."""
+
+
+class ReproGradCosine(Section):
+    """The offline-vs-online gradient diagnostic (``opd.grad_discrepancy_every``) for some rows on the
+    first seed: each named row's test run is repeated with the diagnostic on (run
+    ``<run>-<row>-cos[-<digest>]-s<seed>``; the same updates, since the diagnostic only reads the
+    weights). Before every ``every``-th update it samples fresh rollouts of the step's prompts from the
+    current student, scores them with the teacher and compares the OPD gradient on them with the
+    gradient on the stored rollouts: their cosine and norm ratio, plotted as ``grad-cosine.png``."""
+
+    rows: list[str] = Field(min_length=1, max_length=20)
+    """Rows that train offline on their seed's shared rollouts (at most 20)."""
+    every: int = Field(20, ge=1, le=10**6)
+    """Measure before every ``every``-th update (the first included)."""
+
+
 class ReproConfig(Section):
     """``lopd repro``: every variant trains from the same SFT checkpoint for the same number of
     updates, once per seed; one eval per seed scores the SFT student and every variant."""
 
     seeds: list[int] = Field([0, 1, 2], min_length=1, max_length=100)
-    """Seeds (at most 100); each sets the OPD data order and sampling, and the eval's sampling."""
+    """Seeds (0..10^6, at most 100); each sets the OPD data order and sampling and the eval's
+    sampling, and with ``independent_seeds`` everything else downstream of the teachers."""
+    independent_seeds: bool = True
+    """True: seed s also re-runs the student's initialisation (``bootstrap.student.seed + s``), its
+    SFT (``sft.train.seed + s``, the SFT data order) and the rollouts' sampling
+    (``precompute.sampling.seed + s``) as the run ``<run>-s<s>`` (seed 0 is the recipe's own run), so
+    the intervals cover the whole chain below the teachers. False: every seed shares the recipe's
+    SFT checkpoint and rollouts (only OPD and the eval vary)."""
+    selection: ReproSelection | None = None
+    """How the rows' settings are chosen on a validation split; None = the recipe's settings as
+    they are."""
     teachers: dict[str, ReproTeacher] = Field({}, max_length=10)
     """Other teachers by name (lowercase, digits, '-'; at most 10), for variants' ``teacher``."""
     variants: dict[str, ReproVariant] = Field(min_length=1, max_length=100)
     """Row name (lowercase, digits, '-') -> variant (at most 100). The SFT student is always the first row."""
     rows: list[str] | None = Field(None, min_length=1, max_length=100)
     """Which variants to run and tabulate, in the variants' order (None = all)."""
+    grad_cosine: ReproGradCosine | None = None
+    """The offline-vs-online gradient cosine for some rows (None: not measured)."""
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or any(not 0 <= s <= 10**6 for s in v):
+            raise ValueError("seeds must be distinct integers in 0..10^6")
+        return v
 
     @field_validator("teachers")
     @classmethod
@@ -162,6 +253,15 @@ class ReproConfig(Section):
             if name not in variants:
                 raise ValueError(f"unknown variant {name!r} (one of {', '.join(variants)}; "
                                  "the sft row is always shown)")
+        return v
+
+    @field_validator("grad_cosine")
+    @classmethod
+    def _cosine_rows(cls, v: ReproGradCosine | None, info: ValidationInfo) -> ReproGradCosine | None:
+        variants = info.data.get("variants") or {}
+        for name in v.rows if v else []:
+            if name not in variants:
+                raise ValueError(f"unknown variant {name!r} (one of {', '.join(variants)})")
         return v
 
     def selected(self) -> dict[str, ReproVariant]:

@@ -70,16 +70,16 @@ def charged_precomputes(study: Any, name: str, seed: int) -> list[tuple[str, str
     rounds; the shared precompute (the recipe's, or another teacher's) in full; the teacher's
     answers to the OPD prompts (``sft-data``) for sequence-level distillation; or none."""
     if study.owns_rollouts(name):
-        return [(study.run_id(name, seed), instance("precompute", r)) for r in range(1, study.rounds(name) + 1)]
+        return [(study.row_run(name, seed), instance("precompute", r)) for r in range(1, study.rounds(name) + 1)]
     v = study.cfg.variants[name]
     if v.stage == "sft":
         return [(study.run_id("kd"), "sft-data")] if v.sft_data == "opd" else []
-    return [(study.rollouts_run(name), "precompute")] if study.shares_rollouts(name) else []
+    return [(study.rollouts_run(name, seed), "precompute")] if study.shares_rollouts(name) else []
 
 
 def training_instances(study: Any, name: str, seed: int) -> list[tuple[str, str]]:
     """``(run id, stage instance)`` of every training process a row ran (each Lightning round's)."""
-    rid, stage = study.run_id(name, seed), study.stage(name)
+    rid, stage = study.row_run(name, seed), study.stage(name)
     if stage == "sft":
         return [(rid, "sft")]
     return [(rid, instance("opd", r)) for r in range(1, study.rounds(name) + 1)]
@@ -94,7 +94,7 @@ def row_cost(study: Any, name: str, seed: int) -> dict[str, float | None]:
         for q, key in (("sampled_tokens", "response_tokens"), ("scored_tokens", "scored_tokens"),
                        ("sample_s", "sample_s"), ("score_s", "score_s")):
             out[q] = _add(out[q], metrics.get(key))
-    steps = train_steps(study.store, study.run_id(name, seed), study.stage(name))
+    steps = train_steps(study.store, study.row_run(name, seed), study.stage(name))
     trained = float(sum(s.get("response_tokens", s.get("target_tokens", 0)) for s in steps))
     out["trained_tokens"] = trained
     out["train_s"] = float(sum(s.get("step_time_s", 0.0) for s in steps))

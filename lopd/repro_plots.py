@@ -11,8 +11,9 @@ For every OPD row, the seed mean of two per-step series its training run logged
   teacher) on the step's rollouts (offline: on the stored rollouts, so it also falls when the
   student only learns those; online: on fresh ones).
 
-Rows whose runs did not log them (the SFT row, the SFT control) have none. Pure functions of the
-per-step records; nothing here reads a store.
+Rows whose runs did not log them (the SFT row, the SFT control) have none. Also
+``grad-cosine.png``, the offline-vs-online gradient cosine (:mod:`lopd.repro_cosine`). Pure
+functions of the per-step records; nothing here reads a store.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any
 DIAGNOSTICS = (("kl_to_sft", "KL to the rollouts' sampler (k3, nats/token)"),
                ("reverse_kl_est", "reverse KL to the teacher, estimate (nats/token)"))
 """The plotted per-step series and their axis labels."""
+COSINE_KEYS = ("grad_cosine", "grad_norm_ratio")
+"""The offline-vs-online gradient diagnostic's per-step metrics (:mod:`lopd.repro_cosine`)."""
 
 
 def mean_series(runs: list[list[dict[str, Any]]]) -> dict[str, list[float]] | None:
@@ -70,4 +73,32 @@ def write_diagnostics(out: Path, results: dict[str, Any]) -> Path | None:
     return path
 
 
-__all__ = ["DIAGNOSTICS", "mean_series", "write_diagnostics"]
+def write_grad_cosine(out: Path, results: dict[str, Any]) -> Path | None:
+    """``grad-cosine.png``: cosine and norm ratio per measured step, one line per row."""
+    data = results.get("grad_cosine")
+    if not data:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, d in data.items():
+        for ax, key in zip(axes, COSINE_KEYS, strict=True):
+            ax.plot(d["step"], d[key], marker="o", label=name)
+    axes[0].set_ylabel("cosine(offline, online gradient)")
+    axes[1].set_ylabel("|offline| / |online| gradient norm")
+    for ax in axes:
+        ax.set_xlabel("update")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"lopd repro {results['run_id']}: offline vs online OPD gradient, seed {results['seeds'][0]}")
+    fig.tight_layout()
+    path = out / "grad-cosine.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["COSINE_KEYS", "DIAGNOSTICS", "mean_series", "write_diagnostics", "write_grad_cosine"]

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 from lopd import LopdError
-from lopd.repro_plots import write_diagnostics
+from lopd.repro_plots import write_diagnostics, write_grad_cosine
 
 SFT_ROW = "sft"
 # two-sided 95% Student-t quantiles by degrees of freedom (normal beyond the table)
@@ -141,6 +141,7 @@ def write_results(out: Path, results: dict) -> None:
     fig.savefig(out / "results.png", dpi=120)
     plt.close(fig)
     write_diagnostics(out, results)
+    write_grad_cosine(out, results)
 
 
 # ---------------------------------------------------------------------- check

@@ -23,24 +23,32 @@ from pathlib import Path
 
 import pytest
 
+from lopd.repro_select import digest
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "recipes" / "tiny.yaml"
 CI_EXPECTED = REPO / "tests" / "fixtures" / "repro-ci-expected.json"
 # CI size: same recipe, fewer problems and steps; parts and checkpoints small enough that
 # every stage has several (so there is a "middle" to kill it in).
 CI_SETS = [
-    "bootstrap.n_teacher=256", "bootstrap.n_sft=64", "bootstrap.n_opd=48", "bootstrap.n_eval=24",
+    "bootstrap.n_teacher=256", "bootstrap.n_sft=64", "bootstrap.n_opd=48", "bootstrap.n_eval=24", "bootstrap.n_val=16",
     "bootstrap.teacher_sft.train.steps=16", "bootstrap.teacher_sft.train.checkpoint_every=4",
     "sft_data.part_size=16", "sft.train.steps=12", "sft.train.checkpoint_every=3",
     "precompute.part_size=16", "opd.train.steps=4", "opd.train.global_batch=16", "opd.train.checkpoint_every=2",
-    "eval.k=2", "eval.part_size=8", "repro.seeds={0}",
-    # the study's rows less those whose paths others run: the Lightning-rounds and top-k ones but
-    # their combination (its own precompute in two rounds, with the teacher's top-k; as the paper
-    # regime's own precompute), and the format-clash teacher (bootstrapped and precomputed as "redraw")
-    "repro.rows={sft-continued,seqkd,lightning,lightning-is,lightning-kl,online,inconsistent-redraw,online-redraw,"
-    "rounds2-topk}",
-    # eval starts one engine per checkpoint (eight in the study): the transformers backend starts
-    # in a second where vLLM-CPU takes ~10 s; vLLM's eval path is tested in test_eval_pipeline
+    "eval.k=2", "eval.part_size=8",
+    # two independent seeds (seed 1: its own student, SFT and rollouts, and the other teacher's scores of
+    # them); every row's update count chosen on the validation split from {4, 2} (one run each, validated
+    # at its checkpoints; at this size every accuracy ties at 0, so the earlier candidate, the run itself,
+    # is chosen), the rounds row keeping its 4
+    "repro.seeds={0,1}", "repro.selection.grid.optim.lr={1.0e-4}", "repro.selection.grid.train.steps={4,2}",
+    "repro.variants.rounds2-topk.grid.train.steps={4}",
+    "repro.grad_cosine.every=2",  # the offline-vs-online gradient cosine of lightning-is on seed 0, twice
+    # one row per path: SFT on the teacher's answers, offline on the seed's shared rollouts, offline scored
+    # by another teacher (bootstrapped and precomputed per seed), online scored live by it, and rows with
+    # their own rollouts (two rounds with the teacher's top-k)
+    "repro.rows={seqkd,lightning-is,inconsistent-redraw,online-redraw,rounds2-topk}",
+    # eval starts one engine per checkpoint: the transformers backend starts in a second where vLLM-CPU
+    # takes ~10 s; vLLM's eval path is tested in test_eval_pipeline
     "eval.inference.backend=hf",
 ]
 # Timeouts from measured time: in the full suite (two workers on the quiet 2-core machine) the
@@ -90,24 +98,41 @@ def study(tmp_path_factory) -> Path:
 
 def test_repro_runs_every_variant_and_its_check_passes(study):
     res = json.loads((study / "runs/tiny/repro/results.json").read_text())
-    assert list(res["rows"]) == ["sft", "sft-continued", "seqkd", "lightning", "lightning-is", "lightning-kl", "online",
-                                 "inconsistent-redraw", "online-redraw", "rounds2-topk"]
+    rows = ["seqkd", "lightning-is", "inconsistent-redraw", "online-redraw", "rounds2-topk"]
+    assert list(res["rows"]) == ["sft", *rows] and res["seeds"] == [0, 1] and res["independent_seeds"]
     for name, row in res["rows"].items():
-        assert 0.0 <= row["accuracy"]["mean"] <= 1.0, name
+        assert 0.0 <= row["accuracy"]["mean"] <= 1.0 and set(row["acc"]) == {"0", "1"}, name
         assert name == "sft" or row["train_seconds"]["mean"] > 0
+    sel = res["selection"]
+    assert sel["seed"] == 0 and set(sel["rows"]) == set(rows)
+    for name in rows:
+        chosen = sel["rows"][name]["chosen"]
+        assert res["rows"][name]["settings"] == chosen and chosen["train.steps"] == 4, name
+        assert len(sel["rows"][name]["candidates"]) == (1 if name == "rounds2-topk" else 2), name
     md = (study / "runs/tiny/repro/results.md").read_text()
     assert "| lightning-is |" in md and (study / "runs/tiny/repro/results.png").stat().st_size > 1000
-    for row in ("inconsistent-redraw", "online-redraw"):  # the other teacher: A's format, other problems
-        incons = json.loads((study / f"runs/tiny-{row}-s0/opd/MANIFEST.json").read_text())
-        assert incons["lineage"]["teacher_consistent"] is False, row
-    kd = json.loads((study / "runs/tiny-seqkd-s0/sft/MANIFEST.json").read_text())
-    assert kd["inputs"]["sft_data"]["uri"].endswith("runs/tiny-kd/sft-data")
-    control = json.loads((study / "runs/tiny-sft-continued-s0/sft/MANIFEST.json").read_text())
-    assert control["inputs"]["student_base"]["uri"].endswith("runs/tiny/sft")
-    online = json.loads((study / "runs/tiny-online-s0/opd/MANIFEST.json").read_text())
-    assert online["lineage"]["mode"] == "online"
-    rounds = json.loads((study / "runs/tiny-rounds2-topk-s0/opd-r2/MANIFEST.json").read_text())
-    assert rounds["lineage"]["round"] == 2 and rounds["lineage"]["teacher_topk"] == 8
+    for seed in (0, 1):  # each seed's rows start from its own SFT student
+        run = lambda n, seed=seed: f"runs/tiny-{n}-{digest(res['rows'][n]['settings'])}-s{seed}"  # noqa: E731
+        sft = "runs/tiny/sft" if seed == 0 else f"runs/tiny-s{seed}/sft"
+        for row in ("inconsistent-redraw", "online-redraw"):  # the other teacher: A's format, other problems
+            m = json.loads((study / run(row) / "opd/MANIFEST.json").read_text())
+            assert m["lineage"]["teacher_consistent"] is False and m["inputs"]["student"]["uri"].endswith(sft), row
+        rollouts = json.loads((study / run("inconsistent-redraw") / "opd/MANIFEST.json").read_text())["inputs"]
+        redraw = "runs/tiny-p-redraw" + ("" if seed == 0 else f"-s{seed}")
+        assert rollouts["precompute"]["uri"].endswith(f"{redraw}/precompute")
+        kd = json.loads((study / run("seqkd") / "sft/MANIFEST.json").read_text())
+        assert kd["inputs"]["sft_data"]["uri"].endswith("runs/tiny-kd/sft-data")
+        assert kd["inputs"]["student_base"]["uri"].endswith(sft)
+        online = json.loads((study / run("online-redraw") / "opd/MANIFEST.json").read_text())
+        assert online["lineage"]["mode"] == "online"
+        rounds = json.loads((study / run("rounds2-topk") / "opd-r2/MANIFEST.json").read_text())
+        assert rounds["lineage"]["round"] == 2 and rounds["lineage"]["teacher_topk"] == 8
+    seed1 = json.loads((study / "runs/tiny-s1/sft/MANIFEST.json").read_text())["inputs"]
+    assert seed1["sft_data"]["uri"].endswith("runs/tiny/sft-data")  # the same SFT data, its own initialisation
+    assert seed1["student_base"]["uri"].endswith("runs/tiny-s1/init/student")
+    cosine = res["grad_cosine"]["lightning-is"]
+    assert cosine["step"] == [1.0, 3.0] and all(-1.0 <= c <= 1.0 for c in cosine["grad_cosine"])
+    assert (study / "runs/tiny/repro/grad-cosine.png").stat().st_size > 1000
     cost = {q: v["mean"] for q, v in res["rows"]["rounds2-topk"]["cost"].items()}
     assert cost["sampled_tokens"] == cost["scored_tokens"] > 0 and cost["total_s"] > cost["train_s"] > 0
     chk = subprocess.run([sys.executable, "-m", "lopd.cli", "repro", "check", "--expected", str(CI_EXPECTED),

@@ -12,7 +12,7 @@ import pytest
 from lopd.recipe import RecipeError, load_recipe
 from lopd.repro_results import SFT_ROW, ReproError, check, mean_ci, paired, write_results
 from tests.helpers.cli import lopd_cli
-from tests.helpers.repro import QuietConsole, study
+from tests.helpers.repro import SHARED, QuietConsole, study
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "recipes" / "tiny.yaml"
@@ -63,7 +63,7 @@ def test_other_teachers_and_their_precompute(tmp_path):
     assert (c.bootstrap.teacher_style, c.bootstrap.teacher_draw, c.bootstrap.teacher_sft.train.seed) == ("chain", 1, 1)
     assert c.bootstrap.teacher == s.recipe.bootstrap.teacher and c.bootstrap.data_dir == s.recipe.bootstrap.data_dir
     assert s.recipe.bootstrap.teacher_sft.train.seed != 1
-    p, _ = s.teacher_precompute("words")
+    p, _ = s.teacher_precompute("words", 0)
     assert p.run_id == "tiny-p-words" and p.allow_inconsistent_teacher
     assert p.models.teacher.uri == "runs/tiny-t-words-teacher/sft"
     assert p.precompute.student.endswith("runs/tiny/sft") and p.precompute.sampling == s.recipe.precompute.sampling
@@ -215,8 +215,8 @@ def _tamper(path: Path) -> None:
 def test_published_report_and_metrics_are_read_verified(tmp_path):
     from lopd.layout import report_prefix, stage_prefix
     from lopd.manifest import publish
-    from lopd.repro import _train_seconds
     from lopd.repro_cost import train_steps
+    from lopd.repro_run import _train_seconds
     from lopd.runner import print_eval
     from lopd.store import IntegrityError, open_store
 
@@ -299,24 +299,27 @@ def test_rows_select_rounds_and_topk_variants_in_the_variants_order(tmp_path):
 
 @pytest.fixture
 def recorded_runs(monkeypatch) -> list[tuple[str, ...]]:
-    """``(run id, stage, ...)`` of every bootstrap and stage run ``lopd.repro.run`` asks for, none run."""
-    import lopd.repro
+    """``(run id, stage, ...)`` of every bootstrap, student init and stage run ``lopd.repro_run.run`` asks
+    for, none run."""
+    import lopd.bootstrap
+    import lopd.repro_run
     import lopd.runner
 
     calls = []
+    monkeypatch.setattr(lopd.bootstrap, "init_student", lambda r, dest, k: calls.append((str(dest), "init", k)))
     monkeypatch.setattr(lopd.runner, "run_bootstrap", lambda r, *a: calls.append((r.run_id, "bootstrap")))
     monkeypatch.setattr(lopd.runner, "run_stages", lambda r, f, stages, *a: calls.append((r.run_id, *stages)))
-    monkeypatch.setattr(lopd.repro, "collect", lambda s: {})
-    monkeypatch.setattr(lopd.repro, "write_results", lambda d, res: (d / "results.md").write_text("table\n"))
+    monkeypatch.setattr(lopd.repro_run, "collect", lambda s: {})
+    monkeypatch.setattr(lopd.repro_run, "write_results", lambda d, res: (d / "results.md").write_text("table\n"))
     return calls
 
 
 def test_run_runs_every_round_of_the_rounds_and_topk_rows(tmp_path, recorded_runs):
-    import lopd.repro
+    import lopd.repro_run
 
     calls = recorded_runs
-    lopd.repro.run(str(TINY), (f"store={tmp_path}", "repro.rows={lightning,rounds2,topk}",
-                               "repro.variants.rounds2.teacher=words"), seeds=[3], console=QuietConsole())
+    lopd.repro_run.run(str(TINY), (f"store={tmp_path}", *SHARED, "repro.rows={lightning,rounds2,topk}",
+                                   "repro.variants.rounds2.teacher=words"), seeds=[3], console=QuietConsole())
     # teacher "words" is made, but no shared precompute: the only row it scores samples its own
     assert calls[:-1] == [("tiny", "bootstrap"), ("tiny", "sft-data", "sft", "precompute"),
                           ("tiny-t-words", "bootstrap"),
@@ -328,15 +331,16 @@ def test_run_runs_every_round_of_the_rounds_and_topk_rows(tmp_path, recorded_run
 
 def test_run_makes_each_teacher_once_its_shared_precompute_only_for_offline_rows_and_the_kd_data(tmp_path,
                                                                                              recorded_runs):
-    import lopd.repro
+    import lopd.repro_run
 
     calls = recorded_runs
-    lopd.repro.run(str(TINY), (f"store={tmp_path}", "repro.rows={seqkd,inconsistent-redraw,online-redraw}"),
-                   seeds=[0], console=QuietConsole())
+    rows = "repro.rows={seqkd,inconsistent-redraw,online-redraw}"
+    lopd.repro_run.run(str(TINY), (f"store={tmp_path}", *SHARED, rows), seeds=[0], console=QuietConsole())
     assert calls[:-1] == [("tiny", "bootstrap"), ("tiny", "sft-data", "sft", "precompute"),
-                          ("tiny-t-redraw", "bootstrap"), ("tiny-p-redraw", "precompute"), ("tiny-kd", "sft-data"),
+                          ("tiny-t-redraw", "bootstrap"), ("tiny-kd", "sft-data"), ("tiny-p-redraw", "precompute"),
                           ("tiny-seqkd-s0", "sft"), ("tiny-inconsistent-redraw-s0", "opd"),
                           ("tiny-online-redraw-s0", "opd")]
     calls.clear()
-    lopd.repro.run(str(TINY), (f"store={tmp_path}", "repro.rows={online-redraw}"), seeds=[0], console=QuietConsole())
+    lopd.repro_run.run(str(TINY), (f"store={tmp_path}", *SHARED, "repro.rows={online-redraw}"), seeds=[0],
+                       console=QuietConsole())
     assert ("tiny-p-redraw", "precompute") not in calls  # online OPD scores live: no shared precompute

@@ -35,8 +35,8 @@ def _timings(root: Path, run_id: str, *lines: tuple[str, float]) -> None:
 
 
 def test_cost_of_rounds_topk_shared_online_and_control_rows(tmp_path):
-    from lopd.repro import collect
     from lopd.repro_cost import row_cost
+    from lopd.repro_run import collect
 
     root = tmp_path / "store"
     s = study(root, "repro.rows={sft-continued,seqkd,lightning,online,inconsistent,rounds2}", "repro.seeds={0,1}")

@@ -59,3 +59,19 @@ def test_second_teacher_draw_is_disjoint_and_leaves_the_other_splits_unchanged(t
     before = make_splits(1, {"teacher": 50, "sft": 40, "eval": 20, "opd": 30})
     assert questions("opd_prompts") == {p.question for p in before["opd"]}
     assert questions("teacher_chain") == {p.question for p in before["teacher"]}
+
+
+def test_validation_split_is_disjoint_from_every_other_and_changes_none_of_them(tmp_path):
+    from lopd.data.synthetic import teacher_file
+
+    without = write_task(tmp_path / "a", seed=1, n_teacher=50, n_sft=40, n_opd=30, n_eval=20)
+    paths = write_task(tmp_path / "b", seed=1, n_teacher=50, n_sft=40, n_opd=30, n_eval=20, n_val=25)
+    assert "validation" not in without and set(paths) == set(without) | {"validation"}
+    val = [json.loads(x) for x in paths["validation"].read_text().splitlines()]
+    assert len(val) == 25 and set(val[0]) == {"problem_id", "problem", "answer"}
+    assert val[0]["problem_id"] == "arith-val-00000"
+    questions = {r["problem"] for r in val}
+    for name in ("teacher_chain", teacher_file("chain", 1), "sft_prompts", "opd_prompts", "benchmark"):
+        assert paths[name].read_bytes() == without[name].read_bytes(), name  # drawn last: the others unchanged
+        text = paths[name].read_text()
+        assert not any(q in text for q in questions), name

@@ -134,7 +134,7 @@ def repro(ctx: click.Context, recipe: str | None, overrides: tuple[str, ...], se
         return
     if recipe is None:
         raise LopdError("lopd repro: --recipe is required")
-    from lopd.repro import run as run_repro
+    from lopd.repro_run import run as run_repro
 
     try:
         seed_list = [int(x) for x in seeds.split(",")] if seeds else None

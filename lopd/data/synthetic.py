@@ -83,9 +83,9 @@ def sft_row(split: str, i: int, p: Problem, style: str) -> dict:
     return row
 
 
-def benchmark_row(i: int, p: Problem) -> dict:
+def benchmark_row(i: int, p: Problem, split: str = "arith") -> dict:
     """A math-benchmark row: problem_id, problem, answer."""
-    return {"problem_id": f"arith-{i:05d}", "problem": p.question, "answer": str(p.answer)}
+    return {"problem_id": f"{split}-{i:05d}", "problem": p.question, "answer": str(p.answer)}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -102,7 +102,7 @@ def teacher_file(style: str, draw: int = 0) -> str:
 
 
 def write_task(out_dir: str | Path, seed: int = 0, n_teacher: int = 4000, n_sft: int = 2000,
-               n_opd: int = 1000, n_eval: int = 300, **kw) -> dict[str, Path]:
+               n_opd: int = 1000, n_eval: int = 300, n_val: int = 0, **kw) -> dict[str, Path]:
     """Write every file the tiny pipeline needs; returns name -> path.
 
     - ``teacher_chain.jsonl`` / ``teacher_words.jsonl``: ground-truth chats (two styles) to
@@ -110,12 +110,15 @@ def write_task(out_dir: str | Path, seed: int = 0, n_teacher: int = 4000, n_sft:
       second draw of ``n_teacher`` problems, disjoint from every other split;
       ``corpus.txt``: text to train the shared tokenizer on (from the first draw);
     - ``sft_prompts.jsonl`` and ``opd_prompts.jsonl``: prompts for sft-data and precompute;
-    - ``arith.jsonl``: the held-out benchmark.
+    - ``arith.jsonl``: the held-out benchmark (the test split);
+    - ``arith_val.jsonl``: a validation split of ``n_val`` problems in the benchmark's format (with
+      ``n_val`` > 0), for choosing settings without looking at the test split.
     """
     out = Path(out_dir)
-    # the OPD split and then the second teacher draw come last, so adding them left the others unchanged
+    # the OPD split, the second teacher draw and the validation split come last, in that order, so
+    # that each split is the same whatever the sizes of those after it
     splits = make_splits(seed, {"teacher": n_teacher, "sft": n_sft, "eval": n_eval, "opd": n_opd,
-                                "teacher_draw1": n_teacher}, **kw)
+                                "teacher_draw1": n_teacher, "val": n_val}, **kw)
     paths = {}
     for draw, split in enumerate(("teacher", "teacher_draw1")):
         for style in STYLES:
@@ -127,6 +130,9 @@ def write_task(out_dir: str | Path, seed: int = 0, n_teacher: int = 4000, n_sft:
     paths["opd_prompts"] = write_jsonl(out / "opd_prompts.jsonl",
                                        [prompt_row("opd", i, p) for i, p in enumerate(splits["opd"])])
     paths["benchmark"] = write_jsonl(out / "arith.jsonl", [benchmark_row(i, p) for i, p in enumerate(splits["eval"])])
+    if n_val:
+        paths["validation"] = write_jsonl(out / "arith_val.jsonl",
+                                          [benchmark_row(i, p, "arith-val") for i, p in enumerate(splits["val"])])
     corpus = out / "corpus.txt"
     with open(corpus, "w") as f:
         for p in splits["teacher"]:

@@ -45,7 +45,8 @@ def main() -> None:
     console = Console(stderr=True, quiet=True)
     run_bootstrap(recipe, 1, console)
     run_stages(recipe, recipe_file, ["sft-data", "sft", "precompute"], (), 1, console)
-    study = Study(load_recipe(recipe_file, [f"opd.train.steps={a.steps}", f"opd.train.checkpoint_every={a.steps}"]),
+    study = Study(load_recipe(recipe_file, [f"opd.train.steps={a.steps}", f"opd.train.checkpoint_every={a.steps}",
+                                            "repro.selection=null"]),
                   console)
     files = {mode: study.variant(name, 0)[1] for mode, name in (("offline", "lightning"), ("online", "online"))}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
