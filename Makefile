@@ -48,7 +48,7 @@ bench: setup  ## benchmarks (not part of make test); each prints one JSON line
 demo: setup  ## the main job: the whole tiny pipeline on this CPU (bootstrap, 5 stages, eval table)
 	$(VENV)/bin/lopd pipeline -r $(RECIPE)
 
-repro-tiny: setup  ## the paper's table at toy scale: 3 seeds x (SFT, SFT continued, Lightning OPD ± IS weights, online, inconsistent teacher, Lightning rounds, top-k), with each row's cost
+repro-tiny: setup  ## the paper's table at toy scale: 5 independent seeds, settings chosen on a validation split, SFT, SFT continued, sequence-level KD, Lightning OPD (paper and today's regime, ± IS weights, KL guard), online, inconsistent teachers, top-k; each row's cost
 	$(VENV)/bin/lopd repro -r $(RECIPE)
 	$(VENV)/bin/lopd repro check -r $(RECIPE) --expected docs/repro/tiny-expected.json
 

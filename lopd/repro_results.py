@@ -91,7 +91,7 @@ def table(results: dict) -> str:
                       if r.get("updates") not in (None, results["opd_steps"]))
     lines = [f"Held-out `{results['benchmark']}` accuracy (avg@{results['eval_k']}), mean ± 95% interval over "
              f"{n} seed{'s' if n > 1 else ''}; every row below SFT: {results['opd_steps']} updates of "
-             f"{results['global_batch']} sequences from the same SFT checkpoint"
+             f"{results['global_batch']} sequences from its seed's SFT checkpoint"
              + (f" (other numbers of updates: {other})" if other else "") + ". Δ vs SFT: the mean of the "
              "per-seed differences from the same seed's SFT evaluation with its 95% interval (Student t over "
              "seeds); * where the interval excludes 0 (a paired t-test, two-sided, at 5%).", "",
@@ -105,7 +105,7 @@ def table(results: dict) -> str:
     for name, r in rows.items():
         a = r["accuracy"]
         cells = [name, f"{100 * a['mean']:.1f} ± {100 * a['ci95']:.1f}",
-                 "" if name == SFT_ROW else _delta(paired(r["acc"], rows[SFT_ROW]["acc"]))]
+                 "" if name == SFT_ROW else _delta(r.get("vs_sft") or paired(r["acc"], rows[SFT_ROW]["acc"]))]
         if r.get("cost") is None:
             cells += [""] * (len(heads) - len(cells))
         else:
@@ -114,6 +114,28 @@ def table(results: dict) -> str:
                 total = _cost(r, "total_s")
                 cells.append("–" if total is None or not base else f"{total / base:.2f}×")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + selection_table(results)
+
+
+def _setting(key: str, value) -> str:
+    return {"optim.lr": f"lr {value:g}", "train.steps": f"{value} updates"}.get(key, f"{key} {value}")
+
+
+def selection_table(results: dict) -> str:
+    """The settings each row took on the validation split, and the spread over its candidates
+    (empty without a selection)."""
+    sel = results.get("selection")
+    if not sel:
+        return ""
+    lines = ["", f"Settings chosen on the validation split (`{sel['validation']}`, seed {sel['seed']}; rule: "
+             f"{sel['rule']}), the same grid for every row:", "",
+             "| method | chosen | validation (%) | candidates | their validation (%), lowest–highest |",
+             "|---|---|---|---|---|"]
+    for name, row in sel["rows"].items():
+        accs = [100 * c["validation"] for c in row["candidates"]]
+        best = max(accs)
+        chosen = ", ".join(_setting(k, v) for k, v in row["chosen"].items()) or "the recipe's"
+        lines.append(f"| {name} | {chosen} | {best:.1f} | {len(accs)} | {min(accs):.1f}–{best:.1f} |")
     return "\n".join(lines) + "\n"
 
 

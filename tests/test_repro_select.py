@@ -167,3 +167,16 @@ def test_run_selects_on_the_first_seed_then_trains_every_seed_with_the_chosen_se
     assert calls[i + 1] == ("tiny-s1", "sft", "precompute")  # seed 1's own student, then its rows
     assert [c[0].rsplit("-", 2)[0] for c in calls[i + 2:i + 4]] == ["tiny-lightning", "tiny-online-redraw"]
     assert ids[-1].startswith("tiny-eval") and ids[-1].endswith("-s1")
+
+
+def test_results_md_lists_the_chosen_settings(tmp_path):
+    from lopd.repro_results import mean_ci, write_results
+
+    rows = {n: {"acc": {"0": 0.5}, "accuracy": mean_ci([0.5]), "cost": None} for n in (SFT_ROW, "lightning")}
+    sel = {"seed": 0, "validation": "runs/tiny/data/arith_val.jsonl", "rule": "highest validation accuracy",
+           "rows": {"lightning": {"chosen": {"optim.lr": 1e-4, "train.steps": 40},
+                                  "candidates": [{"validation": 0.9}, {"validation": 0.95}, {"validation": 0.95}]}}}
+    write_results(tmp_path, {"run_id": "t", "benchmark": "arith", "seeds": [0], "opd_steps": 80, "global_batch": 256,
+                             "lr": 1e-4, "eval_k": 4, "rows": rows, "selection": sel})
+    md = (tmp_path / "results.md").read_text()
+    assert "| lightning | lr 0.0001, 40 updates | 95.0 | 3 | 90.0–95.0 |" in md and "arith_val.jsonl" in md

@@ -1,4 +1,4 @@
-"""``lopd recipe validate|show``, ``lopd store ls``, ``lopd prompts convert``, ``lopd init-model``,
+"""``lopd recipe validate|show|estimate``, ``lopd store ls``, ``lopd prompts convert``, ``lopd init-model``,
 ``lopd fingerprint``, ``lopd verify``."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from lopd.cli.options import recipe_options
 
 @click.group()
 def recipe() -> None:
-    """Validate and show recipes."""
+    """Validate, show and estimate recipes."""
 
 
 @recipe.command("validate")
@@ -35,6 +35,40 @@ def recipe_show(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
 
     r = load_recipe(recipe, overrides)
     click.echo(json.dumps(r.model_dump(mode="json"), indent=2) if as_json else recipe_yaml(r), nl=False)
+
+
+@recipe.command("estimate")
+@recipe_options
+@click.option("--response-tokens", type=click.IntRange(1, 10**6), default=None,
+              help="Mean response tokens (default: half of precompute.sampling.max_tokens).")
+@click.option("--prompt-tokens", type=click.IntRange(0, 10**6), default=256, show_default=True,
+              help="Mean prompt tokens.")
+@click.option("--opd-prompts", type=click.IntRange(1, 10**9), default=None,
+              help="OPD prompts (default: the rows of precompute.prompts when it is a local file).")
+@click.option("--decode-tok-s", type=click.FloatRange(min=1.0), default=None,
+              help="Sampling rate of an 8B model on one GPU, output tokens/s (default: lopd.gpu_hours.Rates).")
+@click.option("--score-mfu", type=click.FloatRange(0.001, 1.0), default=None, help="Teacher scoring MFU.")
+@click.option("--train-mfu", type=click.FloatRange(0.001, 1.0), default=None, help="Training MFU.")
+def recipe_estimate(recipe: str, overrides: tuple[str, ...], response_tokens: int | None, prompt_tokens: int,
+                    opd_prompts: int | None, decode_tok_s: float | None, score_mfu: float | None,
+                    train_mfu: float | None) -> None:
+    """Estimate the GPU-hours of the OPD phase per method (Lightning, online, sequence-level KD, more SFT)."""
+    import dataclasses
+
+    from lopd.gpu_hours import Rates, estimate, table
+    from lopd.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides)
+    given = {"decode_tok_s": decode_tok_s, "score_mfu": score_mfu, "train_mfu": train_mfu}
+    rates = dataclasses.replace(Rates(), **{k: v for k, v in given.items() if v is not None})
+    if r.precompute is None:
+        raise LopdError("recipe estimate: the recipe needs opd and precompute sections")
+    response = response_tokens or max(1, r.precompute.sampling.max_tokens // 2)
+    est = estimate(r, response, prompt_tokens, opd_prompts, rates)
+    click.echo(f"{r.run_id}: student {r.models.student.uri}, teacher {r.models.teacher.uri}; mean prompt "
+               f"{prompt_tokens} and response {response} tokens; train MFU {rates.train_mfu}, score MFU "
+               f"{rates.score_mfu}, sampling {rates.decode_tok_s:,.0f} tok/s per GPU at 8B\n")
+    click.echo(table(est), nl=False)
 
 
 @click.group()

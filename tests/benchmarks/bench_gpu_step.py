@@ -38,17 +38,10 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-PEAK_BF16 = 989e12
-SHAPES = {  # Qwen3 dense shapes (config.json of the public checkpoints); tiny = CPU smoke run
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                 intermediate_size=128, vocab_size=512, tie_word_embeddings=True),
-    "qwen3-0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                       head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True),
-    "qwen3-1.7b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                       head_dim=128, intermediate_size=6144, vocab_size=151936, tie_word_embeddings=True),
-    "qwen3-4b": dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                     head_dim=128, intermediate_size=9728, vocab_size=151936, tie_word_embeddings=True),
-}
+from lopd.flops import PEAK_BF16, SHAPES, flops_per_token, matmul_params  # noqa: E402
+
+DENSE = [name for name, shape in SHAPES.items() if not shape.get("num_experts")]
+"""The shapes this benchmark builds (dense Qwen3)."""
 
 
 def matmul_tflops(n: int = 8192, reps: int = 10) -> float | None:
@@ -83,15 +76,6 @@ def make_model(shape: str, attn: str, seed: int = 0):
     return model
 
 
-def matmul_params(shape: str) -> int:
-    """Parameters that take part in a matmul per token: every layer's projections + the LM head."""
-    s = SHAPES[shape]
-    d, hd, nh, nkv, ff = (s[k] for k in ("hidden_size", "head_dim", "num_attention_heads", "num_key_value_heads",
-                                         "intermediate_size"))
-    per_layer = d * hd * (nh + 2 * nkv) + nh * hd * d + 3 * d * ff
-    return s["num_hidden_layers"] * per_layer + d * s["vocab_size"]
-
-
 def lengths(n: int, median: int, cap: int, rng: np.random.Generator) -> list[int]:
     return [int(x) for x in np.clip(rng.lognormal(np.log(median), 0.6, n), 32, cap)]
 
@@ -111,15 +95,6 @@ def opd_samples(n: int, median: int, cap: int, vocab: int, rng: np.random.Genera
         out.append(OpdSample(f"p{i}", 0, rng.integers(0, vocab, p), rng.integers(0, vocab, r),
                              -rng.exponential(1.0, r).astype(np.float32), -rng.exponential(1.0, r).astype(np.float32)))
     return out
-
-
-def flops_per_token(shape: str, ctx: float, passes: str = "train") -> float:
-    """Model FLOPs per token: ``train`` = forward + backward (6·P + 12·L·H·d·ctx); ``forward`` =
-    one forward (2·P + 4·L·H·d·ctx: teacher scoring). OPD with one PPO mini-batch (the default)
-    makes no separate ``log p_old`` pass, so it counts as ``train``."""
-    s = SHAPES[shape]
-    attn = s["num_hidden_layers"] * s["num_attention_heads"] * s["head_dim"] * ctx
-    return 6 * matmul_params(shape) + 12 * attn if passes == "train" else 2 * matmul_params(shape) + 4 * attn
 
 
 def mean_ctx(lens: list[int]) -> float:
@@ -191,7 +166,7 @@ def run_variant(name: str, args, world: int) -> dict:
         profile(step, Path(args.profile) / f"{name}-profile.txt")
     med = statistics.median(times)
     tokens = sum(lens)
-    flops = flops_per_token(args.shape, mean_ctx(lens)) * tokens
+    flops = flops_per_token(SHAPES[args.shape], mean_ctx(lens)) * tokens
     out = {"kind": "train", "zero": zero, "step_s": round(med, 4), "tokens_per_step": tokens,
            "tokens_per_s": round(tokens / med),
            "tflops": round(flops / med / 1e12, 1),
@@ -225,7 +200,7 @@ def score(args) -> dict:
     times = timed(lambda: scorer.score(prompts, responses), args.steps)
     med = statistics.median(times)
     tokens = sum(lens)
-    flops = flops_per_token(args.shape, mean_ctx(lens), passes="forward") * tokens
+    flops = flops_per_token(SHAPES[args.shape], mean_ctx(lens), passes="forward") * tokens
     out = {"kind": "score", "attn": scorer.attn, "batch_tokens": scorer.budget, "sequences": len(lens),
            "tokens": tokens, "response_tokens": sum(len(r) for r in responses), "seconds": round(med, 4),
            "tokens_per_s": round(tokens / med), "tflops": round(flops / med / 1e12, 1),
@@ -279,7 +254,7 @@ def parity(args, world: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="qwen3-1.7b" if torch.cuda.is_available() else "tiny", choices=SHAPES)
+    ap.add_argument("--shape", default="qwen3-1.7b" if torch.cuda.is_available() else "tiny", choices=DENSE)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
     ap.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3])
     ap.add_argument("--batch", type=int, default=64, help="sequences per step")
@@ -320,7 +295,7 @@ def parent(args) -> None:
                  "deepspeed": __import__("deepspeed").__version__,
                  "transformers": __import__("transformers").__version__,
                  "attn": args.attn, "grad_ckpt": args.grad_ckpt, "batch": args.batch,
-                 "micro_batch_tokens": args.micro_batch_tokens, "matmul_params": matmul_params(args.shape),
+                 "micro_batch_tokens": args.micro_batch_tokens, "matmul_params": matmul_params(SHAPES[args.shape]),
                  "matmul_tflops": matmul_tflops()}
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
