@@ -169,6 +169,25 @@ def write_results(out: Path, results: dict) -> None:
 # ---------------------------------------------------------------------- check
 
 
+def expected(results: dict, minimum: float = 0.01) -> dict:
+    """The expected-results file a study's results imply: each row's mean with a tolerance of its
+    95% interval over seeds (at least ``minimum``), and a claim ``[better, worse, margin]`` for each
+    row whose paired difference from SFT excludes 0, the margin at the interval's end nearest 0."""
+    rows, claims = {}, []
+    for name, r in results["rows"].items():
+        a = r["accuracy"]
+        rows[name] = {"accuracy": round(a["mean"], 4), "tolerance": round(max(a["ci95"], minimum), 4)}
+        d = r.get("vs_sft")
+        if d and d["significant"]:
+            margin = math.floor(1000 * (abs(d["mean"]) - d["ci95"])) / 1000
+            claims.append([name, SFT_ROW, margin] if d["mean"] > 0 else [SFT_ROW, name, margin])
+    n = len(results["seeds"])
+    return {"about": f"lopd repro {results['run_id']}, {n} seeds: each row's mean with its 95% interval over seeds "
+                     "as the tolerance; a claim per row whose paired difference from SFT excludes 0 (margin: the "
+                     "interval's end nearest 0). Written by lopd repro expect.",
+            "rows": rows, "claims": claims}
+
+
 def check(results_file: Path, expected_file: Path) -> list[str]:
     """Rows whose mean accuracy left the expected tolerance, as one line each (empty: pass).
 

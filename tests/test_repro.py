@@ -344,3 +344,24 @@ def test_run_makes_each_teacher_once_its_shared_precompute_only_for_offline_rows
     lopd.repro_run.run(str(TINY), (f"store={tmp_path}", *SHARED, "repro.rows={online-redraw}"), seeds=[0],
                        console=QuietConsole())
     assert ("tiny-p-redraw", "precompute") not in calls  # online OPD scores live: no shared precompute
+
+
+def test_expected_file_follows_from_the_seed_variance_and_the_paired_differences(tmp_path):
+    from lopd.repro_results import expected
+
+    res = _results({SFT_ROW: [0.80, 0.82, 0.81], "lightning": [0.86, 0.88, 0.90], "online": [0.80, 0.85, 0.78]})
+    res["seeds"] = [0, 1, 2]
+    for name in ("lightning", "online"):
+        res["rows"][name]["vs_sft"] = paired(res["rows"][name]["acc"], res["rows"][SFT_ROW]["acc"])
+    exp = expected(res)
+    assert exp["rows"]["lightning"]["tolerance"] == round(res["rows"]["lightning"]["accuracy"]["ci95"], 4)
+    assert exp["rows"][SFT_ROW]["tolerance"] == round(max(res["rows"][SFT_ROW]["accuracy"]["ci95"], 0.01), 4)
+    d = res["rows"]["lightning"]["vs_sft"]
+    assert exp["claims"] == [["lightning", SFT_ROW, pytest.approx(d["mean"] - d["ci95"], abs=1e-3)]]  # online: not
+    write_results(tmp_path, res)
+    out = tmp_path / "expected.json"
+    ok = lopd_cli("repro", "expect", "--results", str(tmp_path / "results.json"), "-o", str(out))
+    assert ok.returncode == 0 and json.loads(out.read_text())["claims"] == json.loads(json.dumps(exp))["claims"]
+    assert check(tmp_path / "results.json", out) == []  # a study passes the file it implies
+    bad = lopd_cli("repro", "expect", "--results", str(tmp_path / "nope.json"), "-o", str(out), check=False)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

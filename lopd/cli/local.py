@@ -168,4 +168,22 @@ def repro_check(expected: str, results: str | None, recipe: str | None, override
     click.echo(f"ok: {results} matches {expected}")
 
 
+@repro.command("expect")
+@click.option("--results", required=True, type=click.Path(dir_okay=False), help="results.json of a study.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Expected-results file to write.")
+def repro_expect(results: str, out: str) -> None:
+    """Write the expected-results file a study implies (tolerances from its seed variance, claims
+    from its significant paired differences against SFT), for `lopd repro check`."""
+    import json
+
+    from lopd.repro_results import ReproError, expected
+
+    try:
+        data = json.loads(Path(results).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReproError(f"repro expect: {results}: not a results file ({e})") from None
+    Path(out).write_text(json.dumps(expected(data), indent=2) + "\n")
+    click.echo(f"wrote {out}")
+
+
 COMMANDS = [stages, run, pipeline, report_cmd, repro]
