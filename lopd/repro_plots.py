@@ -49,12 +49,7 @@ def write_diagnostics(out: Path, results: dict[str, Any]) -> Path | None:
     rows = {n: r["diagnostics"] for n, r in results["rows"].items() if r.get("diagnostics")}
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(DIAGNOSTICS), figsize=(6 * len(DIAGNOSTICS), 4))
+    fig, axes = _pyplot().subplots(1, len(DIAGNOSTICS), figsize=(6 * len(DIAGNOSTICS), 4))
     for ax, (key, label) in zip(axes, DIAGNOSTICS, strict=True):
         for name, d in rows.items():
             ax.plot(d["step"], d[key], label=name, lw=1.2)
@@ -65,12 +60,8 @@ def write_diagnostics(out: Path, results: dict[str, Any]) -> Path | None:
         ax.set_yscale("symlog", linthresh=1e-3)
     axes[-1].legend(fontsize=7, ncol=2)
     n = len(results["seeds"])
-    fig.suptitle(f"lopd repro {results['run_id']}: training diagnostics, mean of {n} seed{'s' if n > 1 else ''}")
-    fig.tight_layout()
-    path = out / "diagnostics.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    title = f"lopd repro {results['run_id']}: training diagnostics, mean of {n} seed{'s' if n > 1 else ''}"
+    return _save(fig, out / "diagnostics.png", title)
 
 
 def write_grad_cosine(out: Path, results: dict[str, Any]) -> Path | None:
@@ -78,12 +69,7 @@ def write_grad_cosine(out: Path, results: dict[str, Any]) -> Path | None:
     data = results.get("grad_cosine")
     if not data:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(10, 3.6))
     for name, d in data.items():
         for ax, key in zip(axes, COSINE_KEYS, strict=True):
             ax.plot(d["step"], d[key], marker="o", label=name)
@@ -93,11 +79,24 @@ def write_grad_cosine(out: Path, results: dict[str, Any]) -> Path | None:
         ax.set_xlabel("update")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"lopd repro {results['run_id']}: offline vs online OPD gradient, seed {results['seeds'][0]}")
+    title = f"lopd repro {results['run_id']}: offline vs online OPD gradient, seed {results['seeds'][0]}"
+    return _save(fig, out / "grad-cosine.png", title)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path, title: str) -> Path:
+    fig.suptitle(title)
     fig.tight_layout()
-    path = out / "grad-cosine.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
     return path
 
 
