@@ -187,7 +187,7 @@ class ReproGradCosine(Section):
     rows: list[str] = Field(min_length=1, max_length=20)
     """Rows that train offline on their seed's shared rollouts (at most 20)."""
     every: int = Field(20, ge=1, le=10**6)
-    """Measure before every ``every``-th update (the first included)."""
+    """Measure before every ``every``-th update (the first included); at most 10^6."""
 
 
 class ReproConfig(Section):
