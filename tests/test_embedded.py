@@ -52,10 +52,10 @@ CI_SETS = [
     "eval.inference.backend=hf",
 ]
 # Timeouts from measured time: the study (two seeds, the validation runs, the gradient cosine)
-# takes ~440 s on the 2-core machine beside light work, ~480 s with the cosine run; the
-# killed-and-rerun pipeline test, two Lightning rounds, ~345 s in the full suite; a loaded machine
-# has been seen to run the suite 5.5x slower, so each gets 6x its time (a hang still fails well
-# within CI's limit).
+# takes ~480 s alone on the 2-core machine and ~740 s in the full suite beside the other worker;
+# the killed-and-rerun pipeline test, two Lightning rounds, ~250-345 s in the full suite. A loaded
+# machine has been seen to run the suite 5.5x slower, so each gets 6x its time alone (a hang still
+# fails well within CI's limit).
 STUDY_S, PIPELINE_S = 480, 345
 # the killed pipeline runs two Lightning rounds of 4 updates each (checkpoints at 2 and 6: a
 # "middle" in both rounds)
