@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from lopd.sections import MAX_TOKENS, Section, SftConfig
 
@@ -77,8 +77,6 @@ class BootstrapConfig(Section):
 
 GridValue = float | int | bool | str
 """One candidate value of a selection grid."""
-Grid = dict[str, Annotated[list[GridValue], Field(min_length=1, max_length=8)]]
-"""A selection grid: dotted key of a row's ``opd`` section -> its candidate values."""
 
 
 def flat_grid(v: Any, prefix: str = "") -> Any:
@@ -91,6 +89,10 @@ def flat_grid(v: Any, prefix: str = "") -> Any:
         name = f"{prefix}{key}"
         out.update(flat_grid(value, f"{name}.") if isinstance(value, dict) else {name: value})
     return out
+
+
+Grid = Annotated[dict[str, Annotated[list[GridValue], Field(min_length=1, max_length=8)]], BeforeValidator(flat_grid)]
+"""A selection grid: dotted key of a row's ``opd`` section -> its candidate values (written nested or dotted)."""
 
 
 class ReproTeacher(Section):
@@ -132,11 +134,6 @@ class ReproVariant(Section):
     """Keys of ``repro.selection.grid`` this variant replaces (e.g. ``{train: {steps: [32]}}`` to
     keep a regime's update count); the rest of the study's grid applies unchanged."""
 
-    @field_validator("grid", mode="before")
-    @classmethod
-    def _flat(cls, v: Any) -> Any:
-        return flat_grid(v)
-
     @model_validator(mode="after")
     def _stage_fields(self) -> ReproVariant:
         if self.stage == "sft" and (self.opd or self.precompute or self.teacher is not None):
@@ -165,11 +162,6 @@ class ReproSelection(Section):
     ``optim.*`` and ``train.*`` keys. ``train.steps`` candidates of a one-round run with a constant
     learning rate and no warm-up are validated at the checkpoints of one run of the most updates
     (the weights an s-update run ends with); otherwise each candidate is its own run."""
-    @field_validator("grid", mode="before")
-    @classmethod
-    def _flat(cls, v: Any) -> Any:
-        return flat_grid(v)
-
     eval: dict[str, Any] = {}
     """Changes to the recipe's ``eval`` section for the validation run (e.g. ``{k: 2, inference:
     {backend: hf}}``); intermediate checkpoints need the ``hf`` backend (a resumable checkpoint

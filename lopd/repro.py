@@ -31,6 +31,7 @@ the recipes and run ids (:class:`Study`); :mod:`lopd.repro_run` runs them and co
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -284,8 +285,6 @@ class Study:
     def eval_run_id(self, seed: int) -> str:
         """``<run>-eval<digest>-s<seed>``: the digest of the checkpoint list, so that adding a variant
         to a finished study evaluates again instead of reusing a table that lacks it."""
-        import hashlib
-
         digest6 = hashlib.sha256("\n".join(self.checkpoints(seed)).encode()).hexdigest()[:6]
         return self.run_id(f"eval{digest6}", seed)
 
