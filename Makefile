@@ -57,13 +57,13 @@ clean:
 
 # ---------------------------------------------------------------- GPU check (docs/gpu.md)
 # A GPU machine without a package index: `make gpu-deps` here puts what its image lacks into
-# .gpu-deps/ (DeepSpeed and hjson as pure Python, pydantic with pydantic-core built for the
+# .gpu-deps/ (DeepSpeed and hjson as pure Python, pydantic-core and blake3 built for the
 # image's Python, GPU_PY); carry .gpu-deps/ there and run `make gpu-check` (<= ~8 min).
 GPU_PY ?= 3.12
 gpu-deps: setup  ## fill .gpu-deps/ with the pinned packages a GPU image lacks (for `make gpu-check` there)
 	rm -rf .gpu-deps && mkdir -p .gpu-deps/wheels
 	$(PIP) download -q -c $(LOCK) --no-deps --only-binary=:all: --python-version $(GPU_PY) \
-	  --platform manylinux2014_x86_64 -d .gpu-deps/wheels pydantic pydantic-core annotated-types typing-inspection hjson
+	  --platform manylinux2014_x86_64 -d .gpu-deps/wheels pydantic pydantic-core annotated-types typing-inspection hjson blake3
 	for w in .gpu-deps/wheels/*.whl; do $(PY) -m zipfile -e $$w .gpu-deps/ || exit 1; done
 	cp -r "$$($(PY) -c "import importlib.util as u; print(u.find_spec('deepspeed').submodule_search_locations[0])")" .gpu-deps/deepspeed
 	find .gpu-deps -name __pycache__ -prune -exec rm -rf {} + ; rm -rf .gpu-deps/wheels

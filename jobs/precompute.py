@@ -138,12 +138,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     # phase 2: the teacher scores every response token, part by part
     engine = stage.Lazy(lambda: load_backend(teacher.path, scoring, recipe.models.teacher.dtype))
     try:
-        # one scored part per rollout part, keyed by the rollout file's sha256 (a redone rollout
+        # one scored part per rollout part, keyed by the rollout file's digest (a redone rollout
         # part can never pair with stale scores)
         parts = ctx.run_parts(rollouts, 1, lambda rs, _i: score_part(ctx.read_part(rs[0]), engine,
                                                                      ctx.store.url(f"{ctx.shard}/{rs[0].file.path}"),
                                                                      cfg.teacher_topk),
-                              key=lambda r: r.file.sha256, schema=precompute_schema(cfg.teacher_topk))
+                              key=lambda r: r.file.digest, schema=precompute_schema(cfg.teacher_topk))
     finally:
         engine.close()
     for r, p in zip(rollouts, parts, strict=True):

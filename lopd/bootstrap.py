@@ -24,7 +24,7 @@ from lopd.data.synthetic import teacher_file, write_task
 from lopd.layout import MANIFEST, stage_prefix, teacher_run, teacher_sft_prefix
 from lopd.manifest import has_manifest, publish
 from lopd.recipe import Recipe
-from lopd.store import open_store, sha256_file
+from lopd.store import file_digest, open_store
 
 TASK_MARKER = "TASK.json"
 
@@ -109,7 +109,7 @@ def publish_ground_truth(recipe: Recipe, chats: Path) -> None:
     out = Path(recipe.bootstrap.data_dir) / "ground-truth"
     out.mkdir(parents=True, exist_ok=True)
     write_table(table, out / "data.parquet", SFT_DATA)
-    fp = "ground-truth:" + sha256_file(chats)
+    fp = "ground-truth:" + file_digest(chats)
     publish(store, prefix, out, stage="sft-data", run_id=teacher_run_id(recipe), recipe_sha256=recipe.sha256(),
             lineage={"teacher_fingerprint": fp, "source": str(chats)}, metrics={"rows": len(rows)})
 

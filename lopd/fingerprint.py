@@ -1,8 +1,11 @@
 """Model fingerprints: which model (config + weights) a checkpoint, directory or hub id is.
 
-A fingerprint is a sha256 over the sorted (path, sha256) pairs of ``config.json`` and the weight
-files, so the same weights fingerprint the same in a local directory and published (read from
-the manifest, no download); a hub model's is over ``hub:<id>@<commit>``.
+A fingerprint is a sha256 over the sorted (path, content digest) pairs of ``config.json`` and
+the weight files, so the same weights fingerprint the same in a local directory and published
+(read from the manifest, no download); a hub model's is over ``hub:<id>@<commit>``. Digests are
+BLAKE3 (:mod:`lopd.store.common`); a model published by an older lopd, whose manifest records
+sha256 digests, fingerprints differently from the same files hashed here (republish it, or
+resume with ``--force``).
 
 A local directory's fingerprint always rests on its files' content. A MANIFEST.json beside the
 files is never taken on trust (a weight file overwritten in place keeps its size); hashes are
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from lopd.layout import MANIFEST
 from lopd.manifest import FileEntry, Manifest, ManifestError, read_manifest
-from lopd.store import cache_dir, is_store_uri, open_store, sha256_file, stat_signature
+from lopd.store import ALGORITHM, algorithm_of, cache_dir, file_digest, is_store_uri, open_store, stat_signature
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 FINGERPRINT_FILES = ("config.json",)
@@ -34,15 +37,15 @@ def _is_weight(name: str) -> bool:
 
 
 def _fingerprint_of(entries: list[tuple[str, str]]) -> str:
-    """sha256 over the sorted (relative path, file sha256) pairs of config + weights."""
-    h = hashlib.sha256(b"lopd-model-fingerprint-v1\n")
-    for path, sha in sorted(entries):
-        h.update(f"{path}\t{sha}\n".encode())
+    """sha256 over the sorted (relative path, file digest) pairs of config + weights."""
+    h = hashlib.sha256(b"lopd-model-fingerprint-v2\n")
+    for path, digest in sorted(entries):
+        h.update(f"{path}\t{digest}\n".encode())
     return h.hexdigest()
 
 
 def model_files(entries: list[FileEntry]) -> list[tuple[str, str]]:
-    sel = [(f.path, f.sha256) for f in entries if f.path in FINGERPRINT_FILES or _is_weight(f.path)]
+    sel = [(f.path, f.digest) for f in entries if f.path in FINGERPRINT_FILES or _is_weight(f.path)]
     if not any(_is_weight(p) for p, _ in sel):
         raise ManifestError("model has no weight files (*.safetensors, *.bin, ...)")
     return sel
@@ -76,13 +79,16 @@ def _save_cache(path: Path, data: dict[str, dict]) -> None:
         pass
 
 
-def hash_local(path: str | Path, rels: list[str], use_cache: bool = True) -> dict[str, FileEntry]:
-    """FileEntry (size, sha256) of each existing file ``rels`` under ``path``.
+def hash_local(path: str | Path, rels: list[str], use_cache: bool = True,
+               algorithms: dict[str, str] | None = None) -> dict[str, FileEntry]:
+    """FileEntry (size, digest) of each existing file ``rels`` under ``path``, hashed with
+    ``algorithms[rel]`` (default BLAKE3).
 
-    With ``use_cache`` a hash recorded earlier is reused only when the file's
-    :func:`stat_signature` is exactly the one recorded with it; every other file is hashed
-    (streamed) and its signature recorded.
+    With ``use_cache`` a digest recorded earlier is reused only when the file's
+    :func:`stat_signature` is exactly the one recorded with it (and the algorithm is the one
+    asked for); every other file is hashed (streamed) and its signature recorded.
     """
+    algorithms = algorithms or {}
     path = Path(path)
     cache = _load_cache(path) if use_cache else {}
     out, changed = {}, False
@@ -92,13 +98,15 @@ def hash_local(path: str | Path, rels: list[str], use_cache: bool = True) -> dic
             continue
         sig = stat_signature(p)
         rec = cache.get(rel)
-        if isinstance(rec, dict) and rec.get("sig") == sig and isinstance(rec.get("sha256"), str):
-            sha = rec["sha256"]
+        algorithm = algorithms.get(rel, ALGORITHM)
+        if (isinstance(rec, dict) and rec.get("sig") == sig and isinstance(rec.get("digest"), str)
+                and rec["digest"].startswith(f"{algorithm}:")):
+            digest = rec["digest"]
         else:
-            sha = sha256_file(p)
+            digest = file_digest(p, algorithm)
             if stat_signature(p) == sig:  # not written to while being hashed
-                cache[rel], changed = {"sig": sig, "sha256": sha}, True
-        out[rel] = FileEntry(path=rel, bytes=sig[0], sha256=sha)
+                cache[rel], changed = {"sig": sig, "digest": digest}, True
+        out[rel] = FileEntry(path=rel, bytes=sig[0], digest=digest)
     if changed:
         _save_cache(path, {**_load_cache(path), **cache})
     return out
@@ -112,7 +120,7 @@ def remember_hashes(path: str | Path, entries: list[FileEntry]) -> None:
     for f in entries:
         p = path / f.path
         if p.is_file() and (sig := stat_signature(p))[0] == f.bytes:
-            cache[f.path] = {"sig": sig, "sha256": f.sha256}
+            cache[f.path] = {"sig": sig, "digest": f.digest}
     _save_cache(path, cache)
 
 
@@ -136,14 +144,15 @@ def fingerprint_local(path: str | Path, use_cache: bool = True) -> str:
 def verify_local(path: str | Path, use_cache: bool = False) -> list[str]:
     """Compare a local directory with its MANIFEST.json, rehashing every file (``use_cache``:
     trust hashes recorded under an unchanged stat signature). Returns one line per problem:
-    ``<file>: missing``, ``<file>: N bytes, manifest says M``, ``<file>: sha256 differs from the
-    manifest``, ``<file>: not listed in the manifest``. Raises :class:`ManifestError` when
+    ``<file>: missing``, ``<file>: N bytes, manifest says M``, ``<file>: content differs from the
+    manifest (digest …)``, ``<file>: not listed in the manifest``. Raises :class:`ManifestError` when
     there is no readable manifest."""
     path = Path(path)
     m = read_local_manifest(path)
     listed = {f.path: f for f in m.files}
     present = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
-    got = hash_local(path, [r for r in present if r in listed], use_cache)
+    got = hash_local(path, [r for r in present if r in listed], use_cache,
+                     {rel: algorithm_of(f.digest) for rel, f in listed.items()})
     problems = []
     for rel, want in sorted(listed.items()):
         have = got.get(rel)
@@ -151,8 +160,9 @@ def verify_local(path: str | Path, use_cache: bool = False) -> list[str]:
             problems.append(f"{rel}: missing")
         elif have.bytes != want.bytes:
             problems.append(f"{rel}: {have.bytes} bytes, manifest says {want.bytes}")
-        elif have.sha256 != want.sha256:
-            problems.append(f"{rel}: sha256 differs from the manifest")
+        elif have.digest != want.digest:
+            problems.append(f"{rel}: content differs from the manifest "
+                            f"(digest {have.digest}, the manifest's {want.digest})")
     problems += [f"{rel}: not listed in the manifest" for rel in present if rel not in listed]
     return problems
 

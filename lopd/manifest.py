@@ -17,18 +17,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lopd import __version__
 from lopd.layout import MANIFEST, ManifestError, manifest_key, shard_prefix
-from lopd.store import NotFound, Store, sha256_file
+from lopd.store import DIGEST_PATTERN, NotFound, Store, algorithm_of, file_digest
 
 
 class FileEntry(BaseModel):
+    """One file of an artifact: its path under the stage prefix, size and content digest."""
+
     model_config = ConfigDict(extra="forbid")
     path: str
     bytes: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    digest: str = Field(pattern=DIGEST_PATTERN)
+    """``blake3:<hex>`` for files lopd publishes; ``sha256:<hex>`` for a manifest written by an
+    older lopd, whose entries recorded ``"sha256": "<hex>"`` (read as this field)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_sha256(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "sha256" in data and "digest" not in data and isinstance(data["sha256"], str):
+            data = {**data, "digest": f"sha256:{data['sha256']}"}
+            del data["sha256"]
+        return data
 
 
 class InputRef(BaseModel):
@@ -78,7 +90,7 @@ def read_manifest(store: Store, prefix: str = "", verify: bool = False) -> tuple
 
     Raises :class:`ManifestError` when it is absent (the prefix is then not an artifact, even
     if files are there), malformed, or (``verify=True``) when a listed file is missing or its
-    size or sha256 differs.
+    size or digest differs.
     """
     key = manifest_key(prefix)
     try:
@@ -97,7 +109,7 @@ def read_manifest(store: Store, prefix: str = "", verify: bool = False) -> tuple
 
 
 def verify_files(store: Store, prefix: str, m: Manifest) -> None:
-    """Check that every listed file exists with the recorded size and sha256 (streamed)."""
+    """Check that every listed file exists with the recorded size and digest (streamed)."""
     base = prefix.strip("/")
     listing = {o.key: o.size for o in store.list(base)}
     for f in m.files:
@@ -106,9 +118,9 @@ def verify_files(store: Store, prefix: str, m: Manifest) -> None:
             raise ManifestError(f"{store.url(key)}: listed in the manifest but missing")
         if listing[key] != f.bytes:
             raise ManifestError(f"{store.url(key)}: {listing[key]} bytes, manifest says {f.bytes}")
-        got, _ = store.hash_object(key)
-        if got != f.sha256:
-            raise ManifestError(f"{store.url(key)}: sha256 {got} does not match the manifest's {f.sha256}")
+        got, _ = store.hash_object(key, algorithm_of(f.digest))
+        if got != f.digest:
+            raise ManifestError(f"{store.url(key)}: digest {got} does not match the manifest's {f.digest}")
 
 
 def has_manifest(store: Store, prefix: str = "") -> bool:
@@ -119,7 +131,7 @@ def describe_dir(local: str | Path) -> list[FileEntry]:
     """FileEntry for every file under ``local`` (hashes streamed), sorted by path."""
     local = Path(local)
     return [
-        FileEntry(path=p.relative_to(local).as_posix(), bytes=p.stat().st_size, sha256=sha256_file(p))
+        FileEntry(path=p.relative_to(local).as_posix(), bytes=p.stat().st_size, digest=file_digest(p))
         for p in sorted(local.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     ]
@@ -141,7 +153,7 @@ def publish(store: Store, prefix: str, local_dir: str | Path, **fields: Any) -> 
 
 
 def fetch(store: Store, prefix: str, dest: str | Path, m: Manifest | None = None) -> Path:
-    """Materialise an artifact into ``dest`` from the sha256 cache, verifying every file.
+    """Materialise an artifact into ``dest`` from the digest-keyed cache, verifying every file.
 
     Files are hard-linked (or copied) from the cache; the manifest is copied beside them.
     """
@@ -151,11 +163,11 @@ def fetch(store: Store, prefix: str, dest: str | Path, m: Manifest | None = None
     dest.mkdir(parents=True, exist_ok=True)
     base = prefix.strip("/")
     for f in m.files:
-        blob = store.fetch(f"{base}/{f.path}" if base else f.path, f.sha256, f.bytes)
+        blob = store.fetch(f"{base}/{f.path}" if base else f.path, f.digest, f.bytes)
         out = dest / f.path
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists() and (os.path.samefile(out, blob)  # a link to the verified blob: not re-read
-                             or out.stat().st_size == f.bytes and sha256_file(out) == f.sha256):
+                             or out.stat().st_size == f.bytes and file_digest(out, algorithm_of(f.digest)) == f.digest):
             continue
         out.unlink(missing_ok=True)
         try:
@@ -169,16 +181,17 @@ def fetch(store: Store, prefix: str, dest: str | Path, m: Manifest | None = None
 
 
 def read_verified(store: Store, prefix: str, path: str, m: Manifest | None = None) -> bytes:
-    """The bytes of the artifact file ``path`` under ``prefix``, read from a copy verified against
-    its manifest entry (:meth:`Store.open_verified`: sha256 and size); a file the manifest does
-    not list, or bytes that differ from it, raise a one-line error naming the file."""
+    """The bytes of the artifact file ``path`` under ``prefix``, hashed as they are read and
+    checked against its manifest entry (:meth:`Store.stream_verified`: digest and size); a file
+    the manifest does not list, or bytes that differ from it, raise a one-line error naming the
+    file."""
     if m is None:
         m, _ = read_manifest(store, prefix)
     entry = next((f for f in m.files if f.path == path), None)
     key = f"{prefix.strip('/')}/{path}" if prefix.strip("/") else path
     if entry is None:
         raise ManifestError(f"{store.url(key)}: not listed in {store.url(manifest_key(prefix))}")
-    with store.open_verified(key, entry.sha256, entry.bytes) as f:
+    with store.stream_verified(key, entry.digest, entry.bytes) as f:
         return f.read()
 
 
@@ -224,7 +237,7 @@ def finalize_shards(store: Store, stage_prefix: str, count: int,
         if m.recipe_sha256 != first.recipe_sha256 or m.lineage != first.lineage:
             raise ManifestError(f"{store.url(stage_prefix)}: shards disagree on recipe or lineage")
     rel = len(stage_prefix) + 1
-    files = [FileEntry(path=f"{sp[rel:]}/{f.path}", bytes=f.bytes, sha256=f.sha256)
+    files = [FileEntry(path=f"{sp[rel:]}/{f.path}", bytes=f.bytes, digest=f.digest)
              for sp, m, _ in shards for f in m.files]
     stage = Manifest(
         stage=first.stage,

@@ -31,7 +31,7 @@ from lopd.fingerprint import (
 from lopd.layout import MANIFEST
 from lopd.manifest import InputRef, Manifest, ManifestError, fetch, read_manifest
 from lopd.recipe import ModelSpec
-from lopd.store import cache_dir, is_store_uri, open_store
+from lopd.store import algorithm_of, cache_dir, is_store_uri, open_store
 
 
 class ModelNotFoundError(LopdError):
@@ -110,10 +110,10 @@ def check_against_manifest(path: Path, m: Manifest, field_name: str, ref: str) -
     are unchanged (:func:`lopd.fingerprint.hash_local`)."""
     listed = {f.path: f for f in m.files
               if f.path in FINGERPRINT_FILES or any(fnmatch.fnmatch(f.path, w) for w in WEIGHT_PATTERNS)}
-    got = hash_local(path, sorted(listed))
+    got = hash_local(path, sorted(listed), algorithms={rel: algorithm_of(f.digest) for rel, f in listed.items()})
     for rel, want in sorted(listed.items()):
         have = got.get(rel)
-        if have is None or (have.bytes, have.sha256) != (want.bytes, want.sha256):
+        if have is None or (have.bytes, have.digest) != (want.bytes, want.digest):
             why = "is missing" if have is None else "differs from its MANIFEST.json"
             raise IncompleteModelError(f"{field_name}: {path / rel} {why}: the manifest's lineage does not "
                                        f"describe these weights (lopd verify {path} lists every difference)")
@@ -142,7 +142,7 @@ def resolve_model(ref: str | ModelSpec, field_name: str = "model") -> ResolvedMo
     """Make a model local and fingerprint it.
 
     - ``s3://…`` of a published artifact: its manifest is read, its files are fetched
-      (verified, via the sha256 cache) into ``$LOPD_CACHE/models/<sha>``;
+      (verified, via the digest-keyed cache) into ``$LOPD_CACHE/models/<sha>``;
     - a local directory (a path or ``file://…``) with ``config.json``: used in place,
       fingerprinted from its files' content; when it carries a MANIFEST.json, its config and
       weight files must match it, and its lineage (e.g. an SFT checkpoint's teacher) is carried along;

@@ -61,7 +61,7 @@ from lopd.recipe import ModelSpec, Recipe, load_recipe
 from lopd.stages import get as get_stage
 from lopd.stages import instance
 from lopd.stages import rounds as rounds_of
-from lopd.store import Store, open_store, sha256_file
+from lopd.store import Store, file_digest, open_store
 
 
 class StageError(LopdError):
@@ -138,7 +138,7 @@ class StageContext:
             table, metrics = work(chunk, i)
             local = self.workdir / fname
             write_table(table, local, schema)
-            entry = FileEntry(path=fname, bytes=local.stat().st_size, sha256=sha256_file(local))
+            entry = FileEntry(path=fname, bytes=local.stat().st_size, digest=file_digest(local))
             self.store.put_file(local, f"{self.shard}/{fname}")
             self.store.write_json(marker, {"file": entry.model_dump(), "metrics": metrics, "items": len(chunk),
                                            "rows": table.num_rows, "recipe_sha256": recipe_sha,
@@ -159,10 +159,10 @@ class StageContext:
 
     def read_part(self, part: Part):
         """The pyarrow Table of a finished part, read from a copy verified against the part's
-        sha256 and size (:meth:`lopd.store.Store.open_verified`)."""
+        digest and size (:meth:`lopd.store.Store.open_verified`)."""
         import pyarrow.parquet as pq
 
-        with self.store.open_verified(f"{self.shard}/{part.file.path}", part.file.sha256, part.file.bytes) as f:
+        with self.store.open_verified(f"{self.shard}/{part.file.path}", part.file.digest, part.file.bytes) as f:
             return pq.read_table(f)
 
     # -- publish

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -107,8 +108,12 @@ def test_verify_names_each_file_that_differs_from_the_manifest(tiny_model, tmp_p
     overwrite_in_place(model / "tokenizer.json", offset=8)
     res = lopd_cli("verify", f"file://{model}", check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stdout.splitlines() == ["mismatch: model.safetensors: sha256 differs from the manifest",
-                                       "mismatch: tokenizer.json: sha256 differs from the manifest"]
+    lines = res.stdout.splitlines()
+    assert [line.split(" (digest ")[0] for line in lines] == [
+        "mismatch: model.safetensors: content differs from the manifest",
+        "mismatch: tokenizer.json: content differs from the manifest"]
+    pair = r"\(digest blake3:[0-9a-f]{64}, the manifest's blake3:[0-9a-f]{64}\)$"
+    assert all(re.search(pair, line) for line in lines)
     assert res.stderr.strip() == f"error: verify: 2 file(s) of {model} differ from its MANIFEST.json"
     (model / "MANIFEST.json").unlink()
     missing = lopd_cli("verify", str(model), check=False)

@@ -51,7 +51,7 @@ def test_tampered_file_is_rejected(store_uri, tmp_path):
     src = make_dir(tmp_path / "out", {"w.bin": b"original-bytes"})
     publish(s, "art", src, stage="sft", run_id="r")
     s.write_bytes("art/w.bin", b"tampered-bytes")  # same size, other content
-    with pytest.raises(ManifestError, match="sha256 .* does not match the manifest"):
+    with pytest.raises(ManifestError, match="digest blake3:.* does not match the manifest"):
         read_manifest(s, "art", verify=True)
     with pytest.raises(IntegrityError, match="does not match the manifest"):
         fetch(s, "art", tmp_path / "dl")

@@ -75,7 +75,7 @@ def read_output(store_uri: str, schema=PRECOMPUTE) -> tuple[object, list[dict]]:
     m, _ = read_manifest(store, PREFIX, verify=True)
     rows = []
     for f in m.files:
-        t = pq.read_table(store.fetch(f"{PREFIX}/{f.path}", f.sha256, f.bytes))
+        t = pq.read_table(store.fetch(f"{PREFIX}/{f.path}", f.digest, f.bytes))
         assert t.schema.equals(schema, check_metadata=False)
         rows += t.to_pylist()
     return m, rows

@@ -238,7 +238,7 @@ def test_published_report_and_metrics_are_read_verified(tmp_path):
         print_eval(recipe, QuietConsole())
     assert "\n" not in str(e.value) and str(e.value).startswith(store.url(f"{report}/summary.json"))
     _tamper(tmp_path / "store" / stage_prefix("r1", "opd") / "metrics.jsonl")
-    with pytest.raises(IntegrityError, match=r"opd/metrics.jsonl: sha256 [0-9a-f]{64} does not match"):
+    with pytest.raises(IntegrityError, match=r"opd/metrics.jsonl: digest blake3:[0-9a-f]{64} does not match"):
         train_steps(store, "r1", "opd")
 
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from lopd.store import StoreError, open_store, sha256_file
+from lopd.store import StoreError, file_digest, open_store
 from tests.helpers.seaweed import BUCKET, SeaweedServer
 
 pytestmark = pytest.mark.slow
@@ -74,7 +74,7 @@ def test_upload_survives_restart_or_fails_cleanly(own_server, tmp_path, monkeypa
     s = open_store(f"s3://{BUCKET}/faults")
     res = _run_with_restart(lambda: s.put_file(src, "big.bin"), own_server, after=1.0, down=2.0)
     if res.get("ok"):
-        assert s.hash_object("big.bin") == (sha256_file(src), src.stat().st_size)
+        assert s.hash_object("big.bin") == (file_digest(src), src.stat().st_size)
     else:  # a clear error, and no partial object
         err = res["error"]
         assert isinstance(err, StoreError) and "s3://lopd-test/faults/big.bin" in str(err)
@@ -101,7 +101,7 @@ def test_download_survives_restart_or_fails_cleanly(own_server, tmp_path, monkey
     res = _run_with_restart(lambda: s.get_file("big.bin", dest), own_server, after=0.0, down=2.0,
                             started=bytes_landed)
     if res.get("ok"):
-        assert sha256_file(dest) == sha256_file(src)
+        assert file_digest(dest) == file_digest(src)
     else:
         assert isinstance(res["error"], StoreError)
         assert not dest.exists()  # never a silent partial file

@@ -45,15 +45,15 @@ def run_stage(recipe: Path, *args: str) -> None:
 
 
 def stage_rows(store_uri: str) -> tuple[list[tuple[str, str]], list[dict]]:
-    """(file path, sha256) of the published stage and its rows, via the verified manifest."""
+    """(file path, digest) of the published stage and its rows, via the verified manifest."""
     store = open_store(store_uri)
     m, _ = read_manifest(store, f"runs/{RUN}/sft-data", verify=True)
     rows = []
     for f in m.files:
-        t = pq.read_table(store.fetch(f"runs/{RUN}/sft-data/{f.path}", f.sha256, f.bytes))
+        t = pq.read_table(store.fetch(f"runs/{RUN}/sft-data/{f.path}", f.digest, f.bytes))
         assert t.schema.equals(SFT_DATA, check_metadata=False)
         rows += t.to_pylist()
-    return [(f.path, f.sha256) for f in m.files], rows
+    return [(f.path, f.digest) for f in m.files], rows
 
 
 def test_sft_data_two_shards_lineage_and_skips(store_uri, tiny_model, tmp_path):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 
+import blake3
 import pytest
 
-from lopd.store import FileStore, IntegrityError, NotFound, StoreError, cache_dir, open_store, sha256_file
+from lopd.store import FileStore, IntegrityError, NotFound, StoreError, cache_dir, digest_bytes, file_digest, open_store
 
 
 def test_open_store_schemes(tmp_path):
@@ -28,7 +28,7 @@ def test_file_round_trip(store_uri, tmp_path):
     assert s.exists("a/b/src.bin") and not s.exists("a/b/other")
     s.get_file("a/b/src.bin", tmp_path / "out" / "copy.bin")
     assert (tmp_path / "out" / "copy.bin").read_bytes() == data
-    assert s.hash_object("a/b/src.bin") == (hashlib.sha256(data).hexdigest(), len(data))
+    assert s.hash_object("a/b/src.bin") == (digest_bytes(data), len(data))
 
 
 def test_json_bytes_list_delete(store_uri):
@@ -68,23 +68,23 @@ def test_dir_round_trip_and_streaming_read(store_uri, tmp_path):
     got = s.get_dir("pre", tmp_path / "back")
     assert sorted(p.relative_to(tmp_path / "back").as_posix() for p in got) == ["a.txt", "sub/b.bin"]
     assert (tmp_path / "back/sub/b.bin").read_bytes() == (src / "sub/b.bin").read_bytes()
-    h = hashlib.sha256()
+    h = blake3.blake3()
     with s.open("pre/sub/b.bin") as f:
         chunks = 0
         while chunk := f.read(256 * 1024):
             h.update(chunk)
             chunks += 1
-    assert chunks >= 8 and h.hexdigest() == sha256_file(src / "sub/b.bin")
+    assert chunks >= 8 and "blake3:" + h.hexdigest() == file_digest(src / "sub/b.bin")
 
 
 def test_fetch_cache_verifies(store_uri, tmp_path):
     s = open_store(store_uri)
     s.write_bytes("blob", b"payload")
-    good = hashlib.sha256(b"payload").hexdigest()
+    good = digest_bytes(b"payload")
     p = s.fetch("blob", good, 7)
-    assert p.read_bytes() == b"payload" and good in p.name
+    assert p.read_bytes() == b"payload" and p.parts[-3:] == ("blake3", good[7:9], good[7:])
     assert s.fetch("blob", good, 7) == p  # cached
-    bad = hashlib.sha256(b"other").hexdigest()
+    bad = digest_bytes(b"other")
     with pytest.raises(IntegrityError, match="does not match"):
         s.fetch("blob", bad)
     assert not list(p.parent.parent.rglob(f"*{bad}*"))  # nothing left in the cache
@@ -118,7 +118,7 @@ def _corrupt_in_place(path, data: bytes) -> None:
 def test_fetch_cache_hit_rests_on_content(store_uri):
     s = open_store(store_uri)
     s.write_bytes("blob", b"payload")
-    good = hashlib.sha256(b"payload").hexdigest()
+    good = digest_bytes(b"payload")
     p = s.fetch("blob", good, 7)
     _corrupt_in_place(p, b"PAYLOAD")  # same name, same size, same mtime, other bytes
     assert s.fetch("blob", good, 7).read_bytes() == b"payload"  # re-verified, downloaded again
@@ -127,7 +127,8 @@ def test_fetch_cache_hit_rests_on_content(store_uri):
     # when the stored object went bad too, the bad bytes are never returned
     _corrupt_in_place(p, b"PAYLOAD")
     s.write_bytes("blob", b"xayload")
-    with pytest.raises(IntegrityError, match=f"blob: sha256 [0-9a-f]{{64}} does not match the manifest's {good}"):
+    want = f"blob: digest blake3:[0-9a-f]{{64}} does not match the manifest's {good}"
+    with pytest.raises(IntegrityError, match=want):
         s.fetch("blob", good, 7)
     assert not p.exists()
 
@@ -135,20 +136,20 @@ def test_fetch_cache_hit_rests_on_content(store_uri):
 def test_open_verified_rejects_a_rewritten_object(store_uri):
     s = open_store(store_uri)
     data = os.urandom(3 * (1 << 20) + 5)
-    sha = hashlib.sha256(data).hexdigest()
+    sha = digest_bytes(data)
     other = os.urandom(len(data))  # rewritten after the record was made: same size, other bytes
     s.write_bytes("part.parquet", other)
     with pytest.raises(IntegrityError) as e:
         s.open_verified("part.parquet", sha, len(data))
     msg = str(e.value)
-    assert "\n" not in msg and "part.parquet" in msg and sha in msg and hashlib.sha256(other).hexdigest() in msg
+    assert "\n" not in msg and "part.parquet" in msg and sha in msg and digest_bytes(other) in msg
     assert not list((cache_dir() / "blobs").rglob(f"*{sha}*"))
     s.write_bytes("part.parquet", data)
     with s.open_verified("part.parquet", sha, len(data)) as f:
         assert f.seekable() and f.read() == data
     with pytest.raises(IntegrityError, match=r"short: 2 bytes, the manifest says 7"):
         s.write_bytes("short", b"ab")
-        s.open_verified("short", good_sha := hashlib.sha256(b"payload").hexdigest(), 7)
+        s.open_verified("short", good_sha := digest_bytes(b"payload"), 7)
     assert not list((cache_dir() / "blobs").rglob(f"*{good_sha}*"))  # nothing half-written is cached
 
 
@@ -186,22 +187,22 @@ def test_verified_download_in_parts_hashes_them_in_order(store_uri, monkeypatch)
     s = open_store(store_uri)
     mib = 1 << 20
     data = os.urandom(5 * mib + 3)
-    sha = hashlib.sha256(data).hexdigest()
+    sha = digest_bytes(data)
     swapped = data[mib : 2 * mib] + data[:mib] + data[2 * mib :]  # same bytes, two parts in the other order
     s.write_bytes("swapped.bin", swapped)
-    with pytest.raises(IntegrityError, match="swapped.bin: sha256"):
+    with pytest.raises(IntegrityError, match="swapped.bin: digest blake3:"):
         s.fetch("swapped.bin", sha, len(data))
     flipped = bytearray(data)
     flipped[-2] ^= 1  # one bit in the last, short part
     s.write_bytes("flipped.bin", bytes(flipped))
-    with pytest.raises(IntegrityError, match="flipped.bin: sha256"):
+    with pytest.raises(IntegrityError, match="flipped.bin: digest blake3:"):
         s.fetch("flipped.bin", sha, len(data))
     assert not [p for p in (cache_dir() / "blobs").rglob("*") if p.is_file()]
     s.write_bytes("parts.bin", data)
     with s.open_verified("parts.bin", sha, len(data)) as f:
         assert f.read() == data
     s.write_bytes("empty", b"")
-    assert s.fetch("empty", hashlib.sha256(b"").hexdigest(), 0).read_bytes() == b""
+    assert s.fetch("empty", digest_bytes(b""), 0).read_bytes() == b""
 
 
 def test_cache_hit_is_not_rehashed_until_its_signature_moves(tmp_path, monkeypatch):
@@ -209,10 +210,11 @@ def test_cache_hit_is_not_rehashed_until_its_signature_moves(tmp_path, monkeypat
 
     s = FileStore(tmp_path / "store")
     s.write_bytes("blob", b"payload")
-    good = hashlib.sha256(b"payload").hexdigest()
+    good = digest_bytes(b"payload")
     p = s.fetch("blob", good, 7)
     hashed = []
-    monkeypatch.setattr(verified, "sha256_file", lambda path: hashed.append(path) or sha256_file(path))
+    monkeypatch.setattr(verified, "file_digest",
+                        lambda path, algorithm=None: hashed.append(path) or file_digest(path, algorithm))
     for _ in range(3):
         assert s.fetch("blob", good, 7) == p
     assert hashed == []  # signature unchanged: trusted without reading the blob
@@ -226,15 +228,15 @@ def _count_hashing(monkeypatch) -> list:
     from lopd.store import local
 
     hashed: list = []
-    real = local.sha256_fd
-    monkeypatch.setattr(local, "sha256_fd", lambda fd: hashed.append(fd) or real(fd))
+    real = local.digest_fd
+    monkeypatch.setattr(local, "digest_fd", lambda fd, algorithm: hashed.append(fd) or real(fd, algorithm))
     return hashed
 
 
 def test_file_store_verified_read_is_in_place_and_registered(tmp_path, monkeypatch):
     s = FileStore(tmp_path / "store")
     data = os.urandom((1 << 20) + 9)
-    sha = hashlib.sha256(data).hexdigest()
+    sha = digest_bytes(data)
     s.write_bytes("part.bin", data)  # not hashed by anyone yet
     hashed = _count_hashing(monkeypatch)
     for _ in range(2):
@@ -253,7 +255,7 @@ def test_published_file_is_trusted_until_it_is_tampered_with(tmp_path, monkeypat
     local = tmp_path / "part.bin"
     data = os.urandom(2 * (1 << 20) + 1)
     local.write_bytes(data)
-    sha = sha256_file(local)  # the publisher hashes it for its manifest...
+    sha = file_digest(local)  # the publisher hashes it for its manifest...
     s.put_file(local, "p/part.bin")  # ...and uploads it: the copy is registered with that hash
     hashed = _count_hashing(monkeypatch)
     with s.open_verified("p/part.bin", sha, len(data)) as f:
@@ -265,7 +267,8 @@ def test_published_file_is_trusted_until_it_is_tampered_with(tmp_path, monkeypat
     bad = bytearray(data)
     bad[12345] ^= 1
     _corrupt_in_place(tmp_path / "store" / "p" / "part.bin", bytes(bad))
-    with pytest.raises(IntegrityError, match=f"part.bin: sha256 [0-9a-f]{{64}} does not match the manifest's {sha}"):
+    want = f"part.bin: digest blake3:[0-9a-f]{{64}} does not match the manifest's {sha}"
+    with pytest.raises(IntegrityError, match=want):
         s.open_verified("p/part.bin", sha, len(data))
     assert len(hashed) == 1
     # replaced by another file with other bytes: refused too
@@ -278,7 +281,7 @@ def test_publisher_file_changed_before_upload_is_not_registered(tmp_path):
     s = FileStore(tmp_path / "store")
     local = tmp_path / "part.bin"
     local.write_bytes(b"payload")
-    sha = sha256_file(local)
+    sha = file_digest(local)
     _corrupt_in_place(local, b"PAYLOAD")  # changed between the manifest's hash and the upload
     s.put_file(local, "part.bin")
     with pytest.raises(IntegrityError, match="does not match"):
@@ -291,7 +294,7 @@ def test_publisher_file_changed_before_upload_is_not_registered(tmp_path):
 def test_bytes_changed_while_being_read_are_refused_on_close(store_uri, tmp_path):
     s = open_store(store_uri)
     data = os.urandom(1 << 20)
-    sha = hashlib.sha256(data).hexdigest()
+    sha = digest_bytes(data)
     s.write_bytes("part.bin", data)
     f = s.open_verified("part.bin", sha, len(data))
     underneath = (tmp_path / "store" / "part.bin") if store_uri.startswith("file://") else s.fetch("part.bin", sha)
@@ -309,7 +312,7 @@ def test_a_second_verified_copy_never_replaces_a_blob_under_its_reader(tmp_path,
 
     s = open_store(f"s3://lopd-test/t-install-{os.getpid()}")
     data = os.urandom(1 << 16)
-    sha = hashlib.sha256(data).hexdigest()
+    sha = digest_bytes(data)
     s.write_bytes("part.bin", data)
     with s.open_verified("part.bin", sha, len(data)) as f:
         late = tmp_path / "late.part"  # what a process that also missed the cache verified meanwhile

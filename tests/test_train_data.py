@@ -14,7 +14,7 @@ import torch
 from lopd.data.schemas import PRECOMPUTE, SFT_DATA, write_table
 from lopd.layout import stage_prefix
 from lopd.manifest import publish
-from lopd.store import IntegrityError, open_store, sha256_file
+from lopd.store import IntegrityError, file_digest, open_store
 from lopd.train.data import TrainDataError, global_batch_indices, load_opd_samples, open_precompute
 from lopd.train.sft_rows import load_sft_seqs
 from tests.helpers.training import RUN, make_run, publish_precompute, run_job
@@ -160,7 +160,7 @@ def test_a_part_rewritten_after_publishing_is_refused(tmp_path):
     with pytest.raises(IntegrityError) as e:
         _load(uri)
     msg = str(e.value)
-    assert "\n" not in msg and "shards/1-of-2/part-00000.parquet" in msg and sha256_file(part) in msg
+    assert "\n" not in msg and "shards/1-of-2/part-00000.parquet" in msg and file_digest(part) in msg
 
 
 def test_duplicate_rows_name_both(tmp_path):

@@ -179,7 +179,7 @@ class VerifyError(LopdError):
 def verify_cmd(path: str) -> None:
     """Rehash every file of PATH (a local directory or file:// URI) against its MANIFEST.json.
 
-    Prints one line per file that is missing, has another size or sha256, or is not listed,
+    Prints one line per file that is missing, has another size or content digest, or is not listed,
     and exits 2 when there is any; prints 'ok' otherwise."""
     from lopd.fingerprint import verify_local
 

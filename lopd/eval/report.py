@@ -174,7 +174,7 @@ def write_report(summary: dict, out_dir: str | Path) -> list[Path]:
 
 def read_eval_rows(store, stage_prefix: str) -> tuple[list[dict], dict]:
     """All per-sample rows of a published eval stage and its manifest's lineage; each part file
-    is read from a copy verified against the manifest's sha256 and size."""
+    is read from a copy verified against the manifest's digest and size."""
     import pyarrow.parquet as pq
 
     from lopd.manifest import ManifestError, read_manifest
@@ -186,7 +186,7 @@ def read_eval_rows(store, stage_prefix: str) -> tuple[list[dict], dict]:
     rows: list[dict] = []
     for f in m.files:
         if f.path.endswith(".parquet"):
-            with store.open_verified(f"{stage_prefix}/{f.path}", f.sha256, f.bytes) as fh:
+            with store.open_verified(f"{stage_prefix}/{f.path}", f.digest, f.bytes) as fh:
                 rows.extend(pq.read_table(fh).to_pylist())
     return rows, m.lineage
 

@@ -7,10 +7,14 @@
   with botocore's retry modes. Endpoint and credentials come from the standard AWS environment
   only (``AWS_ENDPOINT_URL``, the credential chain, IRSA); nothing here reads them from a recipe.
 - Everything streams: hashing, uploading and downloading never hold a whole file in memory.
-- :meth:`Store.open_verified` hands a reader bytes verified against a manifest's sha256 and
+- Content is named by a digest, ``blake3:<hex>`` (``sha256:<hex>`` from older manifests is
+  still verified): :mod:`lopd.store.common`.
+- :meth:`Store.open_verified` hands a reader bytes verified against a manifest's digest and
   size, its stat signature checked again on close. S3 objects are streamed once into a local
-  cache keyed by sha256 (parallel ranged GETs, the copy hashed in order while later ranges
-  land: :meth:`Store.fetch`); a file store's files are verified and read in place. What was
+  cache keyed by digest (parallel ranged GETs, the copy hashed in order while later ranges
+  land: :meth:`Store.fetch`); a file store's files are verified and read in place.
+  :meth:`Store.stream_verified` is the sequential form: bytes hashed as they are read and
+  refused at the end of the stream when they differ (no copy, no pass before). What was
   verified is registered under its stat signature (size, mtime_ns, ctime_ns, inode, device)
   and trusted without rereading until that signature moves; a file the publisher hashed and
   uploaded to a file store on this machine is registered from the start.
@@ -28,19 +32,23 @@ from pathlib import Path
 
 from lopd.store.base import Store
 from lopd.store.common import (
+    ALGORITHM,
     CHUNK,
+    DIGEST_PATTERN,
     IntegrityError,
     NotFound,
     ObjectInfo,
     StoreError,
+    algorithm_of,
     cache_dir,
     clean_key,
     copy_hashing,
-    sha256_stream,
+    digest_bytes,
+    digest_stream,
     stat_signature,
 )
 from lopd.store.local import FileStore
-from lopd.store.verified import sha256_file
+from lopd.store.verified import file_digest
 
 
 def open_store(uri: str | Path) -> Store:
@@ -66,6 +74,7 @@ def is_store_uri(ref: str) -> bool:
 
 
 __all__ = [
-    "CHUNK", "FileStore", "IntegrityError", "NotFound", "ObjectInfo", "Store", "StoreError", "cache_dir",
-    "clean_key", "copy_hashing", "is_store_uri", "open_store", "sha256_file", "sha256_stream", "stat_signature",
+    "ALGORITHM", "CHUNK", "DIGEST_PATTERN", "FileStore", "IntegrityError", "NotFound", "ObjectInfo", "Store",
+    "StoreError", "algorithm_of", "cache_dir", "clean_key", "copy_hashing", "digest_bytes", "digest_stream",
+    "file_digest", "is_store_uri", "open_store", "stat_signature",
 ]

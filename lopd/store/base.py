@@ -3,10 +3,12 @@
 - Keys are ``/``-separated paths relative to the store root (the URI given to
   :func:`lopd.store.open_store`); :func:`clean_key` rejects ``.`` and ``..`` parts.
 - Everything streams: hashing, uploading and downloading never hold a whole file in memory.
-- :meth:`Store.fetch` streams an object once into a local cache keyed by sha256, hashing it on
-  the way (overlapped with the transfer: :func:`~lopd.store.verified.fill_hashing`);
+- :meth:`Store.fetch` streams an object once into a local cache keyed by its digest, hashing
+  it on the way (overlapped with the transfer: :func:`~lopd.store.verified.fill_hashing`);
   :meth:`Store.open_verified` hands readers that verified copy, checked again on close. A
   cache hit rests on content (see :mod:`lopd.store.verified`).
+- :meth:`Store.stream_verified` is the sequential verified read: the object's own stream,
+  hashed as it is read, refused at its end when it differs (no copy, no extra pass).
 
 Errors, keys and hashing live in :mod:`lopd.store.common`, the signature registry and the cache
 in :mod:`lopd.store.verified`; their names are re-exported here for older imports. The
@@ -22,31 +24,34 @@ from pathlib import Path
 from typing import IO, Any
 
 from lopd.store.common import (
+    ALGORITHM,
     CHUNK,
     IntegrityError,
     NotFound,
     ObjectInfo,
     StoreError,
+    algorithm_of,
     cache_dir,
     clean_key,
     copy_hashing,
+    digest_stream,
     pwrite_all,
-    sha256_stream,
     signature_of,
     stat_signature,
 )
 from lopd.store.verified import (
     blob_path,
     cache_hit,
+    file_digest,
     fill_hashing,
     open_blob,
     record_verified,
-    sha256_file,
+    stream_verified,
 )
 
 __all__ = [
     "CHUNK", "IntegrityError", "NotFound", "ObjectInfo", "Store", "StoreError", "cache_dir", "clean_key",
-    "copy_hashing", "fill_hashing", "pwrite_all", "sha256_file", "sha256_stream", "stat_signature",
+    "copy_hashing", "digest_stream", "file_digest", "fill_hashing", "pwrite_all", "stat_signature",
 ]
 
 
@@ -131,64 +136,79 @@ class Store:
     def check_within(self, key: str) -> None:
         """Raise :class:`StoreError` when ``key`` lies outside this store (a no-op where keys cannot)."""
 
-    def _stream_into(self, key: str, dest: Path) -> tuple[str, int]:
-        """Stream ``key`` into the local file ``dest`` in one pass; returns its sha256 and size
+    def _stream_into(self, key: str, dest: Path, algorithm: str) -> tuple[str, int]:
+        """Stream ``key`` into the local file ``dest`` in one pass; returns its digest and size
         (a backend may retry the whole pass)."""
         with self.open(key) as src, open(dest, "wb") as out:
-            return copy_hashing(src, out)
+            return copy_hashing(src, out, algorithm)
 
-    def _copy_verified(self, key: str, dest: Path, sha256: str, size: int | None) -> None:
-        """Copy ``key`` into ``dest``, hashing as it streams, then check the hash and size."""
-        got, n = self._stream_into(key, dest)
-        if size is not None and n != size:
-            raise IntegrityError(f"{self.url(key)}: {n} bytes, the manifest says {size} "
-                                 f"(sha256 {got}, the manifest's {sha256})")
-        if got != sha256:
-            raise IntegrityError(f"{self.url(key)}: sha256 {got} does not match the manifest's {sha256}")
+    def _copy_verified(self, key: str, dest: Path, digest: str, size: int | None) -> None:
+        """Copy ``key`` into ``dest``, hashing as it streams, then check the digest and size."""
+        got, n = self._stream_into(key, dest, algorithm_of(digest))
+        check_digest(self.url(key), got, n, digest, size)
 
-    def fetch(self, key: str, sha256: str, size: int | None = None) -> Path:
-        """A verified local copy of ``key`` in the sha256-keyed cache; returns its path.
+    def fetch(self, key: str, digest: str, size: int | None = None) -> Path:
+        """A verified local copy of ``key`` in the digest-keyed cache; returns its path.
 
         A miss streams the object once into the cache, hashed as it lands (no second read), and
-        raises :class:`IntegrityError` naming the file and both hashes (or sizes) on a mismatch;
+        raises :class:`IntegrityError` naming the file and both digests (or sizes) on a mismatch;
         nothing is left in the cache then. A hit rests on content, not on the name: a verified
         blob's :func:`stat_signature` is registered (:mod:`lopd.store.verified`), and a hit whose
         signature differs (written, touched, replaced or hard-linked since) is re-hashed; a blob
         that no longer matches is dropped and downloaded again. An unchanged hit is not re-read.
         """
-        return self._fetch(key, sha256, size)[0]
+        return self._fetch(key, digest, size)[0]
 
-    def _fetch(self, key: str, sha256: str, size: int | None) -> tuple[Path, list[int]]:
+    def _fetch(self, key: str, digest: str, size: int | None) -> tuple[Path, list[int]]:
         """:meth:`fetch`, with the signature the blob was verified under."""
-        dest = blob_path(sha256)
-        if (sig := cache_hit(dest, sha256, size)) is not None:
+        dest = blob_path(digest)
+        if (sig := cache_hit(dest, digest, size)) is not None:
             return dest, sig
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
         try:
-            self._copy_verified(key, tmp, sha256, size)
+            self._copy_verified(key, tmp, digest, size)
             ours = _install(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
         if not ours:  # another process verified and installed the object meanwhile
-            if (sig := cache_hit(dest, sha256, size)) is not None:
+            if (sig := cache_hit(dest, digest, size)) is not None:
                 return dest, sig
-            return self._fetch(key, sha256, size)
+            return self._fetch(key, digest, size)
         st = os.stat(dest)
-        record_verified(st, sha256)
+        record_verified(st, digest)
         return dest, signature_of(st)
 
-    def open_verified(self, key: str, sha256: str, size: int | None = None) -> IO[bytes]:
-        """A seekable local binary file holding ``key``'s bytes, verified against ``sha256`` and
+    def open_verified(self, key: str, digest: str, size: int | None = None) -> IO[bytes]:
+        """A seekable local binary file holding ``key``'s bytes, verified against ``digest`` and
         ``size`` before it is returned (the cached copy of :meth:`fetch`, for the base
         implementation); its stat signature is checked again on close, and a change raises
-        :class:`IntegrityError` then (:class:`~lopd.store.verified.VerifiedFile`). Close it."""
-        return open_blob(*self._fetch(key, sha256, size))
+        :class:`IntegrityError` then (:class:`~lopd.store.verified.VerifiedFile`). Close it.
+        For readers that need random access (parquet); a sequential reader takes
+        :meth:`stream_verified`."""
+        return open_blob(*self._fetch(key, digest, size))
 
-    def hash_object(self, key: str) -> tuple[str, int]:
-        """sha256 and size of a stored object, streamed."""
+    def stream_verified(self, key: str, digest: str, size: int | None = None) -> IO[bytes]:
+        """``key``'s bytes as a sequential stream, hashed as they are read; the read that reaches
+        the end (or ``close`` before it) raises :class:`IntegrityError` when they differ from
+        ``digest`` or ``size`` (:class:`~lopd.store.verified.StreamVerified`). Whoever reads it
+        must publish nothing before the stream has ended: a stage reads its inputs before it
+        publishes. Close it."""
+        return stream_verified(self.open(key), digest, size, self.url(key))
+
+    def hash_object(self, key: str, algorithm: str | None = None) -> tuple[str, int]:
+        """Digest and size of a stored object, streamed."""
         with self.open(key) as f:
-            return sha256_stream(f)
+            return digest_stream(f, algorithm or ALGORITHM)
+
+
+def check_digest(where: str, got: str, n: int, want: str, size: int | None) -> None:
+    """Raise :class:`IntegrityError` naming ``where`` and both digests (or sizes) when ``got``
+    (``n`` bytes) is not ``want`` (``size`` bytes)."""
+    if size is not None and n != size:
+        raise IntegrityError(f"{where}: {n} bytes, the manifest says {size} (digest {got}, the manifest's {want})")
+    if got != want:
+        raise IntegrityError(f"{where}: digest {got} does not match the manifest's {want}")
 
 
 def _install(tmp: Path, dest: Path) -> bool:

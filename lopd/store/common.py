@@ -1,4 +1,9 @@
-"""The store's leaf module: errors, object info, keys, streamed hashing and the stat signature.
+"""The store's leaf module: errors, object info, keys, content digests and the stat signature.
+
+A **digest** names content as ``<algorithm>:<hex>``. New files are hashed with BLAKE3
+(:data:`ALGORITHM`; about 4x sha256's speed on one core here, so verifying a read costs a
+fraction of the read); ``sha256:<hex>`` digests, which manifests of older lopd versions record,
+are still verified with sha256.
 
 It imports nothing else from :mod:`lopd.store`; :mod:`lopd.store.verified` (the signature
 registry and the cache) and :mod:`lopd.store.base` (:class:`~lopd.store.base.Store`) build on it.
@@ -27,7 +32,7 @@ class NotFound(StoreError):
 
 
 class IntegrityError(StoreError):
-    """Content does not match its recorded sha256 or size."""
+    """Content does not match its recorded digest or size."""
 
 
 @dataclass(frozen=True)
@@ -36,35 +41,80 @@ class ObjectInfo:
     size: int
 
 
-def sha256_stream(f: IO[bytes]) -> tuple[str, int]:
-    """sha256 and byte count of a readable stream."""
-    h, n = hashlib.sha256(), 0
+ALGORITHM = "blake3"
+"""The algorithm of every digest lopd writes."""
+ALGORITHMS = ("blake3", "sha256")
+DIGEST_PATTERN = r"^(blake3|sha256):[0-9a-f]{64}$"
+
+
+def new_hasher(algorithm: str = ALGORITHM):
+    """A fresh hasher (``update``/``hexdigest``) for ``algorithm``; both release the GIL while
+    hashing a large buffer, so a hashing thread overlaps reads and writes."""
+    if algorithm == "blake3":
+        import blake3
+
+        return blake3.blake3(max_threads=1)
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise ValueError(f"unknown digest algorithm {algorithm!r} (one of {', '.join(ALGORITHMS)})")
+
+
+def algorithm_of(digest: str) -> str:
+    """The algorithm a digest ``<algorithm>:<hex>`` names; raises :class:`ValueError` otherwise."""
+    algorithm, sep, hexpart = digest.partition(":")
+    if not sep or algorithm not in ALGORITHMS or len(hexpart) != 64:
+        raise ValueError(f"not a content digest: {digest!r} (expected <{'|'.join(ALGORITHMS)}>:<64 hex>)")
+    return algorithm
+
+
+def finish(hasher, algorithm: str) -> str:
+    return f"{algorithm}:{hasher.hexdigest()}"
+
+
+def digest_bytes(data: bytes, algorithm: str = ALGORITHM) -> str:
+    """Digest of ``data`` held in memory."""
+    h = new_hasher(algorithm)
+    h.update(data)
+    return finish(h, algorithm)
+
+
+def digest_stream(f: IO[bytes], algorithm: str = ALGORITHM) -> tuple[str, int]:
+    """Digest and byte count of a readable stream."""
+    h, n = new_hasher(algorithm), 0
     while chunk := f.read(CHUNK):
         h.update(chunk)
         n += len(chunk)
-    return h.hexdigest(), n
+    return finish(h, algorithm), n
 
 
-def sha256_fd(fd: int) -> tuple[str, int]:
-    """sha256 and byte count of the open file ``fd`` from offset 0 (positional reads: the fd's
-    offset does not move), streamed in 1 MiB chunks with sequential read-ahead advised."""
+def digest_fd(fd: int, algorithm: str = ALGORITHM) -> tuple[str, int]:
+    """Digest and byte count of the open file ``fd`` from offset 0 (positional reads: the fd's
+    offset does not move), streamed in 1 MiB chunks with sequential read-ahead advised; each
+    chunk is hashed on a second thread while the next is read."""
     if hasattr(os, "posix_fadvise"):
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except OSError:
             pass
-    h, n, buf = hashlib.sha256(), 0, memoryview(bytearray(CHUNK))
-    while got := os.preadv(fd, [buf], n):
-        h.update(buf[:got])
-        n += got
-    return h.hexdigest(), n
+    h, n, pending = new_hasher(algorithm), 0, None
+    bufs = [memoryview(bytearray(CHUNK)), memoryview(bytearray(CHUNK))]
+    with ThreadPoolExecutor(1, thread_name_prefix="lopd-hash") as hasher:  # hash one buffer, fill the other
+        while got := os.preadv(fd, [bufs[0]], n):
+            if pending is not None:
+                pending.result()
+            pending = hasher.submit(h.update, bufs[0][:got])
+            n += got
+            bufs.reverse()
+        if pending is not None:
+            pending.result()
+    return finish(h, algorithm), n
 
 
-def copy_hashing(src: IO[bytes], dst: IO[bytes]) -> tuple[str, int]:
-    """Copy ``src`` to ``dst``; returns the sha256 and byte count of what passed, each chunk hashed
-    on a second thread (hashlib releases the GIL) while the next is read and written."""
-    h, n, pending = hashlib.sha256(), 0, None
-    with ThreadPoolExecutor(1, thread_name_prefix="lopd-sha256") as hasher:
+def copy_hashing(src: IO[bytes], dst: IO[bytes], algorithm: str = ALGORITHM) -> tuple[str, int]:
+    """Copy ``src`` to ``dst``; returns the digest and byte count of what passed, each chunk hashed
+    on a second thread while the next is read and written."""
+    h, n, pending = new_hasher(algorithm), 0, None
+    with ThreadPoolExecutor(1, thread_name_prefix="lopd-hash") as hasher:
         while chunk := src.read(CHUNK):
             dst.write(chunk)
             n += len(chunk)
@@ -73,7 +123,7 @@ def copy_hashing(src: IO[bytes], dst: IO[bytes]) -> tuple[str, int]:
             pending = hasher.submit(h.update, chunk)
         if pending is not None:
             pending.result()
-    return h.hexdigest(), n
+    return finish(h, algorithm), n
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

@@ -4,11 +4,12 @@ Writes are atomic per object: each goes through a temp file (``.<name>.*.part``,
 ``os.replace``, so a reader never sees a partial object. Deletes never follow a symlink out of
 the root (:meth:`FileStore.delete`).
 
-Verified reads happen in place (:meth:`FileStore.open_verified`): a store file is hashed once,
+Verified reads happen in place (:meth:`FileStore.open_verified`, :meth:`FileStore.stream_verified`):
+a store file is hashed once (as it is read, for a sequential reader),
 its stat signature registered (:mod:`lopd.store.verified`), and read directly, its signature
 checked when opened and again on close. A file uploaded by :meth:`FileStore.put_file` from a
 local file whose registered signature did not move during the copy (a file the publisher just
-hashed for its manifest) is registered with that hash, so its first verified read here rehashes
+hashed for its manifest) is registered with that digest, so its first verified read here rehashes
 nothing.
 """
 
@@ -22,19 +23,19 @@ import uuid
 from pathlib import Path
 from typing import IO
 
-from lopd.store.base import Store
+from lopd.store.base import Store, check_digest
 from lopd.store.common import (
     CHUNK,
-    IntegrityError,
     NotFound,
     ObjectInfo,
     StoreError,
+    algorithm_of,
     clean_key,
+    digest_fd,
     pwrite_all,
-    sha256_fd,
     signature_of,
 )
-from lopd.store.verified import fill_hashing, open_checked, record_verified, registered_sha256
+from lopd.store.verified import fill_hashing, open_checked, record_verified, registered_digest, stream_verified
 
 
 class FileStore(Store):
@@ -71,15 +72,15 @@ class FileStore(Store):
 
     def put_file(self, local: str | Path, key: str) -> None:
         """Copy ``local`` to ``key`` atomically. When ``local``'s signature is registered with a
-        sha256 (:func:`lopd.store.sha256_file` hashed it) and is still the same after the copy,
-        the copy holds exactly those bytes and is registered with that sha256 too."""
+        digest (:func:`lopd.store.file_digest` hashed it) and is still the same after the copy,
+        the copy holds exactly those bytes and is registered with that digest too."""
         try:
             src = open(local, "rb")
         except FileNotFoundError:
             raise StoreError(f"upload to {self.url(key)}: local file not found: {local}") from None
         with src:
             before = os.fstat(src.fileno())
-            known = registered_sha256(before)
+            known = registered_digest(before)
 
             def published(fd: int) -> None:
                 if known is not None and signature_of(os.fstat(src.fileno())) == signature_of(before):
@@ -106,9 +107,10 @@ class FileStore(Store):
         except (FileNotFoundError, IsADirectoryError):
             raise NotFound(f"not found: {self.url(key)}") from None
 
-    def _stream_into(self, key: str, dest: Path) -> tuple[str, int]:
-        """Copy ``key`` into ``dest``; returns the sha256 and size of ``dest``. A store file whose
-        signature is registered, and unchanged once the copy is done, is copied without hashing
+    def _stream_into(self, key: str, dest: Path, algorithm: str) -> tuple[str, int]:
+        """Copy ``key`` into ``dest``; returns the digest and size of ``dest``. A store file whose
+        signature is registered (with a digest of ``algorithm``), and unchanged once the copy is
+        done, is copied without hashing
         (``dest`` holds the registered bytes); any other is copied a range ahead of the hashing
         of ``dest`` (:func:`fill_hashing`)."""
         try:
@@ -118,7 +120,8 @@ class FileStore(Store):
         with src:
             before = os.fstat(src.fileno())
             size = before.st_size
-            if (known := registered_sha256(before)) is not None:
+            known = registered_digest(before)
+            if known is not None and algorithm_of(known) == algorithm:
                 with open(dest, "wb") as out:
                     _copy_range(src.fileno(), out.fileno(), 0, size)
                 if signature_of(os.fstat(src.fileno())) == signature_of(before):
@@ -127,12 +130,12 @@ class FileStore(Store):
             def fill(fd: int, start: int, end: int) -> None:
                 _copy_range(src.fileno(), fd, start, end)
 
-            return fill_hashing(dest, size, fill, 16 << 20, 1)
+            return fill_hashing(dest, size, fill, 16 << 20, 1, algorithm)
 
-    def open_verified(self, key: str, sha256: str, size: int | None = None) -> IO[bytes]:
+    def open_verified(self, key: str, digest: str, size: int | None = None) -> IO[bytes]:
         """The store file itself, opened and verified in place: trusted without reading when its
-        signature (taken on the open file) is registered with ``sha256``, else hashed once and
-        registered. A mismatch raises :class:`IntegrityError` naming the file and both hashes
+        signature (taken on the open file) is registered with ``digest``, else hashed once and
+        registered. A mismatch raises :class:`IntegrityError` naming the file and both digests
         (or sizes); the signature is checked again on close, and a change raises then. A file
         that changes while it is being hashed is read through the cache instead (a private,
         verified copy: :meth:`Store.open_verified`)."""
@@ -141,33 +144,50 @@ class FileStore(Store):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"not found: {self.url(key)}") from None
         try:
-            sig = self._verify_in_place(fd, key, sha256, size)
+            sig = self._verify_in_place(fd, key, digest, size)
         except BaseException:
             os.close(fd)
             raise
         if sig is None:
             os.close(fd)
-            return super().open_verified(key, sha256, size)
+            return super().open_verified(key, digest, size)
         return open_checked(fd, sig, self.url(key))
 
-    def _verify_in_place(self, fd: int, key: str, sha256: str, size: int | None) -> list[int] | None:
-        """The signature under which the open store file ``fd`` holds ``sha256``'s bytes (None when
+    def stream_verified(self, key: str, digest: str, size: int | None = None) -> IO[bytes]:
+        """The store file as a sequential stream: read in place and checked on close when its
+        signature is registered with ``digest`` (nothing to hash), else hashed as it is read
+        (:meth:`Store.stream_verified`)."""
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"not found: {self.url(key)}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotFound(f"not found: {self.url(key)}")
+            if registered_digest(st) == digest and (size is None or st.st_size == size):
+                return open_checked(fd, signature_of(st), self.url(key))
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            return stream_verified(open(fd, "rb", buffering=0), digest, size, self.url(key))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _verify_in_place(self, fd: int, key: str, digest: str, size: int | None) -> list[int] | None:
+        """The signature under which the open store file ``fd`` holds ``digest``'s bytes (None when
         it changed while being hashed); raises :class:`IntegrityError` when it does not hold them."""
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise NotFound(f"not found: {self.url(key)}")
-        if registered_sha256(st) == sha256 and (size is None or st.st_size == size):
+        if registered_digest(st) == digest and (size is None or st.st_size == size):
             return signature_of(st)
-        got, n = sha256_fd(fd)
-        if size is not None and n != size:
-            raise IntegrityError(f"{self.url(key)}: {n} bytes, the manifest says {size} "
-                                 f"(sha256 {got}, the manifest's {sha256})")
-        if got != sha256:
-            raise IntegrityError(f"{self.url(key)}: sha256 {got} does not match the manifest's {sha256}")
+        got, n = digest_fd(fd, algorithm_of(digest))
+        check_digest(self.url(key), got, n, digest, size)
         after = os.fstat(fd)
         if signature_of(after) != signature_of(st):
             return None
-        record_verified(after, sha256)
+        record_verified(after, digest)
         return signature_of(after)
 
     def write_bytes(self, key: str, data: bytes) -> None:

@@ -90,14 +90,14 @@ class S3Store(Store):
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _stream_into(self, key: str, dest: Path) -> tuple[str, int]:
-        return self._transfer("download of", key, lambda: self._ranged_into(key, dest))
+    def _stream_into(self, key: str, dest: Path, algorithm: str) -> tuple[str, int]:
+        return self._transfer("download of", key, lambda: self._ranged_into(key, dest, algorithm))
 
-    def _ranged_into(self, key: str, dest: Path) -> tuple[str, int]:
+    def _ranged_into(self, key: str, dest: Path, algorithm: str) -> tuple[str, int]:
         """Download ``key`` into ``dest`` as parallel ranged GETs (``LOPD_S3_CONCURRENCY`` at a time,
         ``LOPD_S3_PART_MB`` each) while this thread hashes the file in order behind them
         (:func:`fill_hashing`: the hash overlaps the download instead of following it, and covers
-        the bytes of ``dest`` itself); returns its sha256 and size. A range that comes back short
+        the bytes of ``dest`` itself); returns its digest and size. A range that comes back short
         fails the transfer; an object replaced meanwhile fails the caller's hash check."""
         full = self._key(key)
         size = self.client.head_object(Bucket=self.bucket, Key=full)["ContentLength"]
@@ -113,7 +113,7 @@ class S3Store(Store):
                 raise StoreError(f"download of {self.url(key)} failed: bytes {start}-{end - 1} came back short")
 
         cfg = transfer_config()
-        return fill_hashing(dest, size, fill, cfg.multipart_chunksize, cfg.max_concurrency)
+        return fill_hashing(dest, size, fill, cfg.multipart_chunksize, cfg.max_concurrency, algorithm)
 
     def open(self, key: str) -> IO[bytes]:
         try:

@@ -1,24 +1,27 @@
-"""Read verification: the verified-signature registry, the sha256-keyed cache and checked readers.
+"""Read verification: the verified-signature registry, the digest-keyed cache and checked readers.
 
 - The **registry** (``$LOPD_CACHE/verified/<device>-<inode>``) records, for a local file whose
-  sha256 was computed (or whose bytes were copied from such a file unchanged), that sha256
+  digest was computed (or whose bytes were copied from such a file unchanged), that digest
   together with the file's :func:`~lopd.store.common.stat_signature` (size, mtime_ns,
-  ctime_ns, inode, device). :func:`registered_sha256` trusts an entry only while the file's
+  ctime_ns, inode, device). :func:`registered_digest` trusts an entry only while the file's
   current signature is exactly the recorded one: any write, touch, rename, replacement or
   new hard link moves ``ctime_ns`` or the inode, and the file is hashed again.
-  :func:`sha256_file` records every hash it takes of a file that did not change while it was
+  :func:`file_digest` records every hash it takes of a file that did not change while it was
   read, so a file hashed by its publisher (a stage's part, a manifest's listed file) is known.
-- The **cache** holds verified copies under ``$LOPD_CACHE/blobs/<sha[:2]>/<sha>``
+- The **cache** holds verified copies under ``$LOPD_CACHE/blobs/<algorithm>/<hex[:2]>/<hex>``
   (:func:`cache_hit`); a blob is a registry entry like any other file.
-- :class:`VerifiedFile` is what a verified read hands out: a local file whose signature is
-  checked again on close, so bytes changed under a reader are refused (:class:`IntegrityError`)
-  even when the reader already holds them.
+- :class:`VerifiedFile` is what a seekable verified read hands out: a local file whose
+  signature is checked again on close, so bytes changed under a reader are refused
+  (:class:`IntegrityError`) even when the reader already holds them.
+- :class:`StreamVerified` is the sequential verified read: the bytes are hashed on a second
+  thread as the reader takes them, and the end of the stream (or ``close``) raises
+  :class:`IntegrityError` when they differ from the manifest's, so nothing that used them
+  publishes. No copy and no pass before the read.
 - :func:`fill_hashing` writes a copy in ranges on worker threads while hashing it in order.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import stat
@@ -26,14 +29,19 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import IO
 
 from lopd.store.common import (
+    ALGORITHM,
     CHUNK,
     IntegrityError,
     StoreError,
+    algorithm_of,
     cache_dir,
-    sha256_fd,
-    sha256_stream,
+    digest_fd,
+    digest_stream,
+    finish,
+    new_hasher,
     signature_of,
 )
 
@@ -42,8 +50,8 @@ def _entry(st: os.stat_result) -> Path:
     return cache_dir() / "verified" / f"{st.st_dev}-{st.st_ino}"
 
 
-def record_verified(st: os.stat_result, sha256: str) -> None:
-    """Record that the file ``st`` describes (its current signature) holds ``sha256``'s bytes.
+def record_verified(st: os.stat_result, digest: str) -> None:
+    """Record that the file ``st`` describes (its current signature) holds ``digest``'s bytes.
 
     Call it only with a signature taken after the bytes were hashed (or copied from a file
     whose registered signature did not move meanwhile). Atomic; a read-only cache only costs
@@ -53,43 +61,46 @@ def record_verified(st: os.stat_result, sha256: str) -> None:
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex}.part")
-        tmp.write_text(" ".join([sha256, *map(str, signature_of(st))]))
+        tmp.write_text(" ".join([digest, *map(str, signature_of(st))]))
         os.replace(tmp, entry)
     except OSError:
         pass
 
 
-def registered_sha256(st: os.stat_result) -> str | None:
-    """The sha256 registered for the file ``st`` describes, if its signature is exactly the one
+def registered_digest(st: os.stat_result) -> str | None:
+    """The digest registered for the file ``st`` describes, if its signature is exactly the one
     recorded with it; else None."""
     try:
-        sha, *sig = _entry(st).read_text().split()
+        digest, *sig = _entry(st).read_text().split()
     except (OSError, ValueError):
         return None
-    return sha if sig == [str(x) for x in signature_of(st)] else None
+    return digest if sig == [str(x) for x in signature_of(st)] else None
 
 
-def sha256_file(path: str | Path) -> str:
-    """sha256 of a local file, streamed in 1 MiB chunks; a regular file that did not change
-    while it was read is recorded in the registry under its signature."""
+def file_digest(path: str | Path, algorithm: str | None = None) -> str:
+    """Digest (``<algorithm>:<hex>``, BLAKE3 unless ``algorithm`` says otherwise) of a local
+    file, streamed in 1 MiB chunks; a regular file that did not change while it was read is
+    recorded in the registry under its signature."""
+    algorithm = algorithm or ALGORITHM
     with open(path, "rb", buffering=0) as f:
         before = os.fstat(f.fileno())
         if not stat.S_ISREG(before.st_mode):
-            return sha256_stream(f)[0]
-        sha, _ = sha256_fd(f.fileno())
+            return digest_stream(f, algorithm)[0]
+        digest, _ = digest_fd(f.fileno(), algorithm)
         after = os.fstat(f.fileno())
     if signature_of(after) == signature_of(before):
-        record_verified(after, sha)
-    return sha
+        record_verified(after, digest)
+    return digest
 
 
-def blob_path(sha256: str) -> Path:
-    return cache_dir() / "blobs" / sha256[:2] / sha256
+def blob_path(digest: str) -> Path:
+    algorithm, hexpart = algorithm_of(digest), digest.partition(":")[2]
+    return cache_dir() / "blobs" / algorithm / hexpart[:2] / hexpart
 
 
-def cache_hit(blob: Path, sha256: str, size: int | None) -> list[int] | None:
-    """The signature under which the cached ``blob`` is known to hold ``sha256``'s bytes: trusted
-    without reading when its signature is registered with ``sha256``, else re-hashed (and then
+def cache_hit(blob: Path, digest: str, size: int | None) -> list[int] | None:
+    """The signature under which the cached ``blob`` is known to hold ``digest``'s bytes: trusted
+    without reading when its signature is registered with ``digest``, else re-hashed (and then
     trusted only if it did not change meanwhile). None on a miss; a blob that does not match
     is removed."""
     try:
@@ -99,9 +110,9 @@ def cache_hit(blob: Path, sha256: str, size: int | None) -> list[int] | None:
     if size is not None and st.st_size != size:
         blob.unlink(missing_ok=True)
         return None
-    if registered_sha256(st) == sha256:
+    if registered_digest(st) == digest:
         return signature_of(st)
-    if sha256_file(blob) != sha256:
+    if file_digest(blob, algorithm_of(digest)) != digest:
         blob.unlink(missing_ok=True)
         return None
     try:
@@ -152,12 +163,93 @@ def open_blob(blob: Path, signature: list[int]) -> io.BufferedReader:
         raise
 
 
+class StreamVerified(io.RawIOBase):
+    """A sequential reader of ``src`` verified against ``digest`` and ``size`` as it is read: each
+    chunk is handed out as the very ``bytes`` object ``src`` returned (immutable, so no copy)
+    and hashed on a second thread while the reader works on it and the next chunk is read. The
+    read that reaches the end raises :class:`IntegrityError` (naming ``what`` and both digests
+    or sizes) instead of returning ``b""`` when the bytes differ, and so does :meth:`close`
+    before the end: it reads and hashes the rest first, so a reader that stopped early still
+    learns whether what it took was intact. Not seekable. Use it in a ``with`` block."""
+
+    def __init__(self, src: IO[bytes], digest: str, size: int | None, what: str):
+        super().__init__()
+        self._src, self._want, self._size, self._what = src, digest, size, what
+        self._algorithm = algorithm_of(digest)
+        self._hasher, self._n, self._pending, self._done = new_hasher(self._algorithm), 0, None, False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lopd-verify")
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return self.readall()
+        chunk = self._src.read(n) if n else b""
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+        if not chunk:
+            if n:
+                self._check()
+            return b""
+        if self._size is not None and self._n + len(chunk) > self._size:
+            self._fail(f"more than the manifest's {self._size} bytes")
+        self._n += len(chunk)
+        self._pending = self._pool.submit(self._hasher.update, chunk)
+        return chunk
+
+    def readall(self) -> bytes:
+        parts = []
+        while chunk := self.read(CHUNK):
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def readinto(self, b) -> int:
+        chunk = self.read(len(memoryview(b)))
+        memoryview(b).cast("B")[: len(chunk)] = chunk
+        return len(chunk)
+
+    def _fail(self, why: str) -> None:
+        self._done = True
+        raise IntegrityError(f"{self._what}: {why}; refusing what was read")
+
+    def _check(self) -> None:
+        if self._done:
+            return
+        got = finish(self._hasher, self._algorithm)
+        if self._size is not None and self._n != self._size:
+            self._fail(f"{self._n} bytes, the manifest says {self._size} (digest {got}, the manifest's {self._want})")
+        if got != self._want:
+            self._fail(f"digest {got} does not match the manifest's {self._want}")
+        self._done = True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if not self._done:
+                while self.read(CHUNK):
+                    pass
+        finally:
+            if self._pending is not None:
+                self._pending.cancel()
+            self._pool.shutdown()
+            self._src.close()
+            super().close()
+
+
+def stream_verified(src: IO[bytes], digest: str, size: int | None, what: str) -> StreamVerified:
+    """A :class:`StreamVerified` over ``src`` (which it closes)."""
+    return StreamVerified(src, digest, size, what)
+
+
 def fill_hashing(dest: Path, size: int, fill: Callable[[int, int, int], None], part: int,
-                 workers: int) -> tuple[str, int]:
+                 workers: int, algorithm: str = ALGORITHM) -> tuple[str, int]:
     """Write ``dest`` (``size`` bytes) in ``part``-sized ranges, each by ``fill(fd, start, end)`` on
     one of ``workers`` threads, while this thread hashes the file in order as each range lands
-    (read back from the page cache: the hash covers ``dest`` itself). Returns its sha256 and size."""
-    h, buf = hashlib.sha256(), memoryview(bytearray(CHUNK))
+    (read back from the page cache: the hash covers ``dest`` itself). Returns its digest and size."""
+    h, buf = new_hasher(algorithm), memoryview(bytearray(CHUNK))
     ranges = [(start, min(size, start + part)) for start in range(0, size, part)]
     with open(dest, "wb+") as out, ThreadPoolExecutor(workers, thread_name_prefix="lopd-fill") as pool:
         fd = out.fileno()
@@ -174,4 +266,4 @@ def fill_hashing(dest: Path, size: int, fill: Callable[[int, int, int], None], p
         finally:
             for future in futures:
                 future.cancel()
-        return h.hexdigest(), os.fstat(fd).st_size
+        return finish(h, algorithm), os.fstat(fd).st_size

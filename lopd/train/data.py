@@ -1,7 +1,7 @@
 """Training inputs, read via their manifests: the precompute parquet (OPD) here, the SFT data in
 :mod:`lopd.train.sft_rows` (on the helpers below).
 
-Every file is verified against the manifest's sha256 and size before any row is used, then
+Every file is verified against the manifest's digest and size before any row is used, then
 validated while it streams in (``pyarrow`` record batches per file); a bad row is a
 :class:`TrainDataError` naming the file, the row, the prompt and the column. A duplicated row
 identity (``(prompt_id, sample_index)``; a prompt id in SFT data) names both rows, and an empty
@@ -77,7 +77,7 @@ def data_files(m: Manifest) -> list[str]:
 
 
 def data_entries(m: Manifest) -> list[FileEntry]:
-    """The manifest's parquet files (path, size, sha256), sorted by path."""
+    """The manifest's parquet files (path, size, digest), sorted by path."""
     return sorted((f for f in m.files if f.path.endswith(".parquet")), key=lambda f: f.path)
 
 
@@ -116,10 +116,10 @@ def _check_schema(schema: pa.Schema, want: pa.Schema, where: str, optional: tupl
 def record_batches(store: Store, prefix: str, m: Manifest, schema: pa.Schema, columns: list[str],
              optional: tuple[str, ...] = ()) -> Iterator[tuple[str, int, dict[str, list]]]:
     """Record batches of every data file, each read from a local copy verified against the
-    manifest's sha256 and size before any row is used (:meth:`Store.open_verified`)."""
+    manifest's digest and size before any row is used (:meth:`Store.open_verified`)."""
     for f in data_entries(m):
         where = store.url(f"{prefix}/{f.path}")
-        with store.open_verified(f"{prefix}/{f.path}", f.sha256, f.bytes) as fh:
+        with store.open_verified(f"{prefix}/{f.path}", f.digest, f.bytes) as fh:
             pf = pq.ParquetFile(fh)
             _check_schema(pf.schema_arrow, schema, where, optional)
             cols = [c for c in columns if c in pf.schema_arrow.names or c not in optional]
