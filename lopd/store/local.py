@@ -102,10 +102,14 @@ class FileStore(Store):
             tmp.unlink(missing_ok=True)
 
     def open(self, key: str) -> IO[bytes]:
+        """The store file, opened for a sequential read (the kernel is advised so: a larger
+        read-ahead window)."""
         try:
-            return open(self._path(key), "rb")
+            f = open(self._path(key), "rb")
         except (FileNotFoundError, IsADirectoryError):
             raise NotFound(f"not found: {self.url(key)}") from None
+        _advise_sequential(f.fileno())
+        return f
 
     def _stream_into(self, key: str, dest: Path, algorithm: str) -> tuple[str, int]:
         """Copy ``key`` into ``dest``; returns the digest and size of ``dest``. A store file whose
@@ -167,8 +171,7 @@ class FileStore(Store):
                 raise NotFound(f"not found: {self.url(key)}")
             if registered_digest(st) == digest and (size is None or st.st_size == size):
                 return open_checked(fd, signature_of(st), self.url(key))
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            _advise_sequential(fd)
             return stream_verified(open(fd, "rb", buffering=0), digest, size, self.url(key))
         except BaseException:
             os.close(fd)
@@ -228,6 +231,14 @@ class FileStore(Store):
                 shutil.rmtree(p)  # removes the symlinks it meets without following them
             else:
                 p.unlink()
+
+
+def _advise_sequential(fd: int) -> None:
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError:
+            pass
 
 
 def _copy_range(src: int, dst: int, start: int, end: int) -> None:

@@ -32,7 +32,9 @@ and its baseline (``plain_warm``) are read warm. S3 clients connect before the c
 the others once.
 
 The target: verification costs < 10% of the read time (``overhead_fraction`` = verified time /
-baseline time - 1). One JSON line per measurement, and one for the hash rates (BLAKE3, which
+baseline time - 1). ``*_busy_cores`` is how many of the machine's ``cores`` were busy during
+the read (all processes, from ``/proc/stat``): a read that already keeps every core busy
+leaves no room for a hashing thread to hide in. One JSON line per measurement, and one for the hash rates (BLAKE3, which
 lopd writes, and sha256, which older manifests record).
 
     .venv/bin/python tests/benchmarks/bench_store.py [--gib 2] [--repeats 3]
@@ -63,13 +65,16 @@ op = op.removeprefix("warm_")
 s = open_store(uri)
 if uri.startswith("s3://"):
     s.exists(key)  # the client and its connection exist before the clock starts
-seconds = []
+def busy():  # machine-wide busy CPU seconds (every process: the S3 server and the kernel too)
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+seconds, cores = [], []
 for _ in range(int(times)):
     if cold:  # drop the file's pages: a file this machine has never seen is not in its page cache
         fd = os.open(os.path.join(uri[len("file://"):], key), os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
-    t = time.perf_counter()
+    t, b = time.perf_counter(), busy()
     if op == "put":
         s.put_file(path, key)
     elif op == "publish":
@@ -91,7 +96,9 @@ for _ in range(int(times)):
     else:
         file_digest(path, op.removeprefix("hash_"))
     seconds.append(time.perf_counter() - t)
-print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    cores.append((busy() - b) / seconds[-1])
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": seconds, "busy_cores": cores, "peak_rss_mb": rss}))
 """
 
 TARGET = 0.10
@@ -104,7 +111,7 @@ def child(op: str, uri: str, key: str, path: Path | str, env: dict, digest: str 
                          capture_output=True, text=True,
                          env={**os.environ, **env}, cwd=Path(__file__).resolve().parents[2], check=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    return {**res, "seconds": statistics.median(res["seconds"])}
+    return {**res, "seconds": statistics.median(res["seconds"]), "busy_cores": statistics.median(res["busy_cores"])}
 
 
 def read_lines(store: str, uri: str, size: int, digest: str, env: dict, tmp: Path, repeats: int, gib: float,
@@ -149,6 +156,9 @@ def read_lines(store: str, uri: str, size: int, digest: str, env: dict, tmp: Pat
             "overhead_fraction": round(t / t0 - 1, 3), "overhead_target": TARGET,
             "meets_target": t / t0 - 1 < TARGET,
             "plain_MBps": round(mb / median["plain"], 1), "plain_copy_MBps": round(mb / median["plain_copy"], 1),
+            "baseline_busy_cores": round(statistics.median(r["busy_cores"] for r in runs[base]), 2),
+            "verified_busy_cores": round(statistics.median(r["busy_cores"] for r in runs[kind]), 2),
+            "cores": os.cpu_count(),
             "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs[kind]), 1),
         })
     return lines
