@@ -91,3 +91,27 @@ def test_verify_local_names_each_differing_file(tiny_model, tmp_path):
     (copy / "MANIFEST.json").unlink()
     with pytest.raises(ManifestError, match="no manifest at"):
         verify_local(copy)
+
+
+def test_a_model_whose_manifest_lists_sha256_still_verifies(tiny_model, tmp_path):
+    """A model directory published by an older lopd (``"sha256": "<hex>"`` per file) is checked
+    with sha256: ``lopd verify`` and :func:`resolve_model` accept it, and name a changed file."""
+    import hashlib
+    import shutil
+
+    from lopd.fingerprint import verify_local
+    from lopd.models import IncompleteModelError, resolve_model
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model, copy)
+    m = json.loads((copy / "MANIFEST.json").read_text())
+    m["files"] = [{"path": f["path"], "bytes": f["bytes"],
+                   "sha256": hashlib.sha256((copy / f["path"]).read_bytes()).hexdigest()} for f in m["files"]]
+    (copy / "MANIFEST.json").write_text(json.dumps(m))
+    assert verify_local(copy) == []
+    assert resolve_model(str(copy)).fingerprint == fingerprint_local(copy)
+    overwrite_in_place(copy / "model.safetensors")
+    [line] = verify_local(copy)
+    assert line.startswith("model.safetensors: content differs from the manifest (digest sha256:")
+    with pytest.raises(IncompleteModelError, match="model.safetensors differs from its MANIFEST.json"):
+        resolve_model(str(copy))
