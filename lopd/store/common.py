@@ -1,7 +1,7 @@
 """The store's leaf module: errors, object info, keys, content digests and the stat signature.
 
 A **digest** names content as ``<algorithm>:<hex>``. New files are hashed with BLAKE3
-(:data:`ALGORITHM`; about 4x sha256's speed on one core here, so verifying a read costs a
+(:data:`ALGORITHM`; about 3x sha256's speed on one core here, so verifying a read costs a
 fraction of the read); ``sha256:<hex>`` digests, which manifests of older lopd versions record,
 are still verified with sha256.
 
@@ -87,15 +87,21 @@ def digest_stream(f: IO[bytes], algorithm: str = ALGORITHM) -> tuple[str, int]:
     return finish(h, algorithm), n
 
 
-def digest_fd(fd: int, algorithm: str = ALGORITHM) -> tuple[str, int]:
-    """Digest and byte count of the open file ``fd`` from offset 0 (positional reads: the fd's
-    offset does not move), streamed in 1 MiB chunks with sequential read-ahead advised; each
-    chunk is hashed on a second thread while the next is read."""
+def advise_sequential(fd: int) -> None:
+    """Tell the kernel ``fd`` is read in order (a larger read-ahead window); a no-op where the
+    filesystem or platform does not take the advice."""
     if hasattr(os, "posix_fadvise"):
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except OSError:
             pass
+
+
+def digest_fd(fd: int, algorithm: str = ALGORITHM) -> tuple[str, int]:
+    """Digest and byte count of the open file ``fd`` from offset 0 (positional reads: the fd's
+    offset does not move), streamed in 1 MiB chunks with sequential read-ahead advised; each
+    chunk is hashed on a second thread while the next is read."""
+    advise_sequential(fd)
     h, n, pending = new_hasher(algorithm), 0, None
     bufs = [memoryview(bytearray(CHUNK)), memoryview(bytearray(CHUNK))]
     with ThreadPoolExecutor(1, thread_name_prefix="lopd-hash") as hasher:  # hash one buffer, fill the other

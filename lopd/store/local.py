@@ -29,6 +29,7 @@ from lopd.store.common import (
     NotFound,
     ObjectInfo,
     StoreError,
+    advise_sequential,
     algorithm_of,
     clean_key,
     digest_fd,
@@ -108,7 +109,7 @@ class FileStore(Store):
             f = open(self._path(key), "rb")
         except (FileNotFoundError, IsADirectoryError):
             raise NotFound(f"not found: {self.url(key)}") from None
-        _advise_sequential(f.fileno())
+        advise_sequential(f.fileno())
         return f
 
     def _stream_into(self, key: str, dest: Path, algorithm: str) -> tuple[str, int]:
@@ -169,9 +170,9 @@ class FileStore(Store):
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise NotFound(f"not found: {self.url(key)}")
-            if registered_digest(st) == digest and (size is None or st.st_size == size):
+            if _registered(st, digest, size):
                 return open_checked(fd, signature_of(st), self.url(key))
-            _advise_sequential(fd)
+            advise_sequential(fd)
             return stream_verified(open(fd, "rb", buffering=0), digest, size, self.url(key))
         except BaseException:
             os.close(fd)
@@ -183,7 +184,7 @@ class FileStore(Store):
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise NotFound(f"not found: {self.url(key)}")
-        if registered_digest(st) == digest and (size is None or st.st_size == size):
+        if _registered(st, digest, size):
             return signature_of(st)
         got, n = digest_fd(fd, algorithm_of(digest))
         check_digest(self.url(key), got, n, digest, size)
@@ -233,12 +234,9 @@ class FileStore(Store):
                 p.unlink()
 
 
-def _advise_sequential(fd: int) -> None:
-    if hasattr(os, "posix_fadvise"):
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        except OSError:
-            pass
+def _registered(st: os.stat_result, digest: str, size: int | None) -> bool:
+    """Whether the file ``st`` describes is registered as holding ``digest`` (and ``size`` bytes)."""
+    return registered_digest(st) == digest and (size is None or st.st_size == size)
 
 
 def _copy_range(src: int, dst: int, start: int, end: int) -> None:

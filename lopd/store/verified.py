@@ -36,6 +36,7 @@ from lopd.store.common import (
     CHUNK,
     IntegrityError,
     StoreError,
+    advise_sequential,
     algorithm_of,
     cache_dir,
     digest_fd,
@@ -148,11 +149,7 @@ def open_checked(fd: int, signature: list[int], what: str) -> io.BufferedReader:
     """A buffered :class:`VerifiedFile` over ``fd`` (positioned at 0), checked on close; the
     kernel is advised that it is read mostly in order (parquet reads its column chunks so)."""
     os.lseek(fd, 0, os.SEEK_SET)
-    if hasattr(os, "posix_fadvise"):
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        except OSError:
-            pass
+    advise_sequential(fd)
     return io.BufferedReader(VerifiedFile(fd, signature, what))
 
 
