@@ -32,6 +32,7 @@ from lopd.store.common import (
     StoreError,
     algorithm_of,
     cache_dir,
+    check_digest,
     clean_key,
     copy_hashing,
     digest_stream,
@@ -40,13 +41,13 @@ from lopd.store.common import (
     stat_signature,
 )
 from lopd.store.verified import (
+    StreamVerified,
     blob_path,
     cache_hit,
     file_digest,
     fill_hashing,
     open_blob,
     record_verified,
-    stream_verified,
 )
 
 __all__ = [
@@ -194,21 +195,13 @@ class Store:
         ``digest`` or ``size`` (:class:`~lopd.store.verified.StreamVerified`). Whoever reads it
         must publish nothing before the stream has ended: a stage reads its inputs before it
         publishes. Close it."""
-        return stream_verified(self.open(key), digest, size, self.url(key))
+        return StreamVerified(self.open(key), digest, size, self.url(key))
 
     def hash_object(self, key: str, algorithm: str | None = None) -> tuple[str, int]:
         """Digest and size of a stored object, streamed."""
         with self.open(key) as f:
             return digest_stream(f, algorithm or ALGORITHM)
 
-
-def check_digest(where: str, got: str, n: int, want: str, size: int | None) -> None:
-    """Raise :class:`IntegrityError` naming ``where`` and both digests (or sizes) when ``got``
-    (``n`` bytes) is not ``want`` (``size`` bytes)."""
-    if size is not None and n != size:
-        raise IntegrityError(f"{where}: {n} bytes, the manifest says {size} (digest {got}, the manifest's {want})")
-    if got != want:
-        raise IntegrityError(f"{where}: digest {got} does not match the manifest's {want}")
 
 
 def _install(tmp: Path, dest: Path) -> bool:

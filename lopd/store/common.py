@@ -67,6 +67,16 @@ def algorithm_of(digest: str) -> str:
     return algorithm
 
 
+def check_digest(where: str, got: str, n: int, want: str, size: int | None, then: str = "") -> None:
+    """Raise :class:`IntegrityError` naming ``where`` and both digests (or sizes) when ``got``
+    (``n`` bytes) is not ``want`` (``size`` bytes); ``then`` ends the message."""
+    if size is not None and n != size:
+        raise IntegrityError(f"{where}: {n} bytes, the manifest says {size} "
+                             f"(digest {got}, the manifest's {want}){then}")
+    if got != want:
+        raise IntegrityError(f"{where}: digest {got} does not match the manifest's {want}{then}")
+
+
 def finish(hasher, algorithm: str) -> str:
     return f"{algorithm}:{hasher.hexdigest()}"
 

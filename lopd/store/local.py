@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import IO
 
-from lopd.store.base import Store, check_digest
+from lopd.store.base import Store
 from lopd.store.common import (
     CHUNK,
     NotFound,
@@ -31,12 +31,19 @@ from lopd.store.common import (
     StoreError,
     advise_sequential,
     algorithm_of,
+    check_digest,
     clean_key,
     digest_fd,
     pwrite_all,
     signature_of,
 )
-from lopd.store.verified import fill_hashing, open_checked, record_verified, registered_digest, stream_verified
+from lopd.store.verified import (
+    StreamVerified,
+    fill_hashing,
+    open_checked,
+    record_verified,
+    registered_digest,
+)
 
 
 class FileStore(Store):
@@ -173,7 +180,7 @@ class FileStore(Store):
             if _registered(st, digest, size):
                 return open_checked(fd, signature_of(st), self.url(key))
             advise_sequential(fd)
-            return stream_verified(open(fd, "rb", buffering=0), digest, size, self.url(key))
+            return StreamVerified(open(fd, "rb", buffering=0), digest, size, self.url(key))
         except BaseException:
             os.close(fd)
             raise

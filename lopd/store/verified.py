@@ -39,6 +39,7 @@ from lopd.store.common import (
     advise_sequential,
     algorithm_of,
     cache_dir,
+    check_digest,
     digest_fd,
     digest_stream,
     finish,
@@ -220,12 +221,9 @@ class StreamVerified(io.RawIOBase):
     def _check(self) -> None:
         if self._done:
             return
-        got = finish(self._hasher, self._algorithm)
-        if self._size is not None and self._n != self._size:
-            self._fail(f"{self._n} bytes, the manifest says {self._size} (digest {got}, the manifest's {self._want})")
-        if got != self._want:
-            self._fail(f"digest {got} does not match the manifest's {self._want}")
         self._done = True
+        check_digest(self._what, finish(self._hasher, self._algorithm), self._n, self._want, self._size,
+                     "; refusing what was read")
 
     def close(self) -> None:
         if self.closed:
@@ -240,11 +238,6 @@ class StreamVerified(io.RawIOBase):
             self._pool.shutdown()
             self._src.close()
             super().close()
-
-
-def stream_verified(src: IO[bytes], digest: str, size: int | None, what: str) -> StreamVerified:
-    """A :class:`StreamVerified` over ``src`` (which it closes)."""
-    return StreamVerified(src, digest, size, what)
 
 
 def fill_hashing(dest: Path, size: int, fill: Callable[[int, int, int], None], part: int,
