@@ -16,10 +16,13 @@ from lopd.store import (
     IntegrityError,
     NotFound,
     algorithm_of,
+    common,
     digest_bytes,
     file_digest,
     open_store,
+    verified,
 )
+from lopd.store.common import DEPTH, digest_fd
 
 
 def test_digests_name_their_algorithm(tmp_path):
@@ -32,6 +35,41 @@ def test_digests_name_their_algorithm(tmp_path):
     for bad in (blake3.blake3(data).hexdigest(), "md5:" + "0" * 64, "blake3:" + "0" * 63, "blake3" + "0" * 64):
         with pytest.raises(ValueError, match="not a content digest"):
             algorithm_of(bad)
+
+
+@pytest.mark.parametrize("n", [0, 1, CHUNK - 1, CHUNK, DEPTH * CHUNK + 3, 3 * DEPTH * CHUNK + 1])
+def test_hash_pass_equals_the_digest_of_the_bytes(tmp_path, n):
+    data = os.urandom(n)
+    (tmp_path / "f").write_bytes(data)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        for algorithm in ("blake3", "sha256"):
+            assert digest_fd(fd, algorithm) == (digest_bytes(data, algorithm), n)
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 0  # positional reads: the offset did not move
+    finally:
+        os.close(fd)
+
+
+def test_hash_pass_and_stream_raise_what_their_hashing_thread_raised(tmp_path, monkeypatch):
+    class Broken:
+        def update(self, _):
+            raise MemoryError("hasher out of memory")
+
+    data = os.urandom(3 * DEPTH * CHUNK)
+    (tmp_path / "f").write_bytes(data)
+    digest = digest_bytes(data)
+    for module in (common, verified):
+        monkeypatch.setattr(module, "new_hasher", lambda algorithm: Broken())
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        with pytest.raises(MemoryError, match="hasher out of memory"):  # raised, not a reader left waiting
+            common.digest_fd(fd)
+    finally:
+        os.close(fd)
+    with pytest.raises(MemoryError, match="hasher out of memory"):
+        with FileStore(tmp_path).stream_verified("f", digest, len(data)) as f:
+            while f.read(CHUNK):
+                pass
 
 
 def test_stream_verified_hands_out_bytes_and_refuses_them_at_the_end(store_uri):
@@ -66,8 +104,6 @@ def test_stream_verified_hands_out_bytes_and_refuses_them_at_the_end(store_uri):
 
 
 def test_file_store_stream_of_a_published_file_hashes_nothing(tmp_path, monkeypatch):
-    from lopd.store import verified
-
     s = FileStore(tmp_path / "store")
     local = tmp_path / "part.bin"
     data = os.urandom(2 * CHUNK + 1)
@@ -75,8 +111,9 @@ def test_file_store_stream_of_a_published_file_hashes_nothing(tmp_path, monkeypa
     digest = file_digest(local)  # the publisher hashes it for its manifest and uploads it
     s.put_file(local, "part.bin")
     hashers: list[str] = []
-    real = verified.new_hasher
-    monkeypatch.setattr(verified, "new_hasher", lambda algorithm: hashers.append(algorithm) or real(algorithm))
+    real = common.new_hasher
+    for module in (common, verified):  # the hash pass's and the stream's hasher
+        monkeypatch.setattr(module, "new_hasher", lambda algorithm: hashers.append(algorithm) or real(algorithm))
     with s.stream_verified("part.bin", digest, len(data)) as f:
         assert f.read() == data
     assert hashers == []  # registered signature: read in place, checked on close

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: lopd's training and teacher-scoring paths on one H100/H200, in at most ~8 minutes,
+# The GPU check: lopd's training and teacher-scoring paths on one H100/H200, in at most ~9 minutes,
 # with nothing from a package registry. `make gpu-check` runs it; results go to $OUT (default
 # gpu-check-out/) as JSON lines, copied by hand into docs/gpu/ and summarised in docs/gpu.md.
 #
@@ -27,9 +27,9 @@ stamp=$(date -u +%Y-%m-%d)
 log="$OUT/gpu-check.log"
 
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
-  shape=tiny; batch=8; median=64; maxlen=128; mbt=512; steps=1; score_tokens=4096; limit=300
+  shape=tiny; batch=8; median=64; maxlen=128; mbt=512; steps=1; score_tokens=4096; limit=300; store_gib=0.05
 else
-  shape=qwen3-1.7b; batch=64; median=1024; maxlen=4096; mbt=16384; steps=3; score_tokens=65536; limit=150
+  shape=qwen3-1.7b; batch=64; median=1024; maxlen=4096; mbt=16384; steps=3; score_tokens=65536; limit=150; store_gib=1
 fi
 
 run() {  # name, seconds, command...: one JSON line appended to $OUT/<name>.jsonl, output to the log
@@ -56,4 +56,7 @@ run gpu-score "$limit" "$PY" tests/benchmarks/bench_gpu_step.py --shape "$shape"
   --score-tokens "$score_tokens" --median-len "$median" --max-len "$maxlen" --date "$stamp"
 # host syncs and operator launches per micro-batch (the CPU census, here on the GPU's own path)
 run gpu-census 120 "$PY" tests/benchmarks/bench_census.py --zero 2
+# read-time verification on a machine with cores to spare and a disk of its own (file store only:
+# no S3 server travels here): each verified read against the unverified one, with a control line
+run store-verify 60 "$PY" tests/benchmarks/bench_store.py --stores file --gib "$store_gib" --repeats 3
 echo "results in $OUT/" | tee -a "$log"
