@@ -117,9 +117,9 @@ def digest_fd(fd: int, algorithm: str = ALGORITHM) -> tuple[str, int]:
 
     A hashing thread takes each chunk while up to :data:`DEPTH` - 1 more are read, the buffers
     passed through C-level queues (no future or condition per chunk): a cold read overlaps its
-    disk waits with the hash, and a warm one runs at about 1.5x the rate of a pass that waits
-    on a future per chunk (measured side by side on a file in the page cache; cold, the pass's
-    median cost over a plain read fell from +28% to +19%).
+    disk waits with the hash, and a warm one pays little per chunk (7.5 GB/s on a file in the
+    page cache, against 4.8 for a pass waiting on a future per chunk; cold, a median +19% over
+    a plain read, against +28%). A failure of the hashing thread is raised here.
     """
     advise_sequential(fd)
     h, failed = new_hasher(algorithm), []
