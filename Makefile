@@ -58,7 +58,7 @@ clean:
 # ---------------------------------------------------------------- GPU check (docs/gpu.md)
 # A GPU machine without a package index: `make gpu-deps` here puts what its image lacks into
 # .gpu-deps/ (DeepSpeed and hjson as pure Python, pydantic-core and blake3 built for the
-# image's Python, GPU_PY); carry .gpu-deps/ there and run `make gpu-check` (<= ~9 min).
+# image's Python, GPU_PY); carry .gpu-deps/ there and run `make gpu-check` (<= 8 min).
 GPU_PY ?= 3.12
 gpu-deps: setup  ## fill .gpu-deps/ with the pinned packages a GPU image lacks (for `make gpu-check` there)
 	rm -rf .gpu-deps && mkdir -p .gpu-deps/wheels

@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
-from lopd.sections import MAX_TOKENS, Section, SftConfig
+from lopd.sections import MAX_TOKENS, Section
+from lopd.train_config import SftConfig
 
 MAX_TASK_ROWS = 10**6
 """Most rows of one synthetic task file (far above what a toy run needs)."""

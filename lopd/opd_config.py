@@ -15,13 +15,12 @@ from lopd.sections import (
     MAX_STEPS,
     MAX_TOKENS,
     InferenceConfig,
-    OptimConfig,
     ResourcesConfig,
     SamplingConfig,
     Section,
-    TrainConfig,
     sampling_engine,
 )
+from lopd.train_config import OptimConfig, TrainConfig
 
 
 class ImportanceWeightsConfig(Section):

@@ -28,16 +28,14 @@ from lopd.sections import (
     InferenceConfig,
     ModelsConfig,
     ModelSpec,
-    OptimConfig,
     PrecomputeConfig,
     ResourcesConfig,
     SamplingConfig,
     Section,
-    SftConfig,
     SftDataConfig,
-    TrainConfig,
     validate_store_uri,
 )
+from lopd.train_config import OptimConfig, SftConfig, TrainConfig
 
 __all__ = [
     "BootstrapConfig", "EvalConfig", "EvalDatasetConfig", "ImportanceWeightsConfig", "InferenceConfig",

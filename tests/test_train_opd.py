@@ -190,9 +190,10 @@ def test_one_mini_batch_old_logprobs_from_the_training_forward_equal_the_no_grad
     from transformers import AutoModelForCausalLM
 
     from lopd.recipe import OpdConfig
-    from lopd.train.engine import LogprobModel, forward_logprobs, read_stats
+    from lopd.train.engine import LogprobModel, forward_logprobs
     from lopd.train.opd import Counts, batch_seqs, opd_micro_loss
     from lopd.train.packing import make_micro_batches
+    from lopd.train.step import read_stats
 
     model = AutoModelForCausalLM.from_pretrained(opd_models[0], dtype=torch.float64)
     engine = LogprobModel(model, chunk_size=5)

@@ -4,8 +4,9 @@ Under ZeRO-3 every module call all-gathers that module's parameters, so every ra
 the same modules the same number of times in the same order, or the job hangs. Two places
 could break that: the no-grad ``log p_old`` forwards (one per local micro-batch) and the
 chunked LM head (one call per ``logprob_chunk_tokens`` selected positions, again in the
-backward). ``lopd.train.engine.lockstep_plan`` equalises both across ranks; these tests run
-the real entrypoints under torchrun (gloo) with a subprocess timeout, so a hang fails.
+backward). ``lopd.train.step.plan_step`` equalises both across ranks (below ZeRO-3 only the
+number of passes, which one SFT test checks at ZeRO-2); these tests run the real entrypoints
+under torchrun (gloo) with a subprocess timeout, so a hang fails.
 """
 
 from __future__ import annotations
@@ -169,9 +170,11 @@ def sft_run(tmp: Path, model: Path, zero_stage: int) -> tuple[Path, str]:
     return tmp / "recipe.yaml", store_uri
 
 
-def test_zero3_two_ranks_sft_uneven_micro_batches_and_chunks_match_one_rank(tmp_path, tiny_model):
+@pytest.mark.parametrize("zero_stage", [3, 2])
+def test_two_ranks_sft_uneven_micro_batches_and_chunks_match_one_rank(tmp_path, tiny_model, zero_stage):
     """SFT shares the engine loop: ranks with different micro-batch and LM-head chunk counts
-    (over 1024 assistant tokens in some micro-batches) finish and match 1 rank ZeRO-0."""
+    (over 1024 assistant tokens in some micro-batches) finish and match 1 rank ZeRO-0; at ZeRO-3
+    in lock step, at ZeRO-2 with each rank's own LM-head calls (the same number of passes)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -184,7 +187,7 @@ def test_zero3_two_ranks_sft_uneven_micro_batches_and_chunks_match_one_rank(tmp_
     assert any(len(a) != len(b) for a, b in per_step), per_step
     assert any(x != y for a, b in per_step for x, y in zip(a, b, strict=False)), per_step
     one, one_uri = sft_run(tmp_path / "one", tiny_model, 0)
-    two, two_uri = sft_run(tmp_path / "two", tiny_model, 3)
+    two, two_uri = sft_run(tmp_path / "two", tiny_model, zero_stage)
     run_job("jobs.sft", one, timeout=HANG_TIMEOUT_S)
     run_job("jobs.sft", two, nproc=2, timeout=HANG_TIMEOUT_S)
     a, b = read_metrics(one_uri, "sft"), read_metrics(two_uri, "sft")

@@ -2,16 +2,14 @@
 
 - ZeRO stage 0-3 from ``train.zero_stage``; the dtype from ``models.student.dtype``, auto = bf16
   on GPU, fp32 on CPU (:func:`train_dtype`; a model loaded in bf16 trains in bf16 anywhere,
-  DeepSpeed keeping fp32 master weights); NCCL on GPU, gloo on CPU.
+  DeepSpeed keeping fp32 master weights); NCCL on GPU, gloo on CPU. In bf16 at ZeRO 1-3 a step's
+  gradients add up in fp32 (``train.grad_accum_fp32``); ``train.overlap_comm`` as given.
 - The optimizer is torch's AdamW (the recipe's betas / eps / weight decay) handed to DeepSpeed, with
   norm weights and biases in a group without weight decay unless ``optim.decay_norms_and_biases``
   (:func:`param_groups`); the learning rate is set by :func:`lr_at` before every optimizer step (so a resumed run
   continues the schedule exactly), gradient clipping is DeepSpeed's ``gradient_clipping``.
-- Gradient accumulation is caller-driven: each rank runs the same number of micro-batches per
-  step (padding with dummy ones) with the same number of LM-head chunks each (padding with empty
-  chunks; :func:`lockstep_plan`, as ZeRO-3 requires), the accumulation boundary is set explicitly, and losses
-  arrive already normalised by *global* counts times the world size (DeepSpeed averages
-  gradients over ranks), so 1 rank and N ranks compute the same step for the same global batch.
+- Gradient accumulation is caller-driven (:mod:`lopd.train.step`): the same passes on every
+  rank, the accumulation boundary set explicitly, losses normalised by *global* counts.
 """
 
 from __future__ import annotations
@@ -19,15 +17,15 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 from lopd.recipe import OptimConfig, TrainConfig
 from lopd.train.cpu_ops import load_shm_comm_op
-from lopd.train.losses import chunk_count, model_logprobs
-from lopd.train.packing import MicroBatch, dummy_micro_batch
+from lopd.train.layers import prepare_layers
+from lopd.train.losses import model_logprobs
+from lopd.train.packing import MicroBatch
 from lopd.train.topk import model_topk_kl
 
 
@@ -75,20 +73,27 @@ def train_dtype(spec: str = "auto") -> torch.dtype:
 def ds_config(train: TrainConfig, optim: OptimConfig, bf16: bool | None = None) -> dict:
     """The DeepSpeed config dict for this recipe section; ``bf16`` defaults to :func:`on_gpu`."""
     zero: dict = {"stage": train.zero_stage}
+    if train.overlap_comm is not None and train.zero_stage > 0:
+        zero["overlap_comm"] = train.overlap_comm
     if train.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=0)
+    bf16 = on_gpu() if bf16 is None else bf16
+    extra = {}
+    if bf16 and train.grad_accum_fp32 and train.zero_stage > 0:  # ZeRO-0 has no bf16 + fp32 mix
+        extra["data_types"] = {"grad_accum_dtype": "fp32"}
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,  # we set the boundary ourselves (variable micro-batch count)
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": on_gpu() if bf16 is None else bf16},
+        "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         # DeepSpeed's throughput timer (on by default) synchronises the device at every forward
         # and step from the third step on, draining the launch queue; lopd times steps itself
         "timers": {"throughput": {"enabled": False}},
+        **extra,
     }
 
 
@@ -133,25 +138,6 @@ def forward_logprobs(engine, mb: MicroBatch, num_chunks: int | None = None,
                   entropy=entropy, topk=topk, cu_seqlens=mb.cu_seqlens, max_seqlen=mb.max_seqlen)
 
 
-def lockstep_plan(engine, micro_batches: list[MicroBatch]) -> list[int]:
-    """The passes every rank makes over its micro-batches, identical on all ranks (ZeRO-3 all-gathers
-    the parameters of every module call, so ranks must call the same modules the same number of
-    times in the same order, or the job hangs).
-
-    Returns ``plan`` with ``len(plan)`` = the most micro-batches any rank has (a rank with fewer
-    runs :func:`dummy_micro_batch` passes after its own) and ``plan[i]`` = the most LM-head chunks
-    any rank needs for its micro-batch ``i``: pass it as ``num_chunks`` to :func:`forward_logprobs`.
-    Two all-reduces (MAX), the same on every rank.
-    """
-    n = int(all_reduce([len(micro_batches)], "max")[0])
-    if n == 0:
-        return []
-    chunk = engine.module.chunk_size
-    dummy = dummy_micro_batch().num_targets
-    local = [chunk_count(micro_batches[i].num_targets if i < len(micro_batches) else dummy, chunk) for i in range(n)]
-    return [int(c) for c in all_reduce(local, "max")]
-
-
 def _no_decay(module: torch.nn.Module, name: str) -> bool:
     return name == "bias" or "norm" in type(module).__name__.lower()
 
@@ -175,12 +161,12 @@ def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
 
 def build_engine(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig, chunk_size: int = 1024):
     """Wrap ``model`` (an HF causal LM) in a DeepSpeed engine with AdamW (:func:`param_groups`);
-    bf16 when the model's weights are bf16, else fp32. Returns the engine (``engine.module.lm`` is
+    bf16 when the model's weights are bf16, else fp32; its decoder layers checkpointed and compiled
+    per the recipe (:func:`lopd.train.layers.prepare_layers`). Returns the engine (``engine.module.lm`` is
     the HF model)."""
     import deepspeed
 
-    if train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prepare_layers(model, train.gradient_checkpointing, train.compile)
     model.train()  # from_pretrained gives eval mode, where HF layers skip gradient checkpointing (dropout is 0)
     model.config.use_cache = False
     opt = torch.optim.AdamW(param_groups(model, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
@@ -206,59 +192,3 @@ def lr_at(step: int, total_steps: int, optim: OptimConfig) -> float:
 def set_lr(engine, lr: float) -> None:
     for g in engine.optimizer.param_groups:
         g["lr"] = lr
-
-
-def all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    """All-reduce a few scalars (float64) across ranks."""
-    t = torch.tensor(values, dtype=torch.float64, device=device() if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
-    return t.tolist()
-
-
-Stat = float | torch.Tensor
-LossFn = Callable[[object, MicroBatch, int], tuple[torch.Tensor, dict[str, Stat]]]
-
-
-def read_stats(stats: dict[str, Stat]) -> dict[str, float]:
-    """Python floats of summed stats; the tensor ones (float64, on the device) are read in one
-    transfer: one host sync per step instead of one per stat and micro-batch."""
-    keys = [k for k, v in stats.items() if isinstance(v, torch.Tensor)]
-    values = torch.stack([stats[k].reshape(()) for k in keys]).tolist() if keys else []
-    return {**{k: float(v) for k, v in stats.items() if k not in keys}, **dict(zip(keys, values, strict=True))}
-
-
-def accumulate_and_step(engine, micro_batches: list[MicroBatch], loss_fn: LossFn, lr: float) -> dict[str, float]:
-    """Forward/backward every micro-batch (the same count on every rank), then one optimizer step.
-
-    ``loss_fn(engine, mb, num_chunks)`` returns (loss already scaled for global averaging, summable
-    stats: Python floats or detached float64 scalar tensors, left on the device and summed there);
-    it passes ``num_chunks`` to :func:`forward_logprobs` (:func:`lockstep_plan`: the same LM-head
-    calls on every rank). Returns the stats summed over this rank's micro-batches (as floats, read
-    after the last backward) plus ``grad_norm``.
-    """
-    plan = lockstep_plan(engine, micro_batches)
-    n = len(plan)
-    stats: dict[str, Stat] = {}
-    dev = device()
-    for i in range(n):
-        real = i < len(micro_batches)
-        mb = micro_batches[i] if real else dummy_micro_batch()
-        engine.set_gradient_accumulation_boundary(i == n - 1)
-        loss, s = loss_fn(engine, mb.to(dev), plan[i])
-        engine.backward(loss if real else loss * 0.0, scale_wrt_gas=False)  # a dummy adds no gradient
-        for k, v in (s.items() if real else ()):
-            stats[k] = stats[k] + v if k in stats else v
-    out = read_stats(stats)
-    set_lr(engine, lr)
-    pre = _local_grad_norm(engine) if engine.zero_optimization_stage() == 0 else None
-    engine.step()
-    norm = pre if pre is not None else engine.get_global_grad_norm()
-    out["grad_norm"] = float(norm) if norm is not None else float("nan")
-    return out
-
-
-def _local_grad_norm(engine) -> float:
-    """Global L2 norm of the (already all-reduced) gradients under ZeRO-0, before clipping: the
-    per-parameter float32 sums of squares, read in one transfer, summed in float64."""
-    sq = [p.grad.float().pow(2).sum() for p in engine.module.parameters() if p.grad is not None]
-    return sum(torch.stack(sq).tolist()) ** 0.5 if sq else 0.0

@@ -31,9 +31,9 @@ from lopd.lineage import check_teacher_consistency
 from lopd.manifest import InputRef
 from lopd.recipe import SamplingConfig
 from lopd.train.data import OpdSample, global_batch_indices, rank_share
-from lopd.train.engine import all_reduce
 from lopd.train.losses import LOGIT_TEMPERATURE_ATTR
 from lopd.train.opd import split_minis
+from lopd.train.step import all_reduce
 from lopd.train.teachers import InProcessTeacher, ServerTeacher
 
 

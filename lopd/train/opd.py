@@ -21,11 +21,15 @@ import torch
 from lopd.recipe import OpdConfig
 from lopd.train import losses as L
 from lopd.train.data import OpdSample, rank_share
-from lopd.train.engine import accumulate_and_step, all_reduce, device, forward_logprobs, lockstep_plan
+from lopd.train.engine import device, forward_logprobs
 from lopd.train.packing import MicroBatch, dummy_micro_batch, make_micro_batches
+from lopd.train.step import accumulate_and_step, lockstep_plan, plan_step
 from lopd.train.topk import topk_inputs, topk_loss_per_token
 
-SUM_KEYS = ("loss", "adv_sum", "kl_sum", "clip_sum", "ent_sum", "tokens", "targets", "seqs")
+STAT_KEYS = ("loss", "adv_sum", "kl_sum", "clip_sum", "ent_sum")
+"""The per-micro-batch stats (device scalars, summed over micro-batches and ranks)."""
+SUM_KEYS = (*STAT_KEYS, "tokens", "targets", "seqs")
+"""Everything summed over a step: the stats and the host-known counts."""
 
 
 @dataclass
@@ -45,9 +49,10 @@ def batch_seqs(samples: list[OpdSample], first_index: int) -> list:
 def attach_old_logprobs(engine, mbs: list[MicroBatch]) -> None:
     """``log p_old`` (current weights, no grad) of every target, stored as ``extras['old_logprobs']``.
 
-    Every rank makes the same forward passes with the same LM-head calls (:func:`lockstep_plan`):
-    a rank with fewer micro-batches runs dummy forwards, as in the training passes (ZeRO-3 would
-    otherwise hang on a parameter all-gather the other ranks never join)."""
+    Every rank makes the same forward passes, at ZeRO-3 with the same LM-head calls
+    (:func:`~lopd.train.step.lockstep_plan`): a rank with fewer micro-batches runs dummy forwards,
+    as in the training passes (ZeRO-3 would otherwise hang on a parameter all-gather the other
+    ranks never join)."""
     dev = device()
     for i, chunks in enumerate(lockstep_plan(engine, mbs)):
         lp, _ = forward_logprobs(engine, (mbs[i] if i < len(mbs) else dummy_micro_batch()).to(dev), chunks,
@@ -57,11 +62,12 @@ def attach_old_logprobs(engine, mbs: list[MicroBatch]) -> None:
 
 
 def opd_micro_loss(engine, mb: MicroBatch, cfg: OpdConfig, counts: Counts, num_chunks: int | None = None,
-                   old_from_current: bool = False) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+                   old_from_current: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one micro-batch, scaled so that the sum over micro-batches and the mean over
     ranks (DeepSpeed's gradient averaging) is the global-batch loss; plus summable stats
-    (detached float64 scalars on the device, read once per step by :func:`accumulate_and_step`).
-    ``num_chunks``: LM-head calls, the same on every rank (:func:`lockstep_plan`).
+    (detached float64 scalars on the device, read once per step by
+    :func:`~lopd.train.step.accumulate_and_step`). ``num_chunks``: at least this many LM-head calls
+    (:func:`~lopd.train.step.plan_step`).
     ``old_from_current``: ``log p_old = sg(log p)`` of this forward (one PPO mini-batch: the
     weights have not moved since the batch started, so the ratio is exactly 1) instead of
     ``extras['old_logprobs']``."""
@@ -85,9 +91,7 @@ def opd_micro_loss(engine, mb: MicroBatch, cfg: OpdConfig, counts: Counts, num_c
     loss = L.aggregate(per_tok, w)
     stats = {"loss": loss.detach(), "adv_sum": st["advantage"].sum(), "kl_sum": st["kl_ref"].sum(),
              "clip_sum": st["clipped"].sum(), "ent_sum": ent.detach().sum()}
-    stats = {k: v.double() for k, v in stats.items()}  # summed over micro-batches in float64, as Python floats
-    stats.update(tokens=float(mb.real_tokens), targets=float(lp.shape[0]), seqs=float(mb.num_seqs))
-    return loss * counts.world, stats
+    return loss * counts.world, {k: v.double() for k, v in stats.items()}  # summed in float64
 
 
 def opd_step(engine, minis: list[list[OpdSample]], cfg: OpdConfig, lr: float, world: int,
@@ -114,12 +118,13 @@ def opd_step(engine, minis: list[list[OpdSample]], cfg: OpdConfig, lr: float, wo
             attach_old_logprobs(engine, mbs)
     sums = dict.fromkeys(SUM_KEYS, 0.0)
     for mini, mbs in zip(minis, batches, strict=True):
-        targets, seqs = all_reduce([sum(mb.num_targets for mb in mbs), len(mini)])
-        counts = Counts(targets, seqs, world)
+        plan = plan_step(engine, mbs, {"targets": float(sum(mb.num_targets for mb in mbs)),
+                                       "seqs": float(len(mini)), "tokens": float(sum(mb.real_tokens for mb in mbs))})
+        counts = Counts(plan.totals["targets"], plan.totals["seqs"], world)
         local = accumulate_and_step(engine, mbs, lambda e, mb, k, c=counts: opd_micro_loss(
-            e, mb, cfg, c, k, old_from_current=not old_pass), lr)
-        for k, v in zip(SUM_KEYS, all_reduce([local.get(k, 0.0) for k in SUM_KEYS]), strict=True):
-            sums[k] += v
+            e, mb, cfg, c, k, old_from_current=not old_pass), lr, plan, STAT_KEYS)
+        for k in SUM_KEYS:
+            sums[k] += local[k] if k in STAT_KEYS else plan.totals[k]
     dt = time.perf_counter() - t0
     n = max(sums["targets"], 1.0)
     return {"loss": sums["loss"] / len(minis), "adv_mean": sums["adv_sum"] / n,

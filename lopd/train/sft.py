@@ -15,21 +15,21 @@ import torch
 
 from lopd.recipe import SftConfig
 from lopd.train import losses as L
-from lopd.train.engine import accumulate_and_step, all_reduce, forward_logprobs
+from lopd.train.engine import forward_logprobs
 from lopd.train.packing import MicroBatch, Seq, make_micro_batches
+from lopd.train.step import accumulate_and_step, plan_step
 
 PLOT_KEYS = ["loss", "grad_norm", "lr", "tokens_per_s"]
 
 
 def sft_micro_loss(engine, mb: MicroBatch, num_targets: float, world: int,
-                   num_chunks: int | None = None) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+                   num_chunks: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``sum_t -log p(y_t) / N_global`` of one micro-batch (times ``world``: DeepSpeed averages over
-    ranks) and summable stats; the loss stat stays a float64 device scalar (read once per step)."""
+    ranks) and its loss as a float64 device scalar (summed and read once per step)."""
     lp, _ = forward_logprobs(engine, mb, num_chunks, entropy=False)  # the same LM-head calls on every rank
     w = L.token_weights(torch.ones_like(lp), mb.seq_index, "token-mean", num_tokens=num_targets)
     loss = L.aggregate(L.sft_loss_per_token(lp), w)
-    return loss * world, {"loss": loss.detach().double(), "tokens": float(mb.real_tokens),
-                          "padded": float(mb.input_ids.numel()), "targets": float(lp.shape[0])}
+    return loss * world, {"loss": loss.detach().double()}
 
 
 def sft_step(engine, seqs: list[Seq], cfg: SftConfig, lr: float, world: int) -> dict[str, float]:
@@ -38,11 +38,13 @@ def sft_step(engine, seqs: list[Seq], cfg: SftConfig, lr: float, world: int) -> 
     seqs = [dataclasses.replace(s, index=i) for i, s in enumerate(seqs)]
     mbs = make_micro_batches(seqs, cfg.train.micro_batch_tokens, packing=cfg.packing,
                              flat=cfg.train.attention == "varlen")
-    (num_targets,) = all_reduce([sum(mb.num_targets for mb in mbs)])
-    local = accumulate_and_step(engine, mbs, lambda e, mb, k: sft_micro_loss(e, mb, num_targets, world, k), lr)
-    keys = ("loss", "tokens", "padded", "targets")
-    sums = dict(zip(keys, all_reduce([local.get(k, 0.0) for k in keys]), strict=True))
+    plan = plan_step(engine, mbs, {"targets": float(sum(mb.num_targets for mb in mbs)),
+                                   "tokens": float(sum(mb.real_tokens for mb in mbs)),
+                                   "padded": float(sum(mb.input_ids.numel() for mb in mbs))})
+    sums = plan.totals
+    out = accumulate_and_step(engine, mbs, lambda e, mb, k: sft_micro_loss(e, mb, sums["targets"], world, k), lr,
+                              plan, ("loss",))
     dt = time.perf_counter() - t0
-    return {"loss": sums["loss"], "grad_norm": local["grad_norm"], "lr": lr, "tokens_per_s": sums["tokens"] / dt,
+    return {"loss": out["loss"], "grad_norm": out["grad_norm"], "lr": lr, "tokens_per_s": sums["tokens"] / dt,
             "target_tokens": sums["targets"], "pad_fraction": 1.0 - sums["tokens"] / max(sums["padded"], 1.0),
             "step_time_s": dt}

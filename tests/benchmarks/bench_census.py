@@ -170,14 +170,34 @@ def leaf_ops(prof) -> collections.Counter:
     return out
 
 
-def count_step(step, micro_batches: int) -> dict:
+def mark_host_step_counters(engine) -> None:
+    """Tell the census that the optimizer's step counters are host tensors: on a GPU torch's
+    AdamW keeps them on the host unless ``fused`` or ``capturable`` (then they are made with
+    ``device=``), so reading them there is free. On CPU torch's AdamW reads them per parameter."""
+    opt = engine.optimizer if engine is not None else None
+    while opt is not None and not isinstance(opt, torch.optim.Optimizer):
+        opt = getattr(opt, "optimizer", None)
+    if opt is None:
+        return
+    for group in opt.param_groups:
+        if group.get("fused") or group.get("capturable"):
+            continue
+        for p in group["params"]:
+            step = opt.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                step._census_host = True
+
+
+def count_step(step, micro_batches: int, engine=None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     step()  # warm-up: first-call work (allocator, optimizer state) is not per micro-batch
-    with Census() as census, profile(activities=[ProfilerActivity.CPU]) as prof:
-        census.active = True
-        step()
-        census.active = False
+    mark_host_step_counters(engine)
+    with Census() as census:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            census.active = True
+            step()
+            census.active = False
     ops = leaf_ops(prof)
     all_ops = collections.Counter(ev.name for ev in prof.events())
     syncs = dict(census.counts)
@@ -205,13 +225,13 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from lopd.opd_config import OpdConfig
-    from lopd.sections import SftConfig
     from lopd.train.data import OpdSample
     from lopd.train.engine import build_engine, device, init_distributed
     from lopd.train.opd import batch_seqs, opd_step
     from lopd.train.packing import Seq, make_micro_batches
     from lopd.train.sft import sft_step
     from lopd.train.varlen import set_attention
+    from lopd.train_config import SftConfig
 
     init_distributed()
     rng = np.random.default_rng(0)
@@ -241,7 +261,7 @@ def main() -> None:
             else:
                 mbs = len(make_micro_batches(batch_seqs(samples, 0), args.micro_batch_tokens, packing=True, flat=flat))
                 step = lambda e=engine, c=cfg: opd_step(e, [samples], c, 0.0, 1)  # noqa: E731
-            res = count_step(step, mbs)
+            res = count_step(step, mbs, engine)
             print(json.dumps({"bench": "sync_census", "step": kind, "zero": zero, "attention": attention,
                               "batch": args.batch,
                               "micro_batch_tokens": args.micro_batch_tokens, "shape": SHAPE, **res}),

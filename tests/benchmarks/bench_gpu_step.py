@@ -14,11 +14,14 @@ JSON line:
   peak, model FLOPs per token = 6·P + 12·L·H·d·ctx for a training pass (P = parameters in
   matmuls, LM head included; ctx = mean causal context of the packed sequences; OPD with one PPO
   mini-batch makes no separate ``log p_old`` pass); peak = 989 TFLOP/s dense bf16 (H100/H200 SXM);
+  the decoder layers as ``--grad-ckpt`` (off / full / selective) and ``--compile`` say, gradients
+  added up in fp32 unless ``--bf16-accum`` (the recipe's ``train`` switches);
 - ``score`` (``kind: score``): teacher scoring with the torch scorer over packed batches of
   ``--score-tokens``, MFU at one forward per token (2·P + 4·L·H·d·ctx).
 
     python tests/benchmarks/bench_gpu_step.py [--shape qwen3-1.7b] [--steps 5] [--zero 2]
     python tests/benchmarks/bench_gpu_step.py --shape tiny --steps 2      # CPU smoke run (gloo, fp32)
+    python tests/benchmarks/bench_gpu_step.py --only sft,opd --attn varlen --grad-ckpt selective
     make gpu-check                                                         # the whole prepared check
 """
 
@@ -42,6 +45,10 @@ from lopd.flops import PEAK_BF16, SHAPES, flops_per_token, matmul_params  # noqa
 
 DENSE = [name for name, shape in SHAPES.items() if not shape.get("num_experts")]
 """The shapes this benchmark builds (dense Qwen3)."""
+CKPT = {"off": False, "full": True, "selective": "selective"}
+"""``--grad-ckpt`` → ``train.gradient_checkpointing``."""
+COMPILE = {"off": False, "inductor": "inductor", "aot_eager": "aot_eager"}
+"""``--compile`` → ``train.compile``."""
 
 
 def matmul_tflops(n: int = 8192, reps: int = 10) -> float | None:
@@ -133,15 +140,16 @@ def profile(step, out: Path) -> None:
 
 def run_variant(name: str, args, world: int) -> dict:
     from lopd.opd_config import ImportanceWeightsConfig, OpdConfig
-    from lopd.sections import OptimConfig, SftConfig, TrainConfig
     from lopd.train.engine import build_engine
     from lopd.train.opd import opd_step, split_minis
     from lopd.train.packing import Seq
     from lopd.train.sft import sft_step
+    from lopd.train_config import OptimConfig, SftConfig, TrainConfig
 
     zero = 3 if name == "opd-z3" else args.zero
     train = TrainConfig(steps=100, global_batch=args.batch, micro_batch_tokens=args.micro_batch_tokens,
-                        max_seq_len=args.max_len, zero_stage=zero, gradient_checkpointing=args.grad_ckpt,
+                        max_seq_len=args.max_len, zero_stage=zero, gradient_checkpointing=CKPT[args.grad_ckpt],
+                        compile=COMPILE[args.compile] if zero < 3 else False, grad_accum_fp32=args.fp32_accum,
                         attention="varlen" if args.attn == "varlen" else "sdpa")
     optim = OptimConfig(lr=1e-6)
     engine = build_engine(make_model(args.shape, args.attn), train, optim, chunk_size=1024)
@@ -215,11 +223,12 @@ def parity(args, world: int) -> dict:
     import torch.distributed as dist
 
     from lopd.opd_config import OpdConfig
-    from lopd.sections import OptimConfig, TrainConfig
-    from lopd.train.engine import all_reduce, build_engine, device, forward_logprobs
+    from lopd.train.engine import build_engine, device, forward_logprobs
     from lopd.train.losses import model_logprobs
     from lopd.train.opd import opd_step
     from lopd.train.packing import make_micro_batches
+    from lopd.train.step import all_reduce
+    from lopd.train_config import OptimConfig, TrainConfig
 
     train = TrainConfig(steps=10, global_batch=8, micro_batch_tokens=4096, zero_stage=0, gradient_checkpointing=False)
     model = make_model(args.shape, args.attn, seed=1)
@@ -261,7 +270,12 @@ def main() -> None:
     ap.add_argument("--median-len", type=int, default=1024)
     ap.add_argument("--max-len", type=int, default=4096)
     ap.add_argument("--micro-batch-tokens", type=int, default=16384)
-    ap.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
+    ap.add_argument("--grad-ckpt", default="full", choices=list(CKPT),
+                    help="train.gradient_checkpointing: off, full (true) or selective")
+    ap.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_const", const="off", help="= --grad-ckpt off")
+    ap.add_argument("--compile", default="off", choices=list(COMPILE), help="train.compile of the decoder layers")
+    ap.add_argument("--bf16-accum", dest="fp32_accum", action="store_false",
+                    help="train.grad_accum_fp32: false (add up gradients in bf16, DeepSpeed's default)")
     ap.add_argument("--attn", default="sdpa", help="transformers attn_implementation (sdpa, flex_attention, ...) or "
                     "varlen (lopd's flat varlen packing, train.attention: varlen)")
     ap.add_argument("--only", default="parity,sft,opd,opd-z3")
@@ -290,11 +304,16 @@ def main() -> None:
 
 
 def parent(args) -> None:
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's logger (made at import) writes to stdout
+        import deepspeed
     out: dict = {"bench": "gpu_step", "date": args.date, "shape": args.shape, "device": torch.cuda.get_device_name()
                  if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-                 "deepspeed": __import__("deepspeed").__version__,
+                 "deepspeed": deepspeed.__version__,
                  "transformers": __import__("transformers").__version__,
-                 "attn": args.attn, "grad_ckpt": args.grad_ckpt, "batch": args.batch,
+                 "attn": args.attn, "grad_ckpt": args.grad_ckpt, "compile": args.compile,
+                 "grad_accum_fp32": args.fp32_accum, "batch": args.batch,
                  "micro_batch_tokens": args.micro_batch_tokens, "matmul_params": matmul_params(SHAPES[args.shape]),
                  "matmul_tflops": matmul_tflops()}
     if torch.cuda.is_available():
