@@ -29,7 +29,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 KEPT_OPS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-                      torch.ops.aten.baddbmm.default, torch.ops.aten.linear.default})
+                      torch.ops.aten.baddbmm.default})
 """Matmul operators whose outputs selective checkpointing keeps (a ``Linear`` reaches the
 dispatcher as ``mm`` / ``addmm``)."""
 

@@ -23,7 +23,7 @@ from lopd.train import losses as L
 from lopd.train.data import OpdSample, rank_share
 from lopd.train.engine import device, forward_logprobs
 from lopd.train.packing import MicroBatch, dummy_micro_batch, make_micro_batches
-from lopd.train.step import accumulate_and_step, lockstep_plan, plan_step
+from lopd.train.step import accumulate_and_step, batch_counts, plan_step
 from lopd.train.topk import topk_inputs, topk_loss_per_token
 
 STAT_KEYS = ("loss", "adv_sum", "kl_sum", "clip_sum", "ent_sum")
@@ -50,11 +50,11 @@ def attach_old_logprobs(engine, mbs: list[MicroBatch]) -> None:
     """``log p_old`` (current weights, no grad) of every target, stored as ``extras['old_logprobs']``.
 
     Every rank makes the same forward passes, at ZeRO-3 with the same LM-head calls
-    (:func:`~lopd.train.step.lockstep_plan`): a rank with fewer micro-batches runs dummy forwards,
+    (:func:`~lopd.train.step.plan_step`): a rank with fewer micro-batches runs dummy forwards,
     as in the training passes (ZeRO-3 would otherwise hang on a parameter all-gather the other
     ranks never join)."""
     dev = device()
-    for i, chunks in enumerate(lockstep_plan(engine, mbs)):
+    for i, chunks in enumerate(plan_step(engine, mbs).chunks):
         lp, _ = forward_logprobs(engine, (mbs[i] if i < len(mbs) else dummy_micro_batch()).to(dev), chunks,
                                  entropy=False)
         if i < len(mbs):
@@ -118,8 +118,7 @@ def opd_step(engine, minis: list[list[OpdSample]], cfg: OpdConfig, lr: float, wo
             attach_old_logprobs(engine, mbs)
     sums = dict.fromkeys(SUM_KEYS, 0.0)
     for mini, mbs in zip(minis, batches, strict=True):
-        plan = plan_step(engine, mbs, {"targets": float(sum(mb.num_targets for mb in mbs)),
-                                       "seqs": float(len(mini)), "tokens": float(sum(mb.real_tokens for mb in mbs))})
+        plan = plan_step(engine, mbs, {**batch_counts(mbs), "seqs": float(len(mini))})
         counts = Counts(plan.totals["targets"], plan.totals["seqs"], world)
         local = accumulate_and_step(engine, mbs, lambda e, mb, k, c=counts: opd_micro_loss(
             e, mb, cfg, c, k, old_from_current=not old_pass), lr, plan, STAT_KEYS)

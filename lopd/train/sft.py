@@ -17,7 +17,7 @@ from lopd.recipe import SftConfig
 from lopd.train import losses as L
 from lopd.train.engine import forward_logprobs
 from lopd.train.packing import MicroBatch, Seq, make_micro_batches
-from lopd.train.step import accumulate_and_step, plan_step
+from lopd.train.step import accumulate_and_step, batch_counts, plan_step
 
 PLOT_KEYS = ["loss", "grad_norm", "lr", "tokens_per_s"]
 
@@ -38,9 +38,7 @@ def sft_step(engine, seqs: list[Seq], cfg: SftConfig, lr: float, world: int) -> 
     seqs = [dataclasses.replace(s, index=i) for i, s in enumerate(seqs)]
     mbs = make_micro_batches(seqs, cfg.train.micro_batch_tokens, packing=cfg.packing,
                              flat=cfg.train.attention == "varlen")
-    plan = plan_step(engine, mbs, {"targets": float(sum(mb.num_targets for mb in mbs)),
-                                   "tokens": float(sum(mb.real_tokens for mb in mbs)),
-                                   "padded": float(sum(mb.input_ids.numel() for mb in mbs))})
+    plan = plan_step(engine, mbs, batch_counts(mbs))
     sums = plan.totals
     out = accumulate_and_step(engine, mbs, lambda e, mb, k: sft_micro_loss(e, mb, sums["targets"], world, k), lr,
                               plan, ("loss",))

@@ -84,17 +84,12 @@ def plan_step(engine, micro_batches: list[MicroBatch], counts: dict[str, float] 
     return StepPlan([1] * passes, totals)
 
 
-def lockstep_plan(engine, micro_batches: list[MicroBatch]) -> list[int]:
-    """:attr:`StepPlan.chunks` of :func:`plan_step` alone (passes without a loss, e.g. OPD's
-    ``log p_old`` pass)."""
-    return plan_step(engine, micro_batches).chunks
-
-
-def read_stats(stats: dict[str, float | torch.Tensor]) -> dict[str, float]:
-    """Python floats of summed stats; the tensor ones read in one transfer (one host sync)."""
-    keys = [k for k, v in stats.items() if isinstance(v, torch.Tensor)]
-    values = torch.stack([stats[k].reshape(()) for k in keys]).tolist() if keys else []
-    return {**{k: float(v) for k, v in stats.items() if k not in keys}, **dict(zip(keys, values, strict=True))}
+def batch_counts(micro_batches: list[MicroBatch]) -> dict[str, float]:
+    """This rank's host-known counts of a batch, for :func:`plan_step` to sum across ranks: target
+    tokens, real tokens, and tokens with the filler (``padded``)."""
+    return {"targets": float(sum(mb.num_targets for mb in micro_batches)),
+            "tokens": float(sum(mb.real_tokens for mb in micro_batches)),
+            "padded": float(sum(mb.input_ids.numel() for mb in micro_batches))}
 
 
 def accumulate_and_step(engine, micro_batches: list[MicroBatch], loss_fn: LossFn, lr: float, plan: StepPlan,
@@ -114,21 +109,22 @@ def accumulate_and_step(engine, micro_batches: list[MicroBatch], loss_fn: LossFn
         engine.backward(loss if real else loss * 0.0, scale_wrt_gas=False)  # a dummy adds no gradient
         for k, v in (s.items() if real else ()):
             stats[k] = stats[k] + v if k in stats else v
-    zero = torch.zeros((), dtype=torch.float64, device=comm_device())
-    summed = torch.stack([stats[k].reshape(()).double().to(comm_device()) if k in stats else zero
-                          for k in stat_keys]) if stat_keys else None
-    if summed is not None and dist.get_world_size() > 1:
-        dist.all_reduce(summed)  # enqueued: nothing waits for it until the read below
+    parts = []  # float64 vectors on the collective device, read together after the step
+    if stat_keys:
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        parts.append(torch.stack([stats.get(k, zero).reshape(()) for k in stat_keys]).to(comm_device()))
+        if dist.get_world_size() > 1:
+            dist.all_reduce(parts[0])  # enqueued: nothing waits for it until the read below
     set_lr(engine, lr)
     pre = _grad_norm(engine) if engine.zero_optimization_stage() == 0 else None
     engine.step()
     norm = pre if pre is not None else engine.get_global_grad_norm()
-    extra = [summed] if summed is not None else []
     if isinstance(norm, torch.Tensor):
-        values = torch.cat([*(t.reshape(-1) for t in extra), norm.reshape(1).double().to(comm_device())]).tolist()
+        parts.append(norm.reshape(1).double().to(comm_device()))
+    values = torch.cat(parts).tolist() if parts else []
+    if isinstance(norm, torch.Tensor):
         grad_norm = values.pop()
     else:
-        values = torch.cat([t.reshape(-1) for t in extra]).tolist() if extra else []
         grad_norm = float(norm) if norm is not None else float("nan")
     return {**dict(zip(stat_keys, values, strict=True)), "grad_norm": grad_norm}
 

@@ -174,7 +174,7 @@ def mark_host_step_counters(engine) -> None:
     """Tell the census that the optimizer's step counters are host tensors: on a GPU torch's
     AdamW keeps them on the host unless ``fused`` or ``capturable`` (then they are made with
     ``device=``), so reading them there is free. On CPU torch's AdamW reads them per parameter."""
-    opt = engine.optimizer if engine is not None else None
+    opt = engine.optimizer
     while opt is not None and not isinstance(opt, torch.optim.Optimizer):
         opt = getattr(opt, "optimizer", None)
     if opt is None:
@@ -188,16 +188,15 @@ def mark_host_step_counters(engine) -> None:
                 step._census_host = True
 
 
-def count_step(step, micro_batches: int, engine=None) -> dict:
+def count_step(step, micro_batches: int, engine) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     step()  # warm-up: first-call work (allocator, optimizer state) is not per micro-batch
     mark_host_step_counters(engine)
-    with Census() as census:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            census.active = True
-            step()
-            census.active = False
+    with Census() as census, profile(activities=[ProfilerActivity.CPU]) as prof:
+        census.active = True
+        step()
+        census.active = False
     ops = leaf_ops(prof)
     all_ops = collections.Counter(ev.name for ev in prof.events())
     syncs = dict(census.counts)

@@ -149,7 +149,8 @@ def run_variant(name: str, args, world: int) -> dict:
     zero = 3 if name == "opd-z3" else args.zero
     train = TrainConfig(steps=100, global_batch=args.batch, micro_batch_tokens=args.micro_batch_tokens,
                         max_seq_len=args.max_len, zero_stage=zero, gradient_checkpointing=CKPT[args.grad_ckpt],
-                        compile=COMPILE[args.compile] if zero < 3 else False, grad_accum_fp32=args.fp32_accum,
+                        compile=COMPILE[args.compile] if zero < 3 else False,  # the recipe refuses it at ZeRO-3
+                        grad_accum_fp32=args.fp32_accum,
                         attention="varlen" if args.attn == "varlen" else "sdpa")
     optim = OptimConfig(lr=1e-6)
     engine = build_engine(make_model(args.shape, args.attn), train, optim, chunk_size=1024)

@@ -6,10 +6,10 @@
 # On the GPU machine the image provides python3 with torch, transformers, numpy, pyarrow, PyYAML;
 # what it lacks (DeepSpeed, pydantic, hjson: pure Python, plus pydantic-core built for its Python)
 # travels in .gpu-deps/, which `make gpu-deps` fills on the dev box. Each step runs in its own
-# process under its own time limit, so one failure (say, out of memory) leaves the others' lines;
-# the steps run in order of importance and share one deadline (GPU_CHECK_SECONDS, default 480 on
-# the GPU, 900 for the smoke run):
-# a step that would start with under 20 s left writes a "skipped" line instead.
+# process under its own time limit, so one failure (say, out of memory) leaves the others' lines.
+# The steps run in order of importance and share one deadline (GPU_CHECK_SECONDS, default 480 on
+# the GPU, 900 for the smoke run): a step that would start with under 20 s left writes a
+# "skipped" line instead.
 #
 #   make gpu-deps                         # dev box (network to the package index)
 #   make gpu-check                        # GPU machine, from the repository root
