@@ -36,7 +36,7 @@ lock:  ## re-resolve every dependency (newest that pyproject.toml allows) into r
 	@echo "$(LOCK): $$(grep -vc '^#' $(LOCK)) pins; run make test before committing it"
 
 TEST_WORKERS ?= 2
-test: setup  ## run the test suite: TEST_WORKERS pytest-xdist workers, whole files each (each starts its own SeaweedFS)
+test: setup  ## run the test suite: TEST_WORKERS pytest-xdist workers, whole files each (each starts its own SeaweedFS and gets cores/TEST_WORKERS OpenMP threads)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: setup  ## ruff

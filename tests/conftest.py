@@ -16,6 +16,14 @@ import pytest
 from tests.helpers.cli import lopd_cli, write_corpus
 from tests.helpers.seaweed import BUCKET, SeaweedServer
 
+# Each pytest-xdist worker, and every process it starts, gets its share of the cores for OpenMP
+# (torch's CPU kernels). torch's default, one thread per core in every process, makes the workers'
+# threads wait on each other: an eval stage beside a busy core runs 2x slower with two threads than
+# with one, and in the full suite, beside the other worker, 6x. An OMP_NUM_THREADS already set wins.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+
 # The longest end-to-end modules, started first: `make test` runs two pytest-xdist workers with
 # whole files as work units in collection order (--no-loadscope-reorder), and a long file dealt out
 # last would run alone at the end.

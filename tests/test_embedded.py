@@ -52,8 +52,9 @@ CI_SETS = [
     "eval.inference.backend=hf",
 ]
 # Timeouts from measured time: the study (two seeds, the validation runs, the gradient cosine)
-# takes ~480 s alone on the 2-core machine and ~740 s in the full suite beside the other worker;
-# the killed-and-rerun pipeline test, two Lightning rounds, ~250-345 s in the full suite. A loaded
+# takes ~440-490 s on the 2-core machine, alone or in the full suite beside the other worker (each
+# worker's processes run one OpenMP thread: tests/conftest.py); the killed-and-rerun pipeline test,
+# two Lightning rounds, ~225-345 s in the full suite. A loaded
 # machine has been seen to run the suite 5.5x slower, so each gets 6x its time alone (a hang still
 # fails well within CI's limit).
 STUDY_S, PIPELINE_S = 480, 345
